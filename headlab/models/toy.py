@@ -1,0 +1,399 @@
+"""The bundled ``toy-induction`` model: a 2-layer attention-only causal LM.
+
+It is a plain Hugging Face ``GPT2LMHeadModel`` whose MLP parameters are all
+exactly zero and frozen, so every MLP block outputs exactly 0 and the network
+is attention-only (embeddings, LayerNorms, attention, tied unembedding).  It is
+trained on CPU in about a minute on *periodic* sequences
+
+    x[0] = BOS,  x[1 + j] = r[j % d],  r random content tokens, d ~ U[4, 32]
+
+so that the only way to predict the repeated part is an induction circuit
+(previous-token head in layer 0, induction head in layer 1).  Drawing the period
+per sequence prevents the fixed-offset positional shortcut that
+"32 random tokens then the same 32" would teach.
+
+The result is stored as an ordinary Hugging Face folder (``config.json`` +
+``model.safetensors``) so that any HF-based tool can load it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TOY_INDUCTION_DIR = Path(__file__).resolve().parents[2] / "data" / "toy-induction"
+
+BOS = 0
+VOCAB = 128
+EVAL_SEED = 1234  # fixed seed of the [BOS]+r+r evaluation set in the model card
+EVAL_REP_LEN = 32
+EVAL_BATCH = 256
+
+MLP_PARAM_SUFFIXES = ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def toy_config(vocab: int = VOCAB):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_inner=4,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=BOS,
+        eos_token_id=BOS,
+    )
+
+
+def mlp_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The MLP parameters of a GPT-2 model (name -> parameter)."""
+    return {n: p for n, p in model.named_parameters() if n.endswith(MLP_PARAM_SUFFIXES)}
+
+
+def make_attention_only(model) -> None:
+    """Zero every MLP parameter and freeze it, so each MLP outputs exactly 0."""
+    with torch.no_grad():
+        for p in mlp_parameters(model).values():
+            p.zero_()
+            p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def periodic_batch(
+    batch: int,
+    seq_len: int,
+    vocab: int,
+    *,
+    generator: torch.Generator,
+    period_range: tuple[int, int] = (4, 32),
+) -> torch.LongTensor:
+    """``[batch, 1 + seq_len]`` token ids: BOS followed by a periodic sequence.
+
+    For each row a period ``d`` is drawn uniformly from ``period_range``
+    (inclusive) and ``d`` random content tokens ``r`` from ``1..vocab-1``;
+    then ``x[0] = BOS`` and ``x[1 + j] = r[j % d]``.
+    """
+    lo, hi = period_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"bad period_range {period_range}")
+    d = torch.randint(lo, hi + 1, (batch, 1), generator=generator)
+    r = torch.randint(1, vocab, (batch, hi), generator=generator)
+    idx = torch.arange(seq_len).unsqueeze(0) % d  # [B, seq_len]
+    body = torch.gather(r, 1, idx)
+    bos = torch.full((batch, 1), BOS, dtype=torch.long)
+    return torch.cat([bos, body], dim=1)
+
+
+def repeated_batch(batch: int, rep_len: int, vocab: int, *, generator: torch.Generator) -> torch.LongTensor:
+    """``[batch, 1 + 2*rep_len]``: ``[BOS] + r + r`` with ``r`` random content tokens."""
+    r = torch.randint(1, vocab, (batch, rep_len), generator=generator)
+    bos = torch.full((batch, 1), BOS, dtype=torch.long)
+    return torch.cat([bos, r, r], dim=1)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross entropy, ``[B, T-1]`` (entry t-1 scores token t)."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        tokens[:, 1:].reshape(-1),
+        reduction="none",
+    ).view(tokens.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate_induction(
+    model,
+    *,
+    seed: int = EVAL_SEED,
+    batch: int = EVAL_BATCH,
+    rep_len: int = EVAL_REP_LEN,
+    vocab: int | None = None,
+) -> dict:
+    """Loss on the two copies of ``[BOS]+r+r`` and per-head attention scores.
+
+    The model must have been loaded with ``attn_implementation="eager"`` so that
+    ``output_attentions=True`` returns the real attention patterns.
+
+    * ``first_copy_loss``: mean CE of predicting ``x[1..L]`` (the first copy).
+    * ``second_copy_loss``: mean CE of predicting ``x[L+2..2L]``; ``x[L+1]``
+      (the first token of the second copy) is excluded because at that point
+      nothing has repeated yet; it is reported separately as
+      ``second_copy_first_token_loss``.
+    * ``prev_token_score[l][h]``: mean attention from i to i-1, i = 2..2L.
+    * ``induction_score[l][h]``: mean attention from i to i-L+1, i = L+1..2L
+      (the token after the previous occurrence of the current token).
+    """
+    L = rep_len
+    vocab = vocab or model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    tokens = repeated_batch(batch, L, vocab, generator=g)
+    was_training = model.training
+    model.eval()
+    out = model(tokens, output_attentions=True)
+    model.train(was_training)
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise RuntimeError("no attention weights returned; load the model with attn_implementation='eager'")
+    loss = next_token_loss(out.logits, tokens)  # column t-1 -> target t
+    first = loss[:, 0:L].mean().item()  # targets 1..L
+    second_first_tok = loss[:, L].mean().item()  # target L+1
+    second = loss[:, L + 1 : 2 * L].mean().item()  # targets L+2..2L
+
+    T = tokens.shape[1]
+    prev_i = torch.arange(2, T)
+    ind_i = torch.arange(L + 1, T)
+    prev_scores, ind_scores = [], []
+    for att in out.attentions:  # [B, H, T, T]
+        att = att.float()
+        prev_scores.append(att[:, :, prev_i, prev_i - 1].mean(dim=(0, 2)).tolist())
+        ind_scores.append(att[:, :, ind_i, ind_i - L + 1].mean(dim=(0, 2)).tolist())
+    return {
+        "eval_seed": seed,
+        "eval_batch": batch,
+        "rep_len": L,
+        "first_copy_loss": first,
+        "second_copy_loss": second,
+        "second_copy_first_token_loss": second_first_tok,
+        "uniform_loss": math.log(vocab - 1),
+        "prev_token_score": prev_scores,
+        "induction_score": ind_scores,
+    }
+
+
+def classify_heads(metrics: dict, threshold: float = 0.3) -> dict:
+    """Heads whose prev-token / induction score exceeds ``threshold`` (as "L.H")."""
+
+    def pick(key):
+        return [f"{l}.{h}" for l, row in enumerate(metrics[key]) for h, s in enumerate(row) if s > threshold]
+
+    return {"threshold": threshold, "previous_token_heads": pick("prev_token_score"), "induction_heads": pick("induction_score")}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_toy_induction(
+    out_dir,
+    *,
+    steps: int = 500,
+    seed: int = 0,
+    batch: int = 64,
+    seq_len: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Train the toy attention-only induction model and save it to ``out_dir``.
+
+    Deterministic for a given ``seed`` (CPU, 2 threads).  Writes the Hugging
+    Face folder (``config.json``, ``model.safetensors``, ``generation_config.json``)
+    plus ``model_card.md`` and ``training.json``; returns the metrics dict that
+    ``training.json`` holds.
+    """
+    import transformers
+    from tqdm.auto import tqdm
+    from transformers import GPT2LMHeadModel
+
+    out_dir = Path(out_dir)
+    lr, period_range, weight_decay = 1e-3, (4, 32), 0.0
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(seed)
+        config = toy_config()
+        model = GPT2LMHeadModel(config)
+        make_attention_only(model)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        data_gen = torch.Generator().manual_seed(seed + 1)
+
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc="toy-induction", disable=not progress)
+        for step in bar:
+            tokens = periodic_batch(batch, seq_len, config.vocab_size, generator=data_gen, period_range=period_range)
+            logits = model(tokens).logits
+            loss = next_token_loss(logits, tokens).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+
+        for name, p in mlp_parameters(model).items():
+            if p.requires_grad or torch.count_nonzero(p).item():
+                raise RuntimeError(f"MLP parameter {name} is not frozen at zero")
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+        # Evaluate the *saved* model, loaded the way users will load it.
+        reloaded = GPT2LMHeadModel.from_pretrained(out_dir, attn_implementation="eager")
+        ev = evaluate_induction(reloaded)
+        heads = classify_heads(ev)
+        wall_seconds = time.perf_counter() - t0
+
+        tail = losses[-20:] if losses else [float("nan")]
+        metrics = {
+            "model": "toy-induction",
+            "settings": {
+                "steps": steps,
+                "seed": seed,
+                "batch": batch,
+                "seq_len": seq_len,
+                "period_range": list(period_range),
+                "vocab": config.vocab_size,
+                "bos_token_id": BOS,
+                "optimizer": "AdamW",
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "torch_num_threads": 2,
+                "init": f"torch.manual_seed({seed})",
+                "data_generator_seed": seed + 1,
+                "loss": "next-token cross entropy, all positions",
+            },
+            "initial_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "final_loss_mean_last_20": sum(tail) / len(tail),
+            "loss_curve_every_25": losses[::25],
+            "eval": ev,
+            "heads": heads,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_trainable_params": sum(p.numel() for p in params),
+            "train_seconds": train_seconds,
+            "wall_seconds": wall_seconds,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        (out_dir / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out_dir / "model_card.md").write_text(_model_card(metrics))
+        return metrics
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _fmt_table(scores: list[list[float]]) -> str:
+    n_heads = len(scores[0])
+    head = "| layer | " + " | ".join(f"head {h}" for h in range(n_heads)) + " |"
+    sep = "|---|" + "---|" * n_heads
+    rows = [f"| {l} | " + " | ".join(f"{s:.3f}" for s in row) + " |" for l, row in enumerate(scores)]
+    return "\n".join([head, sep, *rows])
+
+
+def _model_card(m: dict) -> str:
+    s, ev, hd = m["settings"], m["eval"], m["heads"]
+    default_cmd = s["steps"] == 500 and s["seed"] == 0 and s["batch"] == 64 and s["seq_len"] == 64
+    cmd = "python scripts/train_toy_induction.py"
+    if not default_cmd:
+        cmd += f"  # then train_toy_induction(..., steps={s['steps']}, seed={s['seed']}, batch={s['batch']}, seq_len={s['seq_len']})"
+    L = ev["rep_len"]
+    prev_heads = ", ".join(hd["previous_token_heads"]) or "none"
+    ind_heads = ", ".join(hd["induction_heads"]) or "none"
+    return f"""# toy-induction
+
+A 2-layer **attention-only** causal language model with a genuine induction
+circuit, small enough to train on a CPU in about a minute.  It is stored as an
+ordinary Hugging Face folder (`config.json` + `model.safetensors`), so any
+HF-based tool can load it, e.g.
+
+```python
+from transformers import GPT2LMHeadModel
+model = GPT2LMHeadModel.from_pretrained("data/toy-induction", attn_implementation="eager")
+```
+
+## Architecture
+
+`transformers.GPT2LMHeadModel` with `GPT2Config(vocab_size=128, n_positions=256,
+n_embd=64, n_layer=2, n_head=4, n_inner=4, activation_function="gelu_new",
+resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, tie_word_embeddings=True,
+bos_token_id=0, eos_token_id=0)`; {m['n_params']} parameters
+({m['n_trainable_params']} trained), float32.
+
+**Attention-only:** every MLP parameter (`mlp.c_fc.weight`, `mlp.c_fc.bias`,
+`mlp.c_proj.weight`, `mlp.c_proj.bias` in both layers) is exactly zero and was
+frozen (`requires_grad=False`) throughout training, so each MLP block outputs
+exactly 0 (`c_proj` weight and bias are zero) and the residual stream is written
+only by the embeddings and the attention heads.  (`ln_2` is therefore dead.)
+The MLPs are kept, zeroed, only so that the checkpoint is a standard GPT-2 that
+every tool understands.
+
+Vocabulary: token 0 is BOS (also used as EOS); tokens 1..127 are content
+tokens.  There is no tokenizer: feed token ids.
+
+## How it was made
+
+```
+{cmd}
+```
+
+(`headlab.models.toy.train_toy_induction`; deterministic for a seed on CPU.)
+
+* Data: `headlab.models.toy.periodic_batch` — length-{s['seq_len']} sequences
+  after a leading BOS, `x[0]=BOS, x[1+j]=r[j % d]` with `r` random content
+  tokens and a period `d` drawn per sequence uniformly from
+  {s['period_range'][0]}..{s['period_range'][1]}.  The varying period stops the model from learning a
+  fixed-offset positional shortcut; it has to look up the previous occurrence
+  of the current token.
+* Training: AdamW, lr {s['lr']}, weight decay {s['weight_decay']}, batch {s['batch']}, {s['steps']} steps,
+  `torch.set_num_threads(2)`, seed {s['seed']} (init `torch.manual_seed({s['seed']})`,
+  data generator seed {s['data_generator_seed']}); loss = next-token cross entropy on all positions.
+* Training loss: {m['initial_loss']:.3f} at step 0 -> {m['final_loss']:.3f} at the last step
+  (mean of last 20 steps {m['final_loss_mean_last_20']:.3f}).
+* Training time: {m['train_seconds']:.1f} s (torch {m['versions']['torch']},
+  transformers {m['versions']['transformers']}).
+
+## Evaluation
+
+{ev['eval_batch']} sequences `[BOS] + r + r`, `r` = {L} random content tokens
+(`torch.Generator().manual_seed({ev['eval_seed']})`), computed by
+`headlab.models.toy.evaluate_induction` on the saved folder loaded with
+`attn_implementation="eager"` and `output_attentions=True`.
+
+| | mean next-token loss (nats) |
+|---|---|
+| first copy (predicting x[1..{L}]) | {ev['first_copy_loss']:.3f} |
+| second copy (predicting x[{L + 2}..{2 * L}]) | {ev['second_copy_loss']:.3f} |
+| first token of second copy (x[{L + 1}], not yet predictable by induction) | {ev['second_copy_first_token_loss']:.3f} |
+| uniform over content tokens, ln 127 | {ev['uniform_loss']:.3f} |
+
+**Previous-token score** (mean attention from position i to i-1, i = 2..{2 * L}):
+
+{_fmt_table(ev['prev_token_score'])}
+
+**Induction score** (mean attention from second-copy position i to i-{L}+1,
+the token after the previous occurrence of the current token, i = {L + 1}..{2 * L}):
+
+{_fmt_table(ev['induction_score'])}
+
+Heads with score > {hd['threshold']} (named layer.head):
+
+* previous-token heads: {prev_heads}
+* induction heads: {ind_heads}
+
+All numbers are also in `training.json`.
+"""

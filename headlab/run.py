@@ -1,0 +1,88 @@
+"""Prompts as token batches, and the record of one run of a HeadModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from headlab.capture import LayerRecord, attention_pattern
+from headlab.heads import HeadRef
+
+if TYPE_CHECKING:
+    from headlab.models.head_model import HeadModel
+
+
+@dataclass
+class Batch:
+    """Token ids `[B, T]` with `attention_mask` `[B, T]` (1 = real token; padding is on the right)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.attention_mask.sum(-1).tolist()
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+@dataclass
+class Run:
+    """One forward of a HeadModel with per-layer records of the captured layers.
+
+    Attributes:
+        model: the HeadModel that ran.
+        batch: the token batch.
+        output: the HF model's output (`.logits` `[B, T, V]` for a causal LM).
+        records: per captured layer, q/k/v and the mask (see LayerRecord).
+        heads: the heads asked for.
+    """
+
+    model: "HeadModel"
+    batch: Batch
+    output: Any
+    records: dict[int, LayerRecord]
+    heads: list[HeadRef] = field(default_factory=list)
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """`[B, T, V]` logits, or None for an encoder without an LM head."""
+        return getattr(self.output, "logits", None)
+
+    def _record(self, head: HeadRef) -> LayerRecord:
+        self.model.check_heads([head])
+        if head.layer not in self.records:
+            raise KeyError(f"layer {head.layer} was not captured in this run; captured: {sorted(self.records)} "
+                           f"(pass heads=... or layers=... to HeadModel.run)")
+        return self.records[head.layer]
+
+    def pattern(self, head: HeadRef) -> torch.Tensor:
+        """Float32 attention pattern `[B, Q, S]` of one head, computed from its q and k."""
+        return self._record(head).pattern([head.head])[:, 0]
+
+    def patterns(self, layer: int) -> torch.Tensor:
+        """Float32 attention patterns `[B, H, Q, S]` of every query head of a captured layer."""
+        self.model.check_layers([layer])
+        return self._record(HeadRef(layer, 0)).pattern()
+
+    def q(self, head: HeadRef) -> torch.Tensor:
+        """Post-RoPE queries `[B, Q, D]` of a head."""
+        return self._record(head).q[:, head.head]
+
+    def k(self, head: HeadRef) -> torch.Tensor:
+        """Post-RoPE keys `[B, S, D]` of the KV group that the head reads."""
+        return self._record(head).k[:, self.model.kv_group(head)]
+
+    def v(self, head: HeadRef) -> torch.Tensor:
+        """Values `[B, S, D]` of the KV group that the head reads."""
+        return self._record(head).v[:, self.model.kv_group(head)]
+
+    def tokens(self, index: int = 0) -> list[str]:
+        """Display strings of the (unpadded) tokens of batch item `index`."""
+        n = int(self.batch.attention_mask[index].sum())
+        return self.model.token_strings(self.batch.input_ids[index, :n].tolist())
+
+

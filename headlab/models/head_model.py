@@ -38,10 +38,11 @@ class HeadModel:
         n_layers, n_heads, n_kv_heads, head_dim: the attention geometry (H query heads, G KV groups).
         causal: whether self-attention is causal.
         max_context: the longest input the model's positions allow (None if unbounded).
+        note: what a reader of results on this model must know (e.g. quantised weights).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
-                 source: str | None = None) -> None:
+                 source: str | None = None, note: str = "") -> None:
         ensure_registered()
         self.hf = model.eval()
         self.tokenizer = tokenizer
@@ -50,6 +51,7 @@ class HeadModel:
         cfg = model.config
         self.name = name or getattr(cfg, "_name_or_path", "") or type(model).__name__
         self.source = source or self.name
+        self.note = note
         self.n_layers = len(self._attn)
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)

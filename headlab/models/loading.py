@@ -54,6 +54,7 @@ def load(source: Any, *, device: str | torch.device | None = None, dtype: str | 
             folder = BUNDLED[name].folder()
             model = load_folder(folder, device=dev, dtype=resolve_dtype(dtype), tokenizer=tokenizer,
                                 attn_implementation=attn_implementation, name=name)
+            model.note = BUNDLED[name].note
             return model
         path = Path(name).expanduser()
         if path.exists():

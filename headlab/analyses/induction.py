@@ -1,0 +1,130 @@
+"""Previous-token, induction and first-token (sink) scores on repeated random tokens.
+
+Each sequence is `[BOS] r r` with `r` a block of N random non-special tokens. For a
+head with pattern A (rows = queries, columns = keys; position 0 is BOS):
+- previous-token: mean of A[i, i-1] over queries i = 2 .. 2N;
+- induction: mean of A[i, i-N+1] over the second copy i = N+1 .. 2N (the token after
+  the earlier occurrence of the current token);
+- first-token: mean of A[i, 0] over queries i = 1 .. 2N.
+Patterns are computed per layer from q and k and discarded after reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.capture import Capture, LayerRecord, activate
+from headlab.errors import PromptError
+from headlab.models.head_model import HeadModel
+from headlab.results import HeadScores, params_dict, run_meta
+
+MAPS = ("induction", "prev_token", "first_token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InductionParams:
+    """Settings of the repeated-random-tokens scan.
+
+    Attributes:
+        seq_len: N, the length of the random block (the sequence is 1 + 2N tokens).
+        batch: number of random sequences.
+        seed: seed of the token sampler.
+        minibatch: sequences per forward.
+    """
+
+    seq_len: int = 50
+    batch: int = 16
+    seed: int = 0
+    minibatch: int = 8
+
+
+def content_token_ids(model: HeadModel) -> torch.Tensor:
+    """Token ids that are not special tokens (the pool random sequences are drawn from)."""
+    special = {model.bos_id, model.pad_id, getattr(model.hf.config, "eos_token_id", None)}
+    if model.tokenizer is not None:
+        special |= set(getattr(model.tokenizer, "all_special_ids", []))
+    keep = torch.ones(model.vocab_size, dtype=torch.bool)
+    for tok in special:
+        for t in (tok if isinstance(tok, list) else [tok]):
+            if isinstance(t, int) and 0 <= t < model.vocab_size:
+                keep[t] = False
+    return keep.nonzero().flatten()
+
+
+def repeated_tokens(model: HeadModel, *, seq_len: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """`[batch, 1 + 2*seq_len]` token ids: BOS, then a random block, then the same block again."""
+    if seq_len < 2 or batch < 1:
+        raise PromptError(f"repeated tokens need seq_len >= 2 and batch >= 1, got seq_len={seq_len}, batch={batch}")
+    total = 1 + 2 * seq_len
+    if model.max_context is not None and total > model.max_context:
+        raise PromptError(f"1 + 2×{seq_len} = {total} tokens exceed {model.name}'s context of {model.max_context}")
+    bos = model.bos_id if model.bos_id is not None else model.pad_id
+    pool = content_token_ids(model)
+    gen = torch.Generator().manual_seed(seed)
+    block = pool[torch.randint(len(pool), (batch, seq_len), generator=gen)]
+    return torch.cat([torch.full((batch, 1), bos, dtype=torch.long), block, block], dim=1)
+
+
+def _reduce(record: LayerRecord, seq_len: int) -> dict[str, torch.Tensor]:
+    """Per-sequence scores `[B, H]` of one layer from its pattern."""
+    pattern = record.pattern()  # [B, H, T, T]
+    n = seq_len
+    pos = torch.arange(2, 2 * n + 1)
+    prev = pattern[:, :, pos, pos - 1].mean(-1)
+    second = torch.arange(n + 1, 2 * n + 1)
+    ind = pattern[:, :, second, second - n + 1].mean(-1)
+    first = pattern[:, :, 1:, 0].mean(-1)
+    return {"induction": ind, "prev_token": prev, "first_token": first}
+
+
+def induction_scan(model: HeadModel, params: InductionParams = InductionParams(), *,
+                   progress: bool = True) -> HeadScores:
+    """Previous-token, induction and first-token scores of every head (primary map: induction).
+
+    Items: per-sequence maps `[B, L, H]`, the tokens `[B, 1+2N]`, and per-position losses
+    `[B, 2N]` for causal LMs (position t predicts token t+1).
+    """
+    tokens = repeated_tokens(model, seq_len=params.seq_len, batch=params.batch, seed=params.seed)
+    per_layer: dict[int, list[dict[str, torch.Tensor]]] = {l: [] for l in range(model.n_layers)}
+    losses = []
+
+    def reduce(record: LayerRecord) -> None:
+        per_layer[record.layer].append({k: v.cpu() for k, v in _reduce(record, params.seq_len).items()})
+
+    chunks = list(tokens.split(params.minibatch))
+    for chunk in tqdm(chunks, desc=f"induction scan {model.name}", disable=not progress, leave=False):
+        capture = Capture(keep=False, callback=reduce)
+        batch = model.encode(chunk)
+        with activate(model.owner, capture=capture), torch.no_grad():
+            out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        if model.is_lm:
+            logits = out.logits[:, :-1].float()
+            losses.append(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(chunk), -1).cpu())
+
+    items: dict[str, torch.Tensor] = {"tokens": tokens}
+    for key in MAPS:
+        # [B, L, H]
+        items[key] = torch.stack([torch.cat([d[key] for d in per_layer[l]]) for l in range(model.n_layers)], 1)
+    maps = {key: items[key].mean(0) for key in MAPS}
+    extra = {}
+    if losses:
+        items["token_losses"] = torch.cat(losses)
+        extra = copy_losses(items["token_losses"], params.seq_len)
+    return HeadScores(analysis="induction", model=model.name, maps=maps, primary="induction",
+                      params=params_dict(params), meta=run_meta(model, **extra), items=items)
+
+
+def copy_losses(token_losses: torch.Tensor, seq_len: int) -> dict[str, float]:
+    """Mean loss on the first and second copy of `[BOS] r r`, from per-position losses `[B, 2N]`.
+
+    The first token of each copy is left out (nothing predicts it): first copy = targets 2..N,
+    second copy = targets N+2..2N.
+    """
+    n = seq_len
+    return {"loss_first_copy": float(token_losses[:, 1:n].mean()),
+            "loss_second_copy": float(token_losses[:, n + 1:2 * n].mean())}

@@ -1,0 +1,162 @@
+"""Scoped head edits: exact effects, exact restoration, isolation between threads."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+import headlab as hl
+from conftest import VOCAB
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_folder):
+    return hl.load(tiny_folder("llama"), device="cpu")
+
+
+def _ids(seed=0, shape=(2, 21)):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits_with_slice_hook(model, layer, head, fn):
+    """Logits with `fn` applied to head's slice of the output-projection input (a plain torch pre-hook)."""
+    d = model.head_dim
+
+    def pre_hook(_module, args):
+        x = args[0].clone()
+        x[..., head * d:(head + 1) * d] = fn(x[..., head * d:(head + 1) * d])
+        return (x,) + args[1:]
+
+    handle = model.out_proj(layer).register_forward_pre_hook(pre_hook)
+    try:
+        with torch.no_grad():
+            return model.hf(_ids()).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_zero_ablation_equals_zeroing_the_out_proj_input_slice(family, tiny_folder):
+    model = hl.load(tiny_folder(family), device="cpu")
+    expected = _logits_with_slice_hook(model, 1, 2, torch.zeros_like)
+    with hl.edit(model, [hl.Ablate(hl.HeadRef(1, 2))]), torch.no_grad():
+        got = model.hf(_ids()).logits
+    with torch.no_grad():
+        clean = model.hf(_ids()).logits
+    assert (got - expected).abs().max().item() < 1e-6
+    assert (got - clean).abs().max().item() > 1e-3
+
+
+def test_scale_equals_scaling_the_slice(llama):
+    expected = _logits_with_slice_hook(llama, 0, 3, lambda x: 2.5 * x)
+    with hl.edit(llama, hl.Scale(hl.HeadRef(0, 3), factor=2.5)), torch.no_grad():
+        got = llama.hf(_ids()).logits
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_nested_scales_multiply(llama):
+    head = hl.HeadRef(1, 1)
+    with hl.edit(llama, hl.Scale(head, factor=0.5)), hl.edit(llama, hl.Scale(head, factor=0.5)), torch.no_grad():
+        nested = llama.hf(_ids()).logits
+    with hl.edit(llama, hl.Scale(head, factor=0.25)), torch.no_grad():
+        once = llama.hf(_ids()).logits
+    assert torch.allclose(nested, once, atol=1e-6)
+
+
+def test_uniform_ablation_averages_the_visible_values(llama):
+    head = hl.HeadRef(1, 3)
+    with hl.edit(llama, hl.Ablate(head, how="uniform")):
+        run = llama.run(_ids(shape=(1, 12)), layers=[1], with_z=True)
+    v = run.v(head)[0]  # [S, D]
+    expected = v.cumsum(0) / torch.arange(1, v.shape[0] + 1)[:, None]
+    assert torch.allclose(run.records[1].z[0, :, head.head], expected, atol=1e-5)
+
+
+def test_mean_ablation_uses_the_reference_mean(llama):
+    head = hl.HeadRef(0, 1)
+    reference = _ids(seed=5, shape=(3, 16))
+    clean = llama.run(reference, layers=[0], with_z=True)
+    mean = clean.records[0].z[:, :, head.head].reshape(-1, llama.head_dim).mean(0)
+    with hl.edit(llama, hl.Ablate(head, how="mean", reference=reference)):
+        run = llama.run(_ids(), layers=[0], with_z=True)
+    z = run.records[0].z[:, :, head.head]
+    assert torch.allclose(z, mean.expand_as(z), atol=1e-6)
+    with pytest.raises(hl.EditError, match="reference"):
+        hl.Ablate(head, how="mean")
+
+
+def test_model_restored_bit_for_bit_even_when_the_body_raises(llama):
+    params = {k: v.clone() for k, v in llama.hf.state_dict().items()}
+    with torch.no_grad():
+        before = llama.hf(_ids()).logits
+    edits = [hl.Ablate(hl.HeadRef(0, 0)), hl.Ablate(hl.HeadRef(1, 1), how="uniform"),
+             hl.Scale(hl.HeadRef(1, 2), factor=3.0), hl.Ablate(hl.HeadRef(0, 2), how="mean", reference=_ids(9))]
+    with pytest.raises(RuntimeError, match="boom"):
+        with hl.edit(llama, edits):
+            with torch.no_grad():
+                assert not torch.equal(llama.hf(_ids()).logits, before)
+            raise RuntimeError("boom")
+    with torch.no_grad():
+        after = llama.hf(_ids()).logits
+    assert torch.equal(before, after)
+    for k, v in llama.hf.state_dict().items():
+        assert torch.equal(v, params[k]), k
+
+
+def test_edits_are_private_to_their_thread(llama):
+    heads = [hl.HeadRef(0, 0), hl.HeadRef(1, 3)]
+    expected = {}
+    for h in heads:
+        with hl.edit(llama, hl.Ablate(h)), torch.no_grad():
+            expected[h] = llama.hf(_ids()).logits
+    with torch.no_grad():
+        clean = llama.hf(_ids()).logits
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def work(h):
+        try:
+            with hl.edit(llama, hl.Ablate(h)):
+                barrier.wait(timeout=10)  # both scopes open at once
+                with torch.no_grad():
+                    results[h] = [llama.hf(_ids()).logits for _ in range(3)]
+                barrier.wait(timeout=10)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(h,)) for h in heads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for h in heads:
+        for logits in results[h]:
+            assert torch.equal(logits, expected[h])
+    with torch.no_grad():
+        assert torch.equal(llama.hf(_ids()).logits, clean)
+
+
+def test_a_deep_copy_is_not_edited_through_the_original(llama):
+    twin = copy.deepcopy(llama.hf)
+    with torch.no_grad():
+        clean = twin(_ids()).logits
+    with hl.edit(llama, hl.Ablate(hl.HeadRef(1, 0))), torch.no_grad():
+        assert torch.equal(twin(_ids()).logits, clean)
+
+
+def test_bad_edits_are_named(llama):
+    with pytest.raises(hl.HeadIndexError, match="out of range"):
+        with hl.edit(llama, hl.Ablate(hl.HeadRef(5, 0))):
+            pass
+    with pytest.raises(hl.HeadIndexError, match="heads 0..3"):
+        with hl.edit(llama, hl.Ablate(hl.HeadRef(0, 4))):
+            pass
+    with pytest.raises(hl.EditError, match="not an ablation"):
+        hl.Ablate(hl.HeadRef(0, 0), how="shuffle")
+    with pytest.raises(hl.EditError, match="not a head edit"):
+        with hl.edit(llama, ["L0H0"]):
+            pass

@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL ?= toy-induction
+MODEL ?= smollm2-135m
 OUT ?= runs/induction
 
 .PHONY: install test test-fast run clean

@@ -11,7 +11,7 @@ from headlab.errors import HeadlabError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy-induction",
+    p.add_argument("--model", default="smollm2-135m",
                    help="bundled name (smollm2-135m, minilm-l6, toy-induction) or a local HF folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

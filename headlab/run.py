@@ -63,10 +63,10 @@ class Run:
         """Float32 attention pattern `[B, Q, S]` of one head, computed from its q and k."""
         return self._record(head).pattern([head.head])[:, 0]
 
-    def patterns(self, layer: int) -> torch.Tensor:
-        """Float32 attention patterns `[B, H, Q, S]` of every query head of a captured layer."""
-        self.model.check_layers([layer])
-        return self._record(HeadRef(layer, 0)).pattern()
+    def patterns(self, layer: int, heads: list[int] | None = None) -> torch.Tensor:
+        """Float32 attention patterns `[B, h, Q, S]` of the given query heads of a captured layer (all when None)."""
+        self.model.check_heads([HeadRef(layer, h) for h in (heads or [0])])
+        return self._record(HeadRef(layer, 0)).pattern(heads)
 
     def q(self, head: HeadRef) -> torch.Tensor:
         """Post-RoPE queries `[B, Q, D]` of a head."""

@@ -85,3 +85,9 @@ def test_smollm2_text_roundtrip(smollm2):
     run = smollm2.run("The capital of France is")
     assert run.tokens() == ["The", " capital", " of", " France", " is"]
     assert smollm2.tokenizer.decode(run.logits[0, -1].argmax()) == " Paris"
+    texts = ["The capital of France is", "Once upon a time, in a land far away, there lived a king"]
+    batched = smollm2.run(texts, layers=[17])
+    assert batched.batch.attention_mask[0].sum() == 5
+    alone = smollm2.run(texts[0], layers=[17]).patterns(17)[0]
+    assert torch.allclose(batched.patterns(17)[0, :, :5, :5], alone, atol=1e-5)
+    assert torch.allclose(batched.patterns(17, heads=[3])[0, 0, :5, :5], alone[3], atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,21 @@ def load(source: Any, *, device: str | torch.device | None = None, dtype: str | 
 
 
 def _unwrap(source: Any) -> tuple[nn.Module, Any, str]:
-    """(HF model, tokenizer, display name) from an HF model, a TransformerBridge or an nnsight model."""
+    """(HF model, tokenizer, display name) from an HF model, a TransformerBridge or an nnsight model.
+
+    A TransformerBridge yields a plain view of its HF model (see `_unbridged`), not the bridged module
+    tree itself; an nnsight model built from a name or a path is dispatched first (until then its
+    weights are on the meta device).
+    """
     kind = type(source).__module__.split(".")[0]
     if isinstance(source, transformers.PreTrainedModel):
         return source, None, getattr(source.config, "_name_or_path", "") or type(source).__name__
     if kind == "transformer_lens" and hasattr(source, "original_model"):
-        hf_model = source.original_model
+        hf_model = _unbridged(source.original_model)
         return hf_model, getattr(source, "tokenizer", None), f"bridge:{_label(hf_model)}"
     if kind == "nnsight" and hasattr(source, "_module"):
+        if getattr(source, "dispatched", True) is False and callable(getattr(source, "dispatch", None)):
+            source.dispatch()
         hf_model = source._module
         if isinstance(hf_model, transformers.PreTrainedModel):
             return hf_model, getattr(source, "tokenizer", None), f"nnsight:{_label(hf_model)}"
@@ -85,6 +93,44 @@ def _unwrap(source: Any) -> tuple[nn.Module, Any, str]:
         f"({', '.join(BUNDLED)}), a local HF folder, a transformers PreTrainedModel, a TransformerBridge or an "
         "nnsight model wrapping a transformers model"
     )
+
+
+def _unbridged(model: nn.Module) -> nn.Module:
+    """The HF model under a TransformerBridge as a plain HF module tree that shares the bridge's weights.
+
+    Booting a bridge swaps HF submodules for bridge components in place, and some of those (GPT-2's
+    JointQKVAttentionBridge, Llama's PositionEmbeddingsAttentionBridge) recompute attention themselves
+    instead of calling the HF attention module, so headlab's seam would never run: no capture, and edits
+    that silently do nothing. This view puts back the HF module each bridge component wraps. Its modules
+    are shallow copies that share their `_parameters` and `_buffers` dicts with the bridge's (the same
+    tensors; moves and casts reach both), and it has its own copy of the config, so wrapping it (which
+    switches its attention implementation) leaves the bridge on eager and its hooks working.
+    """
+    config = getattr(model, "config", None)
+    memo: dict[int, Any] = {}
+    if config is not None:
+        copy.deepcopy(config, memo)
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module) -> nn.Module:
+        while type(module).__module__.startswith("transformer_lens.") and hasattr(module, "original_component"):
+            inner = module.original_component
+            if not isinstance(inner, nn.Module):
+                raise UnsupportedModelError(f"the bridge component {type(module).__name__} wraps no HF module: "
+                                            "load the model's folder or HF model instead")
+            module = inner
+        if id(module) in done:
+            return done[id(module)]
+        view = copy.copy(module)
+        done[id(module)] = view
+        view.__dict__["_modules"] = {name: None if child is None else visit(child)
+                                     for name, child in module._modules.items()}
+        for key, value in list(view.__dict__.items()):
+            if isinstance(value, transformers.PretrainedConfig) and id(value) in memo:
+                view.__dict__[key] = memo[id(value)]
+        return view
+
+    return visit(model)
 
 
 def _label(model: nn.Module) -> str:

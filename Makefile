@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
-OUT ?= runs/induction
 
 .PHONY: install browser test test-fast run clean
 
@@ -22,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(BIN)/headlab scan induction --model $(MODEL) --out $(OUT)
+	$(BIN)/headlab explore --model $(MODEL)
 
 # Debian's chromium for the browser tests (never `playwright install`); best effort: without it they skip
 browser:
@@ -32,7 +31,7 @@ test: install browser
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

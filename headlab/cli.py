@@ -1,4 +1,4 @@
-"""The `headlab` command: `headlab scan induction --model NAME_OR_PATH --out DIR`, `headlab info`."""
+"""The `headlab` command: `explore`, `scan induction`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print a model's head geometry")
     _add_model_args(info)
+    info.set_defaults(handler=cmd_info)
 
     scan = sub.add_parser("scan", help="score every head of a model")
     scan_sub = scan.add_subparsers(dest="analysis", required=True)
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     ind.add_argument("--batch", type=int, default=16, help="number of random sequences")
     ind.add_argument("--seed", type=int, default=0)
     ind.add_argument("--top", type=int, default=10, help="how many top heads to print")
+    ind.set_defaults(handler=cmd_scan_induction)
+
+    from headlab.explore import register as register_explore
+
+    register_explore(sub)
     return parser
 
 
@@ -81,9 +87,8 @@ def cmd_scan_induction(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"info": cmd_info}.get(args.command) or {"induction": cmd_scan_induction}[args.analysis]
     try:
-        return handler(args)
+        return args.handler(args)
     except HeadlabError as err:
         print(f"headlab: error: {err}", file=sys.stderr)
         return 2

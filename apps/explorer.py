@@ -1,0 +1,123 @@
+"""The Gradio head explorer: components wired to headlab.explore, where all of its logic lives.
+
+Run it with `headlab explore --model smollm2-135m` (or `python apps/explorer.py --model ...`).
+It binds 127.0.0.1, makes no share link and sends no analytics. A session's analysed
+prompt lives in a gr.State; edits exist only inside the call that measures them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it phones home at import otherwise
+
+from typing import Callable  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from headlab.errors import HeadlabError  # noqa: E402
+from headlab.explore import DEFAULT_MODEL, HOW, MAP_LABELS, Explorer  # noqa: E402
+from headlab.models.bundled import BUNDLED  # noqa: E402
+
+# Gradio's Plot has no click event: hook plotly's own on the score grid, fill the head box, show the head.
+CLICK_JS = """
+() => {
+  const hook = () => document.querySelectorAll('#score-grid .js-plotly-plot').forEach((plot) => {
+    if (plot.__headlabClick || typeof plot.on !== 'function') return;
+    plot.__headlabClick = true;
+    plot.on('plotly_click', (event) => {
+      const point = event.points && event.points[0];
+      const box = document.querySelector('#head-box textarea, #head-box input');
+      if (!point || !box) return;
+      box.value = `L${point.y}H${point.x}`;
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+      setTimeout(() => document.querySelector('#show-head')?.click(), 100);
+    });
+  });
+  new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
+  hook();
+}
+"""
+
+
+def guarded(action: Callable, n_outputs: int) -> Callable:
+    """Run an explorer action; on a HeadlabError warn, set the status (first output) and leave the rest as is."""
+    def call(*args):
+        try:
+            return action(*args)
+        except HeadlabError as err:
+            gr.Warning(str(err))
+            return (f"⚠️ {err}",) + (gr.skip(),) * (n_outputs - 1)
+    return call
+
+
+def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL) -> gr.Blocks:
+    """The explorer's Blocks for one shared Explorer (settings and model cache); no per-session state outside it."""
+    ex = explorer or Explorer()
+    with gr.Blocks(title="headlab head explorer", analytics_enabled=False) as demo:
+        session = gr.State(None)
+        gr.Markdown("# headlab head explorer")
+        with gr.Row():
+            model_box = gr.Dropdown(list(dict.fromkeys([model, *BUNDLED])), value=model, allow_custom_value=True,
+                                    label="model: a bundled name or a local HF folder", elem_id="model", scale=3)
+            bos = gr.Checkbox(True, label="prepend BOS", scale=1)
+        prompt = gr.Textbox(label="prompt", lines=3, elem_id="prompt")
+        analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                score_map = gr.Radio([(MAP_LABELS[k], k) for k in MAP_LABELS], value="induction", label="head score")
+                grid = gr.Plot(elem_id="score-grid", show_label=False)
+            with gr.Column(scale=2):
+                gr.Markdown("### Next-token predictions")
+                preds = gr.Markdown(elem_id="predictions")
+        with gr.Row():
+            head_box = gr.Textbox(label="head (click a grid cell, or type L1H2)", elem_id="head-box")
+            start = gr.Number(-1, label="window start (-1: end of prompt)", precision=0, elem_id="start")
+            size = gr.Slider(4, 128, value=ex.settings.window, step=1, label="window size")
+            show_btn = gr.Button("Show head", elem_id="show-head")
+        pattern = gr.Plot(elem_id="pattern", show_label=False)
+        head_info = gr.Markdown(elem_id="head-info")
+        gr.Markdown("### Edit heads and compare")
+        with gr.Row():
+            edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
+            add_btn = gr.Button("+ selected head", elem_id="add-head", scale=1)
+            how = gr.Radio(list(HOW), value="zero", label="edit", elem_id="how", scale=2)
+            factor = gr.Number(0.5, label="scale factor", elem_id="factor", scale=1)
+            apply_btn = gr.Button("Apply edit", variant="primary", elem_id="apply-edit", scale=1)
+        comparison = gr.Markdown(elem_id="comparison")
+
+        view = [status, grid, preds, session, head_box, pattern, head_info, comparison]
+        settings = [model_box, prompt, bos, score_map, start, size]
+        show_head = dict(fn=guarded(ex.head_view, 3), inputs=[session, head_box, start, size],
+                         outputs=[status, pattern, head_info])
+        opened = dict(fn=guarded(ex.open_model, 9), inputs=settings, outputs=[view[0], prompt, *view[1:]])
+
+        demo.load(**opened)
+        model_box.change(**opened)
+        gr.on([analyse_btn.click, prompt.submit], guarded(ex.analyse_and_show, 8), inputs=settings, outputs=view)
+        gr.on([show_btn.click, head_box.submit, start.submit, size.release], **show_head)
+        score_map.change(guarded(ex.show_map, 2), [session, score_map], [status, grid])
+        add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
+        gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],
+              [status, comparison])
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:
+    """Serve the app locally (no share link, sessions run concurrently); returns its URL when not blocking."""
+    demo.queue(default_concurrency_limit=4)
+    _, url, _ = demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
+                            js=CLICK_JS, ssr_mode=False, mcp_server=False, quiet=not block, footer_links=[])
+    return url
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    from headlab.explore import cmd_explore, register
+
+    parser = argparse.ArgumentParser(prog="explorer")
+    register(parser.add_subparsers(dest="command", required=True))
+    sys.exit(cmd_explore(parser.parse_args(["explore", *sys.argv[1:]])))

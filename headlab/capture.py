@@ -91,11 +91,29 @@ class Capture:
         return self.layers is None or layer in self.layers
 
 
+OverrideFn = Callable[["LayerRecord", tuple[int, ...]], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class HeadOverride:
+    """Recompute some heads' outputs of a layer from their q, k, v (the one hook for attention-level edits).
+
+    `fn(record, heads)` gets the layer's LayerRecord (q, k, v, mask, scale; no z) and the query heads,
+    and returns their outputs `[B, Q, h, D]` and, optionally, their new patterns `[B, h, Q, S]` (used
+    only where the backend returns attention weights; None leaves NaN there). Uniform ablation, ACT
+    calibration and per-head KV-cache policies are overrides.
+    """
+
+    heads: tuple[int, ...]
+    fn: OverrideFn
+    name: str = "override"
+
+
 @dataclass(frozen=True)
 class LayerOps:
-    """The merged head edits of one layer: uniform attention, output scale, output replacement."""
+    """The merged head edits of one layer: attention overrides, then output scale, then output replacement."""
 
-    uniform: frozenset[int] = frozenset()
+    overrides: tuple[HeadOverride, ...] = ()
     scale: tuple[tuple[int, float], ...] = ()
     replace: tuple[tuple[int, torch.Tensor], ...] = ()
 
@@ -105,8 +123,8 @@ class LayerOps:
             scales[head] = scales.get(head, 1.0) * factor
         replace = dict(self.replace)
         replace.update(dict(other.replace))
-        return LayerOps(self.uniform | other.uniform, tuple(sorted(scales.items())), tuple(sorted(replace.items(),
-                        key=lambda kv: kv[0])))
+        return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())),
+                        tuple(sorted(replace.items(), key=lambda kv: kv[0])))
 
 
 @dataclass(frozen=True)
@@ -209,13 +227,28 @@ def _additive(mask: torch.Tensor | None, *, causal: bool, query: torch.Tensor, k
     return torch.where(vis, zero, torch.finfo(query.dtype).min)
 
 
-def _uniform_outputs(heads: list[int], value: torch.Tensor, visible: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Outputs `[B, Q, h, D]` of the given heads when each attends uniformly to its visible keys."""
-    weights = visible[:, 0].to(torch.float32)
+def attend(record: LayerRecord, heads: tuple[int, ...] | list[int],
+           transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention of some heads, optionally with their pattern transformed first.
+
+    Returns outputs `[B, Q, h, D]` (in v's dtype) and the patterns used `[B, h, Q, S]` (float32).
+    """
+    pattern = record.pattern(list(heads))
+    if transform is not None:
+        pattern = transform(pattern)
+    groups = torch.as_tensor(list(heads), device=record.v.device) // (record.q.shape[1] // record.v.shape[1])
+    v = record.v.index_select(1, groups).float()  # [B, h, S, D]
+    return torch.matmul(pattern, v).transpose(1, 2).to(record.v.dtype), pattern
+
+
+def uniform_attention(record: LayerRecord, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Override: each head attends uniformly to the keys it may see."""
+    weights = record.visible()[:, 0].to(torch.float32)
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # [B|1, Q, S]
-    groups = torch.as_tensor(heads, device=value.device) // (n_heads // value.shape[1])
-    v = value.index_select(1, groups).float()  # [B, h, S, D]
-    return torch.matmul(weights[:, None], v).transpose(1, 2)
+    pattern = weights[:, None].expand(-1, len(heads), -1, -1)
+    groups = torch.as_tensor(list(heads), device=record.v.device) // (record.q.shape[1] // record.v.shape[1])
+    v = record.v.index_select(1, groups).float()
+    return torch.matmul(pattern, v).transpose(1, 2).to(record.v.dtype), pattern
 
 
 def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -235,20 +268,22 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return out, weights
 
     layer = slot.layer
+    scale = kwargs.get("scaling")
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     ops = state.ops_for(layer)
     if ops is not None:
         n_heads = query.shape[1]
-        if ops.uniform:
-            heads = sorted(ops.uniform)
-            vis = visible_mask(attention_mask, causal=causal, q_len=query.shape[2], k_len=key.shape[2],
-                               device=query.device)
-            uniform = _uniform_outputs(heads, value, vis, n_heads).to(out.dtype)
+        if ops.overrides:
+            inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale)
             out = out.clone()
-            out[:, :, heads] = uniform
-            if weights is not None:
-                w = vis[:, 0].to(weights.dtype)
-                weights = weights.clone()
-                weights[:, heads] = (w / w.sum(-1, keepdim=True).clamp_min(1.0))[:, None]
+            for override in ops.overrides:
+                heads = list(override.heads)
+                new_out, new_weights = override.fn(inputs, override.heads)
+                out[:, :, heads] = new_out.to(out.dtype)
+                if weights is not None:
+                    weights = weights.clone()
+                    weights[:, heads] = (new_weights.to(weights.dtype) if new_weights is not None
+                                         else float("nan"))
         if ops.scale:
             mult = torch.ones(n_heads, dtype=out.dtype, device=out.device)
             for head, factor in ops.scale:
@@ -262,11 +297,9 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     for cap in state.captures:
         if not cap.wants(layer):
             continue
-        scale = kwargs.get("scaling")
         record = LayerRecord(
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
-            causal=causal, scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
-            z=out.detach() if cap.with_z else None,
+            causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
         )
         if cap.keep:
             cap.records[layer] = record

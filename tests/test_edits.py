@@ -160,3 +160,24 @@ def test_bad_edits_are_named(llama):
     with pytest.raises(hl.EditError, match="not a head edit"):
         with hl.edit(llama, ["L0H0"]):
             pass
+
+
+def test_custom_override_edit_reproduces_the_head_when_its_pattern_is_untouched(llama):
+    """An edit object with layer_ops(): `attend` with the identity transform changes nothing (to fp noise)."""
+    from headlab.capture import HeadOverride, LayerOps, attend
+
+    class Recompute:
+        def layer_ops(self, model):
+            return {1: LayerOps(overrides=(HeadOverride((0, 3), lambda rec, heads: attend(rec, heads)),))}
+
+    class Halve:
+        def layer_ops(self, model):
+            return {1: LayerOps(overrides=(HeadOverride((2,), lambda rec, heads: attend(rec, heads, lambda p: p / 2)),))}
+
+    with torch.no_grad():
+        clean = llama.hf(_ids()).logits
+    with hl.edit(llama, Recompute()), torch.no_grad():
+        assert (llama.hf(_ids()).logits - clean).abs().max().item() < 1e-5
+    expected = _logits_with_slice_hook(llama, 1, 2, lambda x: x / 2)
+    with hl.edit(llama, [Halve()]), torch.no_grad():
+        assert (llama.hf(_ids()).logits - expected).abs().max().item() < 1e-5

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
-from headlab.capture import Capture, LayerOps, activate
+from headlab.capture import Capture, HeadOverride, LayerOps, activate, uniform_attention
 from headlab.errors import EditError
 from headlab.heads import HeadRef, as_heads
 from headlab.models.head_model import HeadModel
@@ -68,13 +68,33 @@ def mean_head_outputs(model: HeadModel, reference: Any, layers: Iterable[int]) -
     return out
 
 
-def compile_edits(model: HeadModel, edits: Iterable[Edit]) -> dict[int, LayerOps]:
-    """Validate edits and turn them into per-layer ops for the attention seam."""
+def compile_edits(model: HeadModel, edits: Iterable[Any]) -> dict[int, LayerOps]:
+    """Validate edits and turn them into per-layer ops for the attention seam.
+
+    Besides Ablate and Scale, any object with a `layer_ops(model) -> {layer: LayerOps}` method is an
+    edit (calibrations, KV-cache policies): that is how analyses add their own.
+    """
     edits = list(edits)
+    ops: dict[int, LayerOps] = {}
+
+    def add(layer: int, new: LayerOps) -> None:
+        ops[layer] = ops[layer].merged(new) if layer in ops else new
+
+    builtin, custom = [], []
     for e in edits:
-        if not isinstance(e, (Ablate, Scale)):
-            raise EditError(f"not a head edit: {e!r} (use headlab.Ablate or headlab.Scale)")
-        model.check_heads([e.head])
+        if isinstance(e, (Ablate, Scale)):
+            model.check_heads([e.head])
+            builtin.append(e)
+        elif callable(getattr(e, "layer_ops", None)):
+            custom.append(e)
+        else:
+            raise EditError(f"not a head edit: {e!r} (use headlab.Ablate, headlab.Scale, or an object with a "
+                            "layer_ops(model) method)")
+    edits = builtin
+    for e in custom:
+        for layer, new in e.layer_ops(model).items():
+            model.check_layers([layer])
+            add(layer, new)
     means: dict[int, torch.Tensor] = {}
     mean_edits = [e for e in edits if isinstance(e, Ablate) and e.how == "mean"]
     by_reference: dict[int, list[Ablate]] = {}
@@ -85,7 +105,6 @@ def compile_edits(model: HeadModel, edits: Iterable[Edit]) -> dict[int, LayerOps
         for e in group:
             means[id(e)] = layer_means[e.head.layer][e.head.head]
 
-    ops: dict[int, LayerOps] = {}
     for e in edits:
         layer, head = e.head.layer, e.head.head
         if isinstance(e, Scale):
@@ -93,17 +112,17 @@ def compile_edits(model: HeadModel, edits: Iterable[Edit]) -> dict[int, LayerOps
         elif e.how == "zero":
             new = LayerOps(scale=((head, 0.0),))
         elif e.how == "uniform":
-            new = LayerOps(uniform=frozenset([head]))
+            new = LayerOps(overrides=(HeadOverride((head,), uniform_attention, name="uniform"),))
         else:
             new = LayerOps(replace=((head, means[id(e)]),))
-        ops[layer] = ops[layer].merged(new) if layer in ops else new
+        add(layer, new)
     return ops
 
 
 @contextmanager
-def edit(model: HeadModel, edits: Iterable[Edit] | Edit) -> Iterator[HeadModel]:
+def edit(model: HeadModel, edits: Iterable[Any] | Any) -> Iterator[HeadModel]:
     """Apply head edits inside a `with` block; the model is exactly as before once the block exits."""
-    if isinstance(edits, (Ablate, Scale)):
+    if isinstance(edits, (Ablate, Scale)) or callable(getattr(edits, "layer_ops", None)):
         edits = [edits]
     ops = compile_edits(model, edits)
     with activate(model.owner, ops=ops):

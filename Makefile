@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 
-.PHONY: install browser test test-fast run clean
+.PHONY: install browser test test-fast run icl-report clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test: install browser
 
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+
+icl-report: install
+	$(BIN)/python -m headlab.icl.report --out runs/icl-report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

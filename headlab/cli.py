@@ -1,4 +1,4 @@
-"""The `headlab` command: `explore`, `scan induction`, `info`; each subcommand sets its own handler."""
+"""The `headlab` command: `explore`, `scan induction`, `icl train`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     from headlab.explore import register as register_explore
 
     register_explore(sub)
+
+    from headlab.icl.cli import register as register_icl
+
+    register_icl(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ from headlab.errors import (
 from headlab.heads import HeadRef, as_heads
 from headlab.models import BUNDLED, HeadModel, load
 from headlab.run import Batch, Run
-from headlab import analyses, icl, results, scan, viz
+from headlab import analyses, icl, prune, results, scan, viz
 
 __version__ = "0.1.0"
 

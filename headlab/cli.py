@@ -1,4 +1,4 @@
-"""The `headlab` command: `explore`, `scan induction`, `icl train`, `info`; each subcommand sets its own handler."""
+"""The `headlab` command: `explore`, `scan induction`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     from headlab.icl.cli import register as register_icl
 
     register_icl(sub)
+
+    from headlab.prune.cli import register as register_prune
+
+    register_prune(sub)
     return parser
 
 

@@ -152,6 +152,11 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
     config = json.loads(config_path.read_text())
+    if "headlab_pruned" in config:  # structurally pruned (headlab.prune): per-layer head counts
+        from headlab.prune.structural import load_pruned
+
+        return load_pruned(folder, device=device, dtype=dtype, tokenizer=tokenizer,
+                           attn_implementation=attn_implementation, name=name)
     arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:

@@ -1,0 +1,204 @@
+"""Scripted head-pruning experiments: rank heads, remove them progressively, evaluate, plot; resumable.
+
+For each ranker, the heads are ordered least important first (`rankers.prune_order`) once, on the
+unpruned model; removing a fraction f masks the first round(f · L · H) of them (zero ablation inside
+an edit scope, so the model is restored after each evaluation). Each (ranker, fraction, eval) is one
+row of `results.jsonl`; a rerun with the same `--out` skips the rows already there and reuses the
+rankings saved under `rankings/`. `run.json` holds the settings (seeds included) and refuses a rerun
+whose settings would make old and new rows incomparable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from headlab.edits.heads import ablate, edit
+from headlab.errors import HeadlabError
+from headlab.models.head_model import HeadModel
+from headlab.prune.evals import parse_eval
+from headlab.prune.figures import curves
+from headlab.prune.rankers import RankParams, compare_atp, n_to_remove, prune_order, rank
+from headlab.results import HeadScores, params_dict
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneParams:
+    """Settings of a pruning experiment.
+
+    Attributes:
+        rankers: ranker names (see `headlab.prune.rankers`), or `scores:PATH[:MAP]`.
+        fractions: fractions of all heads to remove, each in [0, 1].
+        evals: eval specs (`ppl:FILE`, `task:induction`).
+        ctx, windows: held-out text windows (`[windows, 1 + ctx]` tokens per `ppl:` eval).
+        task_seed, task_seq_len: token seed and block length of `task:` evals.
+        rank: the rankers' settings (calibration data and seeds).
+    """
+
+    rankers: tuple[str, ...]
+    fractions: tuple[float, ...]
+    evals: tuple[str, ...]
+    ctx: int = 128
+    windows: int = 8
+    task_seed: int = 1
+    task_seq_len: int = 32
+    rank: RankParams = field(default_factory=RankParams)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that must match for rows of two runs to share one results file."""
+        return {"ctx": self.ctx, "windows": self.windows, "task_seed": self.task_seed,
+                "task_seq_len": self.task_seq_len, "rank": params_dict(self.rank)}
+
+
+@dataclass
+class PruneResults:
+    """What an experiment wrote: the rows, the rankings, and the AtP-vs-ablation comparison if both ran."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    rankings: dict[str, HeadScores]
+    atp_vs_ablation: dict[str, float] | None = None
+
+    def figure(self, eval_spec: str | None = None):
+        """Metric against fraction removed, one line per ranker (the first eval by default)."""
+        spec = eval_spec or self.rows[0]["eval"]
+        return curves([r for r in self.rows if r["eval"] == spec], title=f"{spec}")
+
+    def table(self, eval_spec: str | None = None) -> dict[str, dict[float, float]]:
+        """{ranker: {fraction: primary metric}} for one eval (the first by default)."""
+        spec = eval_spec or self.rows[0]["eval"]
+        out: dict[str, dict[float, float]] = {}
+        for r in self.rows:
+            if r["eval"] == spec:
+                out.setdefault(r["ranker"], {})[r["fraction"]] = r["value"]
+        return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a ranker or eval name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "x"
+
+
+def read_rows(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of `results.jsonl` in `out` (none if absent; a torn last line is skipped)."""
+    path = Path(out) / RESULTS_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _check_run(out: Path, model: HeadModel, params: PruneParams) -> None:
+    path = out / RUN_FILE
+    identity = {"model": model.name, **params.identity()}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("identity") != json.loads(json.dumps(identity)):
+            raise HeadlabError(f"{out} holds a run with other settings ({old.get('identity')}); rows would not be "
+                               f"comparable with {identity}: use another --out")
+        runs = old.get("runs", [])
+    else:
+        runs = []
+    runs.append({"time": _now(), "rankers": list(params.rankers), "fractions": list(params.fractions),
+                 "evals": list(params.evals)})
+    path.write_text(json.dumps({"identity": identity, "params": params_dict(params), "direction":
+                                "lowest score pruned first", "weights_note": model.note, "runs": runs}, indent=1))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def get_ranking(model: HeadModel, name: str, params: RankParams, out: Path | None, cache: dict) -> HeadScores:
+    """A ranking, loaded from `out/rankings/<name>/` when saved there, else computed (and saved)."""
+    folder = out / "rankings" / slug(name) if out is not None else None
+    if folder is not None and (folder / "scores.json").is_file():
+        return HeadScores.load(folder)
+    result = rank(model, name, params, cache=cache)
+    if folder is not None:
+        result.save(folder)
+    return result
+
+
+def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
+                     progress: bool = True) -> PruneResults:
+    """Run (or resume) a pruning experiment into folder `out`; see the module doc."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, model, params)
+    evals = {spec: parse_eval(spec, ctx=params.ctx, windows=params.windows, seed=params.task_seed,
+                              seq_len=params.task_seq_len)
+             for spec in params.evals}
+    cache: dict[str, Any] = {"progress": progress}
+    rankings = {name: get_ranking(model, name, params.rank, out, cache) for name in params.rankers}
+    orders = {name: prune_order(r.scores) for name, r in rankings.items()}
+    n_total = model.n_layers * model.n_heads
+
+    rows = read_rows(out)
+    done = {(r["ranker"], r["fraction"], r["eval"]) for r in rows}
+    jobs = [(n, f, e) for n in params.rankers for f in params.fractions for e in params.evals
+            if (n, f, e) not in done]
+    memo = {(frozenset(r["removed"]), r["eval"]): r for r in rows}
+    with (out / RESULTS_FILE).open("a") as sink:
+        for name, fraction, spec in tqdm(jobs, desc=f"prune {model.name}", disable=not progress):
+            removed = orders[name][:n_to_remove(fraction, n_total)]
+            key = (frozenset(str(h) for h in removed), spec)
+            start = time.perf_counter()
+            if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
+                metrics = memo[key]["metrics"]
+            else:
+                with edit(model, ablate(removed)):
+                    metrics = evals[spec].metrics(model)
+            row = {"ranker": name, "fraction": fraction, "eval": spec, "primary": evals[spec].primary,
+                   "value": metrics[evals[spec].primary], "metrics": metrics, "n_removed": len(removed),
+                   "n_heads": n_total, "removed": [str(h) for h in removed], "seed": params.rank.seed,
+                   "task_seed": params.task_seed, "seconds": round(time.perf_counter() - start, 3),
+                   "model": model.name, "time": _now()}
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            rows.append(row)
+            memo[key] = row
+
+    comparison = None
+    if "atp" in rankings and "ablation" in rankings:
+        comparison = compare_atp(rankings["atp"], rankings["ablation"])
+        (out / "atp_vs_ablation.json").write_text(json.dumps(comparison, indent=1))
+    result = PruneResults(out=out, rows=rows, rankings=rankings, atp_vs_ablation=comparison)
+    for spec in params.evals:
+        result.figure(spec).write_html(out / f"curve_{slug(spec)}.html", include_plotlyjs="cdn")
+    return result
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """`0,0.05,...,0.5` → (0, 0.05, …, 0.5): comma-separated values, `...` continues the first step."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if "..." in parts:
+        i = parts.index("...")
+        if i < 2 or i != len(parts) - 2:
+            raise HeadlabError(f"cannot read fractions {text!r}: write a,b,...,z (two values, '...', the last)")
+        a, b, z = float(parts[0]), float(parts[1]), float(parts[-1])
+        step = b - a
+        if step <= 0:
+            raise HeadlabError(f"fractions {text!r}: the step must be positive")
+        n = int(round((z - a) / step))
+        values = [round(a + k * step, 10) for k in range(n + 1)]
+        values += [float(p) for p in parts[2:i]]
+        return tuple(sorted(set(values)))
+    try:
+        return tuple(float(p) for p in parts)
+    except ValueError as err:
+        raise HeadlabError(f"cannot read fractions {text!r}: {err}") from None

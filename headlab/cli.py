@@ -1,4 +1,4 @@
-"""The `headlab` command: `explore`, `scan induction`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
+"""The `headlab` command: `explore`, `scan induction|sinks`, `calibrate`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -36,9 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     ind.add_argument("--top", type=int, default=10, help="how many top heads to print")
     ind.set_defaults(handler=cmd_scan_induction)
 
+    from headlab.analyses.sinks import add_scan_sinks, register as register_sinks
+
+    add_scan_sinks(scan_sub)
+
     from headlab.explore import register as register_explore
 
     register_explore(sub)
+    register_sinks(sub)
 
     from headlab.icl.cli import register as register_icl
 

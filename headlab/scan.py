@@ -1,5 +1,6 @@
 """Short names for the head scans: `hl.scan.induction(model)`."""
 
 from headlab.analyses.induction import induction_scan as induction
+from headlab.analyses.sinks import sink_scan as sinks
 
-__all__ = ["induction"]
+__all__ = ["induction", "sinks"]

@@ -1,0 +1,313 @@
+"""ACT head search and evaluation: heads to calibrate are chosen on a calibration split and judged on a held-out one.
+
+Following Yu et al. 2024 (GATECH-EIC/ACT), heads are tried one at a time on the calibration split and kept when they
+improve its accuracy. Their code tries each head of layers 2..L−2 alone against the plain model ("independent"); the
+default here is "greedy": candidates in order, each tried on top of the heads kept so far, kept if it beats the
+current accuracy. To be affordable on a CPU only `candidates` heads are tried: those of the layer range with the most
+attention on their calibration sink set (the mass that calibration moves, from `HeadModel.stats` on the calibration
+prompts; a head whose sink set is empty would be a no-op), strongest first. The chosen set is then evaluated on the
+evaluation split (disjoint words, see `headlab.tasks`), with Wilson intervals and a paired bootstrap of the change.
+A run folder makes it resumable: `state.json` is rewritten after every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from headlab.analyses.sinks import SinkRule, add_rule_args, exempt_first, rule_from_args, sink_mask
+from headlab.edits.calibrate import Calibrate
+from headlab.edits.heads import edit
+from headlab.heads import HeadRef
+from headlab.models.head_model import HeadModel
+from headlab.results import HeadScores, params_dict, run_meta
+from headlab.run import Batch
+from headlab.tasks import EncodedItems, build_tasks, correct, encode_items, option_logprobs, paired_bootstrap, wilson
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationParams:
+    """Settings of the ACT head search and evaluation.
+
+    Attributes:
+        tasks: task names (see `headlab.tasks.TASKS`).
+        n_calib, n_eval: items per task in the calibration and evaluation splits (capped by the word pools).
+        seed: seed of the task builders and of the bootstrap.
+        beta: the share of their weight that sinks keep (ACT: 0.4).
+        rule: how sinks are found per input (prompts here are ~40–80 tokens: tail rule at 16 queries).
+        first_exempt: leave each head's first sink alone, as ACT's code does.
+        layers: the inclusive layer range searched; None: 2..L−2 (ACT's code: 2..30 of Llama-2-7B's 32).
+        candidates: how many heads of that range to try, by sink strength.
+        search: "greedy" (cumulative) or "independent" (each head alone, ACT's code).
+        control: also evaluate all candidates calibrated at once (no search).
+        prepend_bos: put BOS before each prompt (SmolLM2's tokenizer adds none).
+        batch: prompts per forward.
+        bootstrap: resamples of the paired bootstrap.
+    """
+
+    tasks: tuple[str, ...] = ("categories", "sentiment", "antonyms")
+    n_calib: int = 32
+    n_eval: int = 150
+    seed: int = 0
+    beta: float = 0.4
+    rule: SinkRule = field(default_factory=lambda: SinkRule(min_visible=16))
+    first_exempt: bool = True
+    layers: tuple[int, int] | None = None
+    candidates: int = 12
+    search: Literal["greedy", "independent"] = "greedy"
+    control: bool = True
+    prepend_bos: bool = True
+    batch: int = 16
+    bootstrap: int = 2000
+
+    def layer_range(self, n_layers: int) -> range:
+        lo, hi = self.layers if self.layers is not None else (2, n_layers - 2)
+        return range(max(0, lo), min(n_layers - 1, hi) + 1)
+
+
+def sink_strength(model: HeadModel, items: EncodedItems, rule: SinkRule, *, first_exempt: bool = True,
+                  batch: int = 16) -> torch.Tensor:
+    """`[L, H]`: mean share of each head's attention on its calibration sink set over the items' prompts."""
+    total = torch.zeros(model.n_layers, model.n_heads)
+    for i0 in range(0, len(items), batch):
+        rows = items.ids[i0:i0 + batch]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, r in enumerate(rows):
+            ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
+        run = model.stats(Batch(ids, mask))
+        for layer, st in run.layers.items():
+            sinks = sink_mask(st.received, st.n_visible, rule)  # [b, H, S]
+            sinks = exempt_first(sinks) if first_exempt else sinks
+            n_q = st.n_visible.amax(-1)[:, None]  # [b, 1]
+            total[layer] += ((st.received * sinks).sum(-1) / n_q).sum(0).cpu()
+    return total / len(items)
+
+
+def _accuracy_items(model: HeadModel, items: EncodedItems, heads: list[HeadRef], params: CalibrationParams,
+                    desc: str, progress: bool = True) -> torch.Tensor:
+    """Bool `[N]`: which items the model gets right with `heads` calibrated (none: the plain model)."""
+    edits = [Calibrate(heads=tuple(heads), beta=params.beta, rule=params.rule, first_exempt=params.first_exempt)] \
+        if heads else []
+    with edit(model, edits):
+        return correct(option_logprobs(model, items, batch=params.batch, progress=progress, desc=desc), items.answer)
+
+
+def _load_state(out: Path | None, params: CalibrationParams, model: HeadModel) -> dict:
+    if out is None or not (out / STATE_FILE).exists():
+        return {"params": params_dict(params), "model": model.name, "tried": [], "seconds": {}}
+    state = json.loads((out / STATE_FILE).read_text())
+    if state["params"] != params_dict(params) or state["model"] != model.name:
+        raise ValueError(f"{out} holds a calibration run with other settings or model ({state['model']}): "
+                         "use another --out, or the same settings to resume")
+    return state
+
+
+def _save_state(out: Path | None, state: dict) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(out / STATE_FILE)
+
+
+def calibration_search(model: HeadModel, params: CalibrationParams = CalibrationParams(), *, out: Path | None = None,
+                       items: tuple[EncodedItems, EncodedItems] | None = None, progress: bool = True) -> HeadScores:
+    """Search heads on the calibration split, evaluate on the evaluation split; resumable when `out` is given.
+
+    Args:
+        items: (calibration, evaluation) items to use instead of building `params.tasks` (e.g. token-id items).
+    Returns:
+        HeadScores "act_calibration": maps calib_gain (calibration accuracy change when the head was tried; NaN
+        if not tried), kept (1 for chosen heads), sink_strength; meta["table"] the accuracies before/after.
+    """
+    start = time.perf_counter()
+    if items is None:
+        splits = build_tasks(params.tasks, n_calib=params.n_calib, n_eval=params.n_eval, seed=params.seed)
+        calib = encode_items(model, [it for s in splits for it in s.calibration], prepend_bos=params.prepend_bos)
+        evals = encode_items(model, [it for s in splits for it in s.evaluation], prepend_bos=params.prepend_bos)
+    else:
+        calib, evals = items
+    state = _load_state(out, params, model)
+    secs = state["seconds"]
+
+    def step(key: str, fn):
+        if key not in state:
+            t0 = time.perf_counter()
+            state[key] = fn()
+            secs[key] = round(secs.get(key, 0.0) + time.perf_counter() - t0, 1)
+            _save_state(out, state)
+        return state[key]
+
+    strength = torch.tensor(step("strength", lambda: sink_strength(
+        model, calib, params.rule, first_exempt=params.first_exempt, batch=params.batch).tolist()))
+    pool = [HeadRef(l, h) for l in params.layer_range(model.n_layers) for h in range(model.n_heads)]
+    pool = sorted(pool, key=lambda r: -float(strength[r.layer, r.head]))[: params.candidates]
+    candidates = [HeadRef.parse(s) for s in step("candidates", lambda: [str(r) for r in pool])]
+    base = torch.tensor(step("baseline_calib", lambda: _accuracy_items(
+        model, calib, [], params, "baseline", progress).tolist()))
+
+    tried = {t["head"]: t for t in state["tried"]}
+    kept = [HeadRef.parse(t["head"]) for t in state["tried"] if t["kept"]]
+    reference = float(base.float().mean())
+    if params.search == "greedy" and kept:
+        reference = max(t["acc"] for t in state["tried"] if t["kept"])
+    for ref in tqdm(candidates, desc="head search", leave=False, disable=not progress):
+        if str(ref) in tried:
+            continue
+        t0 = time.perf_counter()
+        trial = kept + [ref] if params.search == "greedy" else [ref]
+        acc = float(_accuracy_items(model, calib, trial, params, f"try {ref}", progress).float().mean())
+        entry = {"head": str(ref), "acc": acc, "reference": reference, "kept": acc > reference}
+        if entry["kept"]:
+            kept.append(ref)
+            reference = acc if params.search == "greedy" else reference
+        state["tried"].append(entry)
+        secs["search"] = round(secs.get("search", 0.0) + time.perf_counter() - t0, 1)
+        _save_state(out, state)
+
+    conditions = {"baseline": [], "calibrated": kept}
+    if params.control:
+        conditions["all_candidates"] = candidates
+    results: dict[str, torch.Tensor] = {}
+    for name, heads in conditions.items():
+        if name != "baseline" and not heads:  # nothing to calibrate: the plain model's answers
+            results[name] = results["baseline"]
+            continue
+        results[name] = torch.tensor(step(f"eval_{name}", lambda h=heads, n=name: _accuracy_items(
+            model, evals, h, params, f"eval {n}", progress).tolist()))
+    return _scores(model, params, state, strength, candidates, kept, evals, results,
+                   round(time.perf_counter() - start, 1))
+
+
+def accuracy_table(before: torch.Tensor, after: torch.Tensor, tasks: list[str], *, reps: int = 2000,
+                   seed: int = 0) -> list[dict]:
+    """Per task and pooled: n, accuracy before/after with Wilson 95% intervals, the change with a paired bootstrap 95%
+    interval, and the discordant items (right → wrong, wrong → right)."""
+    rows = []
+    for name in list(dict.fromkeys(tasks)) + ["all"]:
+        idx = torch.tensor([i for i, t in enumerate(tasks) if name in ("all", t)])
+        b, a = before[idx], after[idx]
+        n = len(idx)
+        rows.append({"task": name, "n": n,
+                     "before": float(b.float().mean()), "before_ci": list(wilson(int(b.sum()), n)),
+                     "after": float(a.float().mean()), "after_ci": list(wilson(int(a.sum()), n)),
+                     "delta": float(a.float().mean() - b.float().mean()),
+                     "delta_ci": list(paired_bootstrap(b, a, reps=reps, seed=seed)),
+                     "lost": int((b & ~a).sum()), "gained": int((~b & a).sum())})
+    return rows
+
+
+def _scores(model, params, state, strength, candidates, kept, evals, results, seconds) -> HeadScores:
+    """The HeadScores of a finished search and evaluation."""
+    gain = torch.full((model.n_layers, model.n_heads), float("nan"))
+    kept_map = torch.zeros(model.n_layers, model.n_heads)
+    for t in state["tried"]:
+        ref = HeadRef.parse(t["head"])
+        gain[ref.layer, ref.head] = t["acc"] - t["reference"]
+    for ref in kept:
+        kept_map[ref.layer, ref.head] = 1.0
+    tables = {name: accuracy_table(results["baseline"].bool(), res.bool(), evals.task, reps=params.bootstrap,
+                                   seed=params.seed)
+              for name, res in results.items() if name != "baseline"}
+    meta = run_meta(model, seconds=seconds, step_seconds=state["seconds"], heads=[str(h) for h in kept],
+                    candidates=[str(h) for h in candidates], tables=tables,
+                    calib_baseline=float(torch.tensor(state["baseline_calib"]).float().mean()),
+                    n_calib_items=len(state["baseline_calib"]), n_eval_items=len(evals))
+    names = list(dict.fromkeys(evals.task))
+    items = {f"eval_{k}": v.to(torch.uint8) for k, v in results.items()}
+    items["eval_task"] = torch.tensor([names.index(t) for t in evals.task])
+    return HeadScores(analysis="act_calibration", model=model.name, primary="calib_gain",
+                      maps={"calib_gain": gain, "kept": kept_map, "sink_strength": strength},
+                      params=params_dict(params), meta=meta, items=items)
+
+
+def table_lines(scores: HeadScores) -> list[str]:
+    """The accuracy tables as text lines."""
+    def fmt(ci) -> str:
+        return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    lines = []
+    for name, rows in scores.meta["tables"].items():
+        heads = ", ".join(scores.meta["heads"]) or "no head kept: the plain model"
+        control = f"all {len(scores.meta['candidates'])} candidates"
+        lines.append(f"{name}: " + (heads if name == "calibrated" else control))
+        lines.append(f"  {'task':>10} {'n':>4}  {'before':>6} {'95% CI':>16}  {'after':>6} {'95% CI':>16}  "
+                     f"{'change':>7} {'95% CI (paired)':>18}  lost/gained")
+        for r in rows:
+            lines.append(f"  {r['task']:>10} {r['n']:4d}  {r['before']:6.3f} {fmt(r['before_ci']):>16}  "
+                         f"{r['after']:6.3f} {fmt(r['after_ci']):>16}  {r['delta']:+7.3f} "
+                         f"{fmt(r['delta_ci']):>18}  {r['lost']}/{r['gained']}")
+    return lines
+
+
+def accuracy_figure(tables: dict[str, list[dict]], *, title: str = "ACT calibration") -> go.Figure:
+    """Grouped bars: accuracy per task before and after calibration (`meta["tables"]`), with Wilson 95% intervals."""
+    fig = go.Figure()
+    first = next(iter(tables.values()))
+    series = [("before", "baseline", first)] + [("after", n, rows) for n, rows in tables.items()]
+    for key, label, rows in series:
+        fig.add_bar(name=label, x=[r["task"] for r in rows], y=[r[key] for r in rows],
+                    error_y={"type": "data", "symmetric": False,
+                             "array": [r[f"{key}_ci"][1] - r[key] for r in rows],
+                             "arrayminus": [r[key] - r[f"{key}_ci"][0] for r in rows]})
+    fig.update_layout(barmode="group", yaxis={"title": "accuracy", "range": [0, 1]}, title=title, height=420)
+    return fig
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    """The `headlab calibrate` options (model options are added by the caller)."""
+    d = CalibrationParams()
+    p.add_argument("--out", required=True, type=Path, help="run folder (state.json, scores, figures); rerun to resume")
+    p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated task names")
+    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration items per task")
+    p.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation items per task")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--beta", type=float, default=d.beta)
+    add_rule_args(p, min_visible=d.rule.min_visible)
+    p.add_argument("--no-first-exempt", action="store_true", help="calibrate the first sink too")
+    p.add_argument("--layers", default=None, help="inclusive layer range LO:HI (default 2:L-2)")
+    p.add_argument("--candidates", type=int, default=d.candidates, help="heads to try, by sink strength")
+    p.add_argument("--search", choices=("greedy", "independent"), default=d.search)
+    p.add_argument("--no-control", action="store_true", help="skip evaluating all candidates at once")
+    p.add_argument("--no-bos", action="store_true")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run (or resume) a calibration search, write its figures and print the accuracy tables."""
+    import headlab as hl
+
+    torch.set_num_threads(args.threads)
+    layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
+    params = CalibrationParams(tasks=tuple(args.tasks.split(",")), n_calib=args.n_calib, n_eval=args.n_eval,
+                               seed=args.seed, beta=args.beta, rule=rule_from_args(args),
+                               first_exempt=not args.no_first_exempt, layers=layers, candidates=args.candidates,
+                               search=args.search, control=not args.no_control, prepend_bos=not args.no_bos,
+                               batch=args.batch)
+    model = hl.load(args.model, device=args.device, dtype=args.dtype)
+    print(model, f"\n{model.note}" if model.note else "")
+    scores = calibration_search(model, params, out=args.out)
+    scores.save(args.out)
+    scores.figure("calib_gain").write_html(args.out / "heatmap_calib_gain.html", include_plotlyjs="cdn")
+    scores.figure("sink_strength").write_html(args.out / "heatmap_sink_strength.html", include_plotlyjs="cdn")
+    accuracy_figure(scores.meta["tables"], title=f"ACT calibration (β = {params.beta}) — {model.name}").write_html(
+        args.out / "accuracy.html", include_plotlyjs="cdn")
+    print(f"calibration split: baseline {scores.meta['calib_baseline']:.3f} on {scores.meta['n_calib_items']} items; "
+          f"tried {', '.join(scores.meta['candidates'])}")
+    print("\n".join(table_lines(scores)))
+    print(f"wrote {args.out}/ ({scores.meta['seconds']} s this run; steps {scores.meta['step_seconds']})")
+    return 0

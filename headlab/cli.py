@@ -1,4 +1,4 @@
-"""The `headlab` command: `explore`, `scan induction|sinks`, `calibrate`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
+"""The `headlab` command: `explore`, `scan induction|sinks|retrieval`, `calibrate`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     from headlab.analyses.sinks import add_scan_sinks, register as register_sinks
 
     add_scan_sinks(scan_sub)
+
+    from headlab.analyses.retrieval import add_scan_retrieval
+
+    add_scan_retrieval(scan_sub)
 
     from headlab.explore import register as register_explore
 

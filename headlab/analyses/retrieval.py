@@ -1,0 +1,392 @@
+"""Retrieval heads (Wu et al. 2024): a needle-in-a-haystack copy-paste harness and the retrieval score.
+
+A needle sentence is inserted at a depth into a haystack (public-domain KJV text under
+data/haystacks/), the model is asked a question whose answer is in the needle, and it answers by
+greedy decoding with a KV cache. As in the authors' code (nightdessert/Retrieval_Head):
+- the prompt's last token is the first decode step's input (not prefilled): every token comes from a
+  one-query step; decoding stops at EOS, at a newline after some text (theirs: at any newline) or
+  after `max_new_tokens` (50);
+- at each decode step, for every head, the top-1 key of the decode row (`kernels.head_stats`, O(S)):
+  if it lies in the needle span and the token just generated equals the prompt token there, the
+  head earns 1 / |span|;
+- the needle span is the first window of |answer| tokens whose token-set overlap with the answer's
+  tokens exceeds 0.9 (the answer is tried as tokenised alone and after a space);
+- a trial counts only if the reply recalls the answer (ROUGE-1 recall > 0.5; words are lowercased
+  alphanumeric runs, without the Porter stemmer of the `rouge_score` package); a head's retrieval
+  score is its mean over the counted trials.
+Edits under test (head masking, KV policies) are active during decoding only: the prefill is shared
+by all conditions of a trial and its cache is copied for each. That is the paper's masking choice
+(heads masked during decoding) and RazorAttention's (the cache is compressed after prefill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.analyses.razor import (Condition, RazorParams, RetrievalReport, echo_induction_scan, masking_conditions,
+                                    razor_conditions, retrieval_kv_heads, summarize)
+from headlab.capture import Capture, activate
+from headlab.edits.heads import edit
+from headlab.errors import PromptError
+from headlab.models import load
+from headlab.models.head_model import HeadModel
+from headlab.results import HeadScores, params_dict, run_meta
+from kernels.head_stats import head_stats
+
+HAYSTACKS = Path(__file__).resolve().parents[2] / "data" / "haystacks"
+
+
+@dataclass(frozen=True)
+class NeedleSet:
+    """One (needle, question, answer, haystack text) set; `answer` is the part of the needle to recall."""
+
+    needle: str
+    question: str
+    answer: str
+    haystack: str
+
+
+def needle_sets(folder: str | Path = HAYSTACKS) -> list[NeedleSet]:
+    """The needle sets of `folder/needles.json`, with their haystack texts read."""
+    folder = Path(folder)
+    data = json.loads((folder / "needles.json").read_text())
+    return [NeedleSet(s["needle"], s["question"], s["answer"], (folder / s["haystack"]).read_text())
+            for s in data["sets"]]
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """Prompt token ids `[T]`, the needle span [start, end) in them, and the answer's recall units (words or ids)."""
+
+    ids: tuple[int, ...]
+    span: tuple[int, int]
+    reference: tuple[Any, ...]
+
+
+def words(text: str) -> list[str]:
+    """ROUGE-style unigrams: lowercased runs of letters and digits."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def recall(reference: Iterable[Any], candidate: Iterable[Any]) -> float:
+    """ROUGE-1 recall: the share of the reference's unigrams (with multiplicity) found in the candidate."""
+    ref, cand = Counter(reference), Counter(candidate)
+    total = sum(ref.values())
+    return sum(min(n, cand[w]) for w, n in ref.items()) / total if total else 0.0
+
+
+def find_span(ids: list[int] | tuple[int, ...], answers: list[list[int]], threshold: float = 0.9) -> tuple[int, int]:
+    """The first window [i, i + len(a)) whose token set overlaps answer a's set by more than `threshold`."""
+    for i in range(len(ids)):
+        for ans in answers:
+            want = set(ans)
+            if want and len(set(ids[i:i + len(ans)]) & want) / len(want) > threshold:
+                return i, i + len(ans)
+    raise PromptError("the needle's answer was not found in the prompt (token-set overlap <= 0.9 everywhere)")
+
+
+def text_prompt(model: HeadModel, needle: NeedleSet, length: int, depth: float, *,
+                chat: bool | None = None) -> NeedlePrompt:
+    """A prompt of about `length` tokens: the needle at `depth` percent of a trimmed haystack, then the question.
+
+    The insertion point moves back to a sentence end (a token holding "."). With the chat template
+    (`chat=None`: when the tokenizer has one) the user turn is "<book>{context}</book>\\nBased on
+    the content of the book, Question: {q}\\nAnswer:"; without it the text is context + that question.
+    `length` counts the whole prompt (the authors' code trims the context to length - 200 instead).
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise PromptError(f"{model.name} has no tokenizer: build NeedlePrompt ids yourself for text-free models")
+    question = f"Based on the content of the book, Question: {needle.question}\nAnswer:"
+    use_chat = getattr(tok, "chat_template", None) is not None if chat is None else chat
+
+    def encode(context: str) -> list[int]:
+        if not use_chat:
+            return tok(context + question)["input_ids"]
+        text = tok.apply_chat_template([{"role": "user", "content": f"<book>{context}</book>\n{question}"}],
+                                       tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    hay = tok(needle.haystack[:8 * length], add_special_tokens=False)["input_ids"]  # KJV: ~4 characters a token
+    needle_ids = tok(" " + needle.needle.strip() + " ", add_special_tokens=False)["input_ids"]
+    budget = length - len(encode("")) - len(needle_ids)
+    if budget < 1 or len(hay) < budget:
+        raise PromptError(f"a {length}-token prompt leaves {budget} haystack tokens (the haystack has {len(hay)})")
+    hay = hay[:budget]
+    at = len(hay) if depth >= 100 else int(len(hay) * depth / 100)
+    while at > 0 and "." not in tok.decode([hay[at - 1]]):
+        at -= 1
+    ids = encode(tok.decode(hay[:at] + needle_ids + hay[at:]))
+    answers = [tok(a, add_special_tokens=False)["input_ids"] for a in (needle.answer, " " + needle.answer)]
+    return NeedlePrompt(tuple(ids), find_span(ids, answers), tuple(words(needle.answer)))
+
+
+def forward_cached(model: HeadModel, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    """One forward of ids `[1, T]` on a KV cache (None: a fresh one); returns the last logits `[V]` and the cache."""
+    params = inspect.signature(model.hf.forward).parameters  # the cache kwarg was renamed in transformers 5.x
+    kwargs: dict[str, Any] = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    out = model.hf(input_ids=ids, **kwargs)
+    return out.logits[0, -1], (out["cache"] if "cache" in out.keys() else out["past_key_values"])
+
+
+def greedy_decode(model: HeadModel, cache: Any, first: int, *, max_new_tokens: int, stop: set[int],
+                  on_step: Callable[[int], None] = lambda token: None) -> list[int]:
+    """Greedy decoding from a prefilled cache, feeding `first`; `on_step(token)` runs after each step."""
+    out, token = [], first
+    for _ in range(max_new_tokens):
+        logits, cache = forward_cached(model, torch.tensor([[token]], device=model.device), cache)
+        token = int(logits.argmax())
+        on_step(token)
+        if token in stop:
+            break
+        out.append(token)
+        tok = model.tokenizer
+        if tok is not None and "\n" in tok.decode([token]) and tok.decode(out).strip():
+            break
+    return out
+
+
+def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition], *, max_new_tokens: int = 50,
+              recall_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Prefill once, then decode under each condition from a copy of the cache; one record per condition.
+
+    A record holds the reply, its recall, whether it counts (recall > threshold), the KV fraction kept
+    (KV policies) and, for a scoring condition, the per-head retrieval score `[L, H]` of the trial.
+    """
+    ids = list(prompt.ids)
+    start, end = prompt.span
+    eos = [getattr(model.hf.config, "eos_token_id", None), getattr(model.tokenizer, "eos_token_id", None)]
+    stop = {i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)}
+    with torch.no_grad():
+        _, cache = forward_cached(model, torch.tensor([ids[:-1]], device=model.device))
+    prompt_ids = torch.tensor(ids)
+    records = []
+    for cond in conditions:
+        t0 = time.perf_counter()
+        score = torch.zeros(model.n_layers, model.n_heads)  # [L, H]
+        idx = torch.full((model.n_layers, model.n_heads), -1)  # [L, H]: the top-1 key of each head's decode row
+
+        def top1(record) -> None:  # a Capture callback, on one-query forwards: O(S) per head
+            if record.q.shape[2] == 1:
+                st = head_stats(record.q[:1], record.k[:1], scale=record.scale, causal=True, topk=1)
+                idx[record.layer] = st.topk_idx[0, :, 0, 0].cpu()
+
+        def on_step(token: int) -> None:
+            hit = (idx >= start) & (idx < end) & (prompt_ids[idx.clamp(0, len(ids) - 1)] == token)
+            score.add_(hit, alpha=1.0 / (end - start))
+
+        capture = Capture(keep=False, callback=top1) if cond.score else None
+        with torch.no_grad(), edit(model, cond.edits(len(ids) - 1)), activate(model.owner, capture=capture):
+            gen = greedy_decode(model, copy.deepcopy(cache), ids[-1], max_new_tokens=max_new_tokens, stop=stop,
+                                on_step=on_step)
+        reply = model.tokenizer.decode(gen, skip_special_tokens=True).strip() if model.tokenizer else ""
+        got = recall(prompt.reference, words(reply) if model.tokenizer else gen)
+        rec: dict[str, Any] = {"condition": cond.name, "spec": cond.spec, "reply": reply, "generated": gen,
+                               "recall": got, "found": got > recall_threshold, "prompt_tokens": len(ids),
+                               "span": [start, end], "seconds": round(time.perf_counter() - t0, 3)}
+        if cond.kv_policy is not None:
+            rec["kv"] = cond.policy(len(ids) - 1).cache_fraction(model, len(ids) + len(gen))
+        if cond.score:
+            rec["scores"] = score.tolist()
+        records.append(rec)
+    return records
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: needle set, prompt length (tokens) and depth (percent); `key` names it in trials.jsonl."""
+
+    needle: int
+    length: int
+    depth: float
+
+    @property
+    def key(self) -> str:
+        return f"n{self.needle}-L{self.length}-d{self.depth:g}"
+
+
+def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], trials: list[Trial],
+             conditions: list[Condition], *, path: str | Path | None = None, tag: str = "",
+             max_new_tokens: int = 50, recall_threshold: float = 0.5, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every (trial, condition) not already in the JSONL file at `path`; return all their records.
+
+    Records are appended (one line each, flushed) as trials finish, so an interrupted run resumes
+    where it stopped. A record is reused only if its trial key, `tag` (the decoding settings) and
+    condition spec all match.
+    """
+    path = Path(path) if path is not None else None
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in path.read_text().splitlines() if path is not None and path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError, KeyError):  # a line cut short by an interrupted run
+            rec = json.loads(line)
+            done[(rec["trial"], rec["spec"])] = rec
+    keys = [f"{t.key}|{tag}" for t in trials]
+    todo = [(t, k) for t, k in zip(trials, keys) if any((k, c.spec) not in done for c in conditions)]
+    bar = tqdm(todo, desc=f"needles {model.name}", disable=not progress, leave=False)
+    for trial, key in bar:
+        bar.set_postfix_str(trial.key)
+        missing = [c for c in conditions if (key, c.spec) not in done]
+        recs = run_trial(model, make_prompt(trial), missing, max_new_tokens=max_new_tokens,
+                         recall_threshold=recall_threshold)
+        for rec in recs:
+            rec.update(trial=key, needle=trial.needle, length=trial.length, depth=trial.depth)
+            done[(key, rec["spec"])] = rec
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            with path.open("a") as f:  # one line per record; a line cut short by an interruption is ended first
+                f.write("\n" * bool(cut) + "".join(json.dumps(rec) + "\n" for rec in recs))
+    return [done[(k, c.spec)] for k in keys for c in conditions]
+
+
+def retrieval_scores(model: HeadModel, records: list[dict[str, Any]], *, params: dict | None = None) -> HeadScores:
+    """Retrieval score `[L, H]`: the mean of the trial scores over the trials whose reply counts.
+
+    Maps: "retrieval" (primary). Items: "trial_scores" `[N, L, H]` and "found" `[N]` over all scored trials.
+    """
+    scored = [r for r in records if "scores" in r]
+    trial = torch.tensor([r["scores"] for r in scored]).view(-1, model.n_layers, model.n_heads)
+    found = torch.tensor([bool(r["found"]) for r in scored], dtype=torch.bool)
+    mean = trial[found].mean(0) if bool(found.any()) else torch.zeros(model.n_layers, model.n_heads)
+    meta = run_meta(model, n_trials=len(scored), n_counted=int(found.sum()),
+                    share_above_0_1=float((mean > 0.1).float().mean()),
+                    share_above_0_5=float((mean > 0.5).float().mean()))
+    return HeadScores(analysis="retrieval", model=model.name, maps={"retrieval": mean}, primary="retrieval",
+                      params=params or {}, meta=meta, items={"trial_scores": trial, "found": found})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalParams:
+    """Settings of `retrieval_scan`: the needle grid, decoding, the masking test and the KV policies.
+
+    Attributes:
+        lengths, depths, needles: the grid: context lengths (tokens), needle depths (percent), needle sets.
+        max_new_tokens, chat: decoding and prompt settings (see `text_prompt`).
+        recall_threshold: a reply counts when its ROUGE-1 recall exceeds this.
+        ks, draws, mask_how, exclude_top, seed: the masking test (see `razor.masking_conditions`); ks=(): none.
+        mask_lengths: the lengths the masking test runs at (empty: all).
+        windows, window_frac, sinks: RazorAttention's recent windows S0 (one condition each; ()=none), 1/C, N0.
+        razor: the echo/induction scan that picks the retrieval KV heads kept full.
+    """
+
+    lengths: tuple[int, ...] = (512, 1024)
+    depths: tuple[float, ...] = (10.0, 50.0, 90.0)
+    needles: tuple[int, ...] = (0, 1, 2)
+    max_new_tokens: int = 50
+    chat: bool | None = None
+    recall_threshold: float = 0.5
+    ks: tuple[int, ...] = (5, 10, 20)
+    draws: int = 3
+    mask_how: str = "uniform"
+    exclude_top: float = 0.1
+    mask_lengths: tuple[int, ...] = ()
+    windows: tuple[int, ...] = (64, 256)
+    window_frac: float = 0.0
+    sinks: int = 4
+    razor: RazorParams = field(default_factory=RazorParams)
+    seed: int = 0
+
+
+def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams(), *, out: str | Path | None = None,
+                   make_prompt: Callable[[Trial], NeedlePrompt] | None = None,
+                   progress: bool = True) -> RetrievalReport:
+    """Retrieval scores on the needle grid, then top-K vs random-K masking and RazorAttention against full cache.
+
+    Phase 1 decodes each trial under the baseline (scored) and the KV policies (retrieval KV heads from
+    the echo/induction scan); phase 2, under the masking conditions built from phase 1's scores. With
+    `out`, trials go to `out/trials.jsonl` as they finish and a rerun skips them. `make_prompt` builds
+    a trial's prompt (default: `text_prompt` on the KJV needle sets).
+    """
+    start = time.perf_counter()
+    if make_prompt is None:
+        sets = needle_sets()
+        make_prompt = lambda t: text_prompt(model, sets[t.needle], t.length, t.depth, chat=params.chat)  # noqa: E731
+    out = Path(out) if out is not None else None
+    razor_dir = out / "razor" if out is not None else None
+    razor = HeadScores.load(razor_dir) if razor_dir is not None and (razor_dir / "scores.json").exists() else None
+    if razor is None or razor.params != params_dict(params.razor):
+        razor = echo_induction_scan(model, params.razor, progress=progress)
+        if razor_dir is not None:
+            razor.save(razor_dir)
+    trials = [Trial(n, length, float(d)) for n in params.needles for length in params.lengths for d in params.depths]
+    grid = dict(path=out / "trials.jsonl" if out is not None else None, progress=progress,
+                tag=f"m{params.max_new_tokens}-c{params.chat}",
+                max_new_tokens=params.max_new_tokens, recall_threshold=params.recall_threshold)
+    phase1 = [Condition(name="baseline", score=True)] + razor_conditions(
+        retrieval_kv_heads(razor), params.windows, sinks=params.sinks, window_frac=params.window_frac)
+    records = run_grid(model, make_prompt, trials, phase1, **grid)
+    scores = retrieval_scores(model, records, params=params_dict(params))
+    if params.ks:
+        phase2 = masking_conditions(scores, params.ks, draws=params.draws, how=params.mask_how,
+                                    exclude_top=params.exclude_top, seed=params.seed)
+        masked = [t for t in trials if not params.mask_lengths or t.length in params.mask_lengths]
+        records += run_grid(model, make_prompt, masked, phase2, **grid)
+    summary = summarize(records)
+    scores.meta.update(summary=summary, retrieval_kv=sorted(retrieval_kv_heads(razor)),
+                       seconds=round(time.perf_counter() - start, 1))
+    report = RetrievalReport(scores, razor, records, summary, params.mask_how)
+    if out is not None:
+        report.save(out)
+    return report
+
+
+def add_scan_retrieval(scan_subparsers: Any) -> Any:
+    """Add `headlab scan retrieval --model NAME --lengths ... --depths ... --out DIR` to the scan subcommands."""
+    d = RetrievalParams()
+    p = scan_subparsers.add_parser("retrieval", help="retrieval heads (needle copy-paste), head masking and "
+                                   "RazorAttention's KV cache on a needle grid; reruns resume")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name or a local HF folder (with a tokenizer)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, type=Path, help="report folder; its trials.jsonl makes a rerun resume")
+    for name, kind, default, nargs, what in (
+            ("lengths", int, d.lengths, "*", "prompt lengths in tokens"),
+            ("depths", float, d.depths, "*", "needle depths in percent"),
+            ("needles", int, d.needles, "*", "needle sets of data/haystacks/needles.json"),
+            ("ks", int, d.ks, "*", "K heads masked, top-K vs random-K (none: no masking test)"),
+            ("mask-lengths", int, d.mask_lengths, "*", "lengths of the masking test (default: all)"),
+            ("windows", int, d.windows, "*", "RazorAttention recent windows S0 (none: no KV-cache test)"),
+            ("window-frac", float, d.window_frac, None, "1/C: the window is max(S0, frac × prompt length)"),
+            ("draws", int, d.draws, None, "random K-head draws per K"),
+            ("max-new-tokens", int, d.max_new_tokens, None, "greedy decoding budget per reply"),
+            ("razor-block", int, d.razor.block, None, "random tokens per repeat of the echo/induction input"),
+            ("seed", int, d.seed, None, "seed of the random-head draws")):
+        p.add_argument(f"--{name}", type=kind, nargs=nargs, default=list(default) if nargs else default, help=what)
+    p.add_argument("--mask-how", default=d.mask_how, choices=["uniform", "zero"])
+    p.set_defaults(handler=cmd_scan_retrieval)
+    return p
+
+
+def cmd_scan_retrieval(args: Any) -> int:
+    """Run `retrieval_scan` and print the top heads and the needle recall of each condition."""
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    print(model)
+    params = RetrievalParams(lengths=tuple(args.lengths), depths=tuple(args.depths), needles=tuple(args.needles),
+                             max_new_tokens=args.max_new_tokens, ks=tuple(args.ks), draws=args.draws,
+                             mask_lengths=tuple(args.mask_lengths),
+                             mask_how=args.mask_how, windows=tuple(args.windows), window_frac=args.window_frac,
+                             razor=RazorParams(block=args.razor_block), seed=args.seed)
+    report = retrieval_scan(model, params, out=args.out)
+    meta = report.scores.meta
+    print(f"\n{meta['n_counted']}/{meta['n_trials']} trials recalled the needle; heads with retrieval score "
+          f"> 0.1: {meta['share_above_0_1']:.1%}, > 0.5: {meta['share_above_0_5']:.1%}")
+    print("top heads: " + ", ".join(f"{h} {v:.3f}" for h, v in report.scores.top(10)))
+    print(f"\n  {'condition':<22} {'recall':>6} {'found':>6} {'KV kept':>7} {'n':>4}")
+    for name, row in report.summary.items():
+        print(f"  {name:<22} {row['accuracy']:6.3f} {row['found']:6.1%} {row['kv_fraction']:7.1%} {row['n']:4d}")
+    print(f"wrote {args.out}/ in {meta['seconds']} s")
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
+from nbwrite import write_notebook
 
 CELLS = [
     ("md", """# Attention sinks and attention calibration (ACT)
@@ -113,15 +113,7 @@ Numbers from `scripts/sinks_report.py` (8 passages × 160 tokens; τ = 0.1; tail
 
 
 def main() -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in CELLS]
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"sinks-{i:02d}"
-    path = Path(__file__).resolve().parent / "attention_sinks.ipynb"
-    nbformat.write(nb, path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).resolve().parent / "attention_sinks.ipynb", id_prefix="sinks")
 
 
 if __name__ == "__main__":

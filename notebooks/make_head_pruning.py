@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
+from nbwrite import write_notebook
 
 CELLS = [
     ("md", """# Head pruning: which heads can go, and what removing them really saves
@@ -106,13 +106,7 @@ print(f"{model.name}: with half the heads removed, the lowest task loss comes fr
 
 
 def main() -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in CELLS]
-    path = Path(__file__).with_name("head_pruning.ipynb")
-    nbformat.write(nb, path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).resolve().parent / "head_pruning.ipynb")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
+from nbwrite import write_notebook
 
 CELLS = [
     ("md", """# In-context linear regression: one attention layer against theory
@@ -112,15 +112,7 @@ for k, v in findings.items():
 
 
 def main() -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in CELLS]
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"icl-{i:02d}"
-    path = Path(__file__).resolve().parent / "icl_regression.ipynb"
-    nbformat.write(nb, path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).resolve().parent / "icl_regression.ipynb", id_prefix="icl")
 
 
 if __name__ == "__main__":

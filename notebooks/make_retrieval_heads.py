@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
+from nbwrite import write_notebook
 
 CELLS = [
     ("md", """# Retrieval heads and RazorAttention on SmolLM2-135M
@@ -83,17 +83,9 @@ The small grid above is a sketch; the full grid (`scripts/retrieval_report.py`: 
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in CELLS]
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"retrieval-{i:02d}"  # stable ids: regenerating changes nothing
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
+def main() -> None:
+    write_notebook(CELLS, Path(__file__).resolve().parent / "retrieval_heads.ipynb", id_prefix="retrieval")
 
 
 if __name__ == "__main__":
-    path = Path(__file__).with_name("retrieval_heads.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -123,19 +124,10 @@ def _save_model(model, result, ranker: str, fraction: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m headlab.prune.cli prune ...`: the command without the rest of `headlab`."""
-    import sys
+    """`python -m headlab.prune.cli ...`: the same as `headlab prune ...`."""
+    from headlab.cli import main as headlab_main
 
-    from headlab.errors import HeadlabError
-
-    parser = argparse.ArgumentParser(prog="headlab")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except HeadlabError as err:
-        print(f"headlab: error: {err}", file=sys.stderr)
-        return 2
+    return headlab_main(["prune", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -40,6 +40,8 @@ class LayerRecord:
         causal: whether the module is causal.
         scale: the softmax scale applied to q·k.
         z: the per-head output that enters the output projection, `[B, Q, H, D]`, after edits.
+        mixer: for a linear-attention layer, what it mixes with (feature-mapped q/k, decays, β: a
+            `headlab.models.linear.LinearMixer`); its implicit pattern replaces softmax(q·k). None for softmax.
     """
 
     layer: int
@@ -50,6 +52,12 @@ class LayerRecord:
     causal: bool
     scale: float
     z: torch.Tensor | None = None
+    mixer: Any = None
+
+    @property
+    def linear(self) -> bool:
+        """Whether this is a linear-attention layer (its pattern is implicit, not a softmax)."""
+        return self.mixer is not None
 
     def visible(self) -> torch.Tensor:
         """Bool `[B|1, 1, Q, S]`: which keys each query may attend to."""
@@ -65,9 +73,18 @@ class LayerRecord:
         mask = self.mask if self.mask.dtype == torch.bool else self.mask > torch.finfo(self.mask.dtype).min / 2
         return mask[:, 0, q_pos, k_pos]
 
-    def pattern(self, heads: list[int] | None = None) -> torch.Tensor:
-        """Float32 attention pattern `[B, h, Q, S]` of the given query heads (all when None)."""
-        return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads)
+    def pattern(self, heads: list[int] | None = None, rows: slice | None = None) -> torch.Tensor:
+        """Float32 attention pattern `[B, h, Q, S]` of the given query heads (all when None).
+
+        Softmax layers: softmax(q·k·scale) over the visible keys. Linear layers: the implicit matrix the
+        layer applies to v (`pattern @ v` is the layer's output; see headlab.models.linear.mixer).
+        `rows` restricts the query rows.
+        """
+        if self.mixer is not None:
+            return self.mixer.pattern(heads, rows=rows)
+        if rows is None:
+            return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads)
+        return attention_pattern(self.q[:, :, rows], self.k, self.visible()[:, :, rows], self.scale, heads=heads)
 
 
 @dataclass
@@ -263,6 +280,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if slot is not None and slot.base_name == "eager":
         base_mask = _additive(attention_mask, causal=causal, query=query, key=key)
     state = _STATE.get().get(slot.owner) if slot is not None else None
+    mixer = kwargs.get("mixer")  # a linear layer's feature maps / decays (its backend mixes with them)
     out, weights = base(module, query, key, value, base_mask, **kwargs)
     if state is None:
         return out, weights
@@ -274,7 +292,8 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if ops is not None:
         n_heads = query.shape[1]
         if ops.overrides:
-            inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale)
+            inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale,
+                                 mixer=mixer)
             out = out.clone()
             for override in ops.overrides:
                 heads = list(override.heads)
@@ -300,12 +319,23 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         record = LayerRecord(
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
+            mixer=_detached(mixer),
         )
         if cap.keep:
             cap.records[layer] = record
         if cap.callback is not None:
             cap.callback(record)
     return out, weights
+
+
+def _detached(mixer: Any) -> Any:
+    """A copy of a linear layer's mixer with its tensors detached (records never hold the autograd graph)."""
+    if mixer is None:
+        return None
+    import dataclasses
+
+    return dataclasses.replace(mixer, **{f.name: getattr(mixer, f.name).detach() for f in dataclasses.fields(mixer)
+                                         if isinstance(getattr(mixer, f.name), torch.Tensor)})
 
 
 def eager_function_for(module: torch.nn.Module) -> Callable:

@@ -1,5 +1,8 @@
 """Long-context head statistics: per-query and per-key summaries of every pattern, never the T×T matrix.
 
+For a linear-attention layer the same statistics are read off its implicit pattern, a block of query
+rows at a time (`implicit_stats`).
+
 `HeadModel.stats(...)` runs the model once and, layer by layer as the forward reaches it,
 reduces q and k to `kernels.head_stats.HeadStats` (top-k keys, log-sum-exp, entropy,
 key-set mass, attention received per key) and drops them. `pair_weights` turns a layer's
@@ -63,6 +66,9 @@ def layer_stats(model: "HeadModel", record: LayerRecord, batch: Batch, *, topk: 
     """
     key_mask = batch.attention_mask.bool()
     q_len, k_len = record.q.shape[2], record.k.shape[2]
+    if record.linear:
+        return implicit_stats(record, key_mask=key_mask[:, -k_len:], query_mask=key_mask[:, -q_len:],
+                              key_sets=key_sets, topk=topk)
     mask = None
     if getattr(model.hf.config, "sliding_window", None) and record.mask is not None:
         mask = record.visible()
@@ -71,14 +77,66 @@ def layer_stats(model: "HeadModel", record: LayerRecord, batch: Batch, *, topk: 
                       key_sets=key_sets, topk=topk, impl=impl)
 
 
+def implicit_stats(record: LayerRecord, *, key_mask: torch.Tensor, query_mask: torch.Tensor,
+                   key_sets: torch.Tensor | Mapping[str, torch.Tensor] | None = None, topk: int = 1,
+                   block_q: int = 128) -> HeadStats:
+    """HeadStats of a linear layer's implicit pattern, built `block_q` query rows at a time.
+
+    The same fields as for softmax heads, read off the matrix the layer applies to v: `topk` keys by
+    weight (by |weight| for the signed GLA/DeltaNet patterns, whose value is reported), `entropy` of the
+    row's |weights| normalised to sum 1, `set_mass` and `received` as sums of the (signed) weights, and
+    `lse` NaN (there is no softmax normaliser). Memory is O(block_q · S) per head.
+    """
+    from kernels.head_stats.common import check_inputs
+
+    q, k = record.mixer.fq, record.mixer.fk
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    inp = check_inputs(q, k, mask=None, key_mask=key_mask, query_mask=query_mask, key_sets=key_sets, topk=topk)
+    dev, f32 = q.device, torch.float32
+    signed = not record.mixer.normalised
+    sets = inp.sets.to(f32).permute(1, 2, 0)[:, None] if inp.sets is not None else None  # [B|1, 1, S, K]
+    kk = min(topk, S)
+    topk_idx = torch.full((B, H, T, topk), -1, dtype=torch.int64, device=dev)
+    topk_weight = torch.zeros(B, H, T, topk, dtype=f32, device=dev)
+    entropy = torch.zeros(B, H, T, dtype=f32, device=dev)
+    set_mass = torch.zeros(B, H, T, inp.n_sets, dtype=f32, device=dev)
+    received = torch.zeros(B, H, S, dtype=f32, device=dev)
+    n_visible = torch.zeros(B, S, dtype=f32, device=dev)
+    cols = torch.arange(S, device=dev)
+    for i0 in range(0, T, block_q):
+        i1 = min(T, i0 + block_q)
+        p = record.pattern(rows=slice(i0, i1)).float()  # [B, H, n, S]
+        rows = torch.arange(i0, i1, device=dev) + (S - T)
+        vis = (cols[None, :] <= rows[:, None])[None] & inp.key_mask[:, None, :] & inp.query_mask[:, i0:i1, None]
+        p = p * vis[:, None]
+        n_visible += vis.sum(1, dtype=f32)
+        received += p.sum(2)
+        mag = p.abs()
+        top = mag.topk(kk, dim=-1).indices
+        seen = vis[:, None].expand_as(p).gather(-1, top)
+        topk_idx[:, :, i0:i1, :kk] = torch.where(seen, top, -1)
+        topk_weight[:, :, i0:i1, :kk] = torch.where(seen, p.gather(-1, top), 0.0)
+        w = mag / mag.sum(-1, keepdim=True).clamp_min(1e-30)
+        entropy[:, :, i0:i1] = -(w * w.clamp_min(1e-30).log()).sum(-1)
+        if sets is not None:
+            set_mass[:, :, i0:i1] = torch.matmul(p, sets)
+    lse = torch.full((B, H, T), float("nan"), dtype=f32, device=dev)
+    return HeadStats(topk_idx=topk_idx, topk_weight=topk_weight, lse=lse, entropy=entropy, set_mass=set_mass,
+                     received=received, n_visible=n_visible, set_names=inp.set_names)
+
+
 def pair_weights(record: LayerRecord, lse: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """Exact attention weights `[B, H, P]` of P (query, key) position pairs, from the row log-sum-exp.
 
     Args:
         record: the layer's q `[B, H, Q, D]` and k `[B, G, S, D]`.
-        lse: `[B, H, Q]` from HeadStats.
+        lse: `[B, H, Q]` from HeadStats (unused for a linear layer: its weights are read off the implicit
+            pattern, built for the spanned query rows a block at a time).
         q_pos, k_pos: `[P]` query and key positions; pairs the query may not see get 0.
     """
+    if record.linear:
+        return _implicit_pair_weights(record, q_pos, k_pos)
     n_heads, n_groups = record.q.shape[1], record.k.shape[1]
     q = record.q[:, :, q_pos].float()  # [B, H, P, D]
     k = record.k[:, :, k_pos].float().repeat_interleave(n_heads // n_groups, dim=1)  # [B, H, P, D]
@@ -86,3 +144,21 @@ def pair_weights(record: LayerRecord, lse: torch.Tensor, q_pos: torch.Tensor, k_
     weights = logits.exp()
     ok = record.visible_pairs(q_pos, k_pos)  # [B|1, P]
     return torch.where(ok[:, None, :], weights, torch.zeros_like(weights)).nan_to_num(0.0)
+
+
+def _implicit_pair_weights(record: LayerRecord, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                           block_q: int = 128) -> torch.Tensor:
+    B, H = record.mixer.fq.shape[:2]
+    out = torch.zeros(B, H, len(q_pos), dtype=torch.float32, device=q_pos.device)
+    if len(q_pos) == 0:
+        return out
+    lo, hi = int(q_pos.min()), int(q_pos.max()) + 1
+    for i0 in range(lo, hi, block_q):
+        i1 = min(hi, i0 + block_q)
+        sel = ((q_pos >= i0) & (q_pos < i1)).nonzero()[:, 0]
+        if len(sel) == 0:
+            continue
+        p = record.pattern(rows=slice(i0, i1)).float()  # [B, H, n, S]
+        out[:, :, sel] = p[:, :, q_pos[sel] - i0, k_pos[sel]]
+    ok = k_pos <= q_pos + (record.k.shape[2] - record.q.shape[2])
+    return out * ok[None, None]

@@ -4,5 +4,6 @@ from headlab.models.arch import ARCHS, ArchSpec, register_arch
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
 from headlab.models.loading import load
+from headlab.models import linear  # registers model_type "headlab_linear" with the Auto classes
 
 __all__ = ["ARCHS", "ArchSpec", "BUNDLED", "HeadModel", "load", "register_arch"]

@@ -59,6 +59,12 @@ register_arch(
     spec=ArchSpec(family="roberta", attn_classes=("RobertaSelfAttention",), out_proj="..output.dense", causal=False),
 )
 
+# headlab's own linear-attention LMs (headlab.models.linear): one module class for every mixer kind
+register_arch(
+    "headlab_linear",
+    spec=ArchSpec(family="headlab_linear", attn_classes=("HeadlabLinearAttention",), out_proj="o_proj"),
+)
+
 
 def arch_for(model: nn.Module) -> ArchSpec:
     """The ArchSpec of an HF model, or a clear error naming the families headlab supports."""

@@ -16,7 +16,7 @@ from headlab.capture import (
     eager_function_for,
     ensure_registered,
 )
-from headlab.errors import HeadIndexError, PromptError
+from headlab.errors import HeadIndexError, PromptError, UnsupportedModelError
 from headlab.heads import HeadRef, as_heads
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
 from headlab.run import Batch, Run
@@ -32,7 +32,7 @@ _owner_ids = itertools.count(1)
 
 
 class HeadModel:
-    """A softmax-attention model wrapped for head-level study.
+    """A softmax- or linear-attention model wrapped for head-level study.
 
     Attributes:
         hf: the wrapped transformers model (its attention now routes through headlab's seam).
@@ -42,6 +42,8 @@ class HeadModel:
         causal: whether self-attention is causal.
         max_context: the longest input the model's positions allow (None if unbounded).
         note: what a reader of results on this model must know (e.g. quantised weights).
+        layer_kinds: each layer's attention kind: "softmax" for HF families; for headlab's linear LMs
+            also "swa", "linear", "hedgehog", "based", "gla" or "deltanet" (implicit patterns).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
@@ -69,11 +71,19 @@ class HeadModel:
         if original == IMPLEMENTATION:  # wrapped before: keep the backend that wrap chose
             original = self._attn[0][1].__dict__["_headlab_slot"].base_name
         self.backend = original if original in ("sdpa", "eager") else "sdpa"
+        self.layer_kinds = [str(getattr(module, "kind", "softmax")) for _, module in self._attn]
         for layer, (_, module) in enumerate(self._attn):
-            base = eager_function_for(module) if self.backend == "eager" else sdpa_attention_forward
+            # a module that computes its own attention form (a linear layer) names its backend
+            own = module.headlab_backend(self.backend) if hasattr(module, "headlab_backend") else None
+            base = own or (eager_function_for(module) if self.backend == "eager" else sdpa_attention_forward)
             module._headlab_slot = LayerSlot(owner=self._owner, layer=layer, base=base, base_name=self.backend,
                                              module_id=id(module))
         model.set_attn_implementation(IMPLEMENTATION)
+        if getattr(cfg, "_attn_implementation", None) != IMPLEMENTATION:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} refused attn_implementation={IMPLEMENTATION!r} (transformers allows it only "
+                "for models whose attention modules call ALL_ATTENTION_FUNCTIONS.get_interface): headlab's seam "
+                "would never run, so captures and edits would silently do nothing")
 
     def __repr__(self) -> str:
         groups = f" ({self.n_kv_heads} KV groups)" if self.n_kv_heads != self.n_heads else ""

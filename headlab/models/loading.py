@@ -159,8 +159,8 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
                            attn_implementation=attn_implementation, name=name)
     arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModel
+    if cls is None:  # not a transformers class: one registered with the Auto classes (headlab's own models)
+        cls = transformers.AutoModelForCausalLM if arch and arch.endswith("ForCausalLM") else transformers.AutoModel
     hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, attn_implementation=attn_implementation)
     hf_model = hf_model.to(device)
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",

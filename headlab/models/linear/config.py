@@ -1,0 +1,79 @@
+"""Configuration of headlab's linear-attention causal LMs (one model_type, a mixer kind per layer)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+#: The per-layer sequence mixers. "softmax" is full causal softmax attention and "swa" the same over a
+#: sliding window; the others are linear-attention forms with an implicit pattern (see mixer.py).
+KINDS: tuple[str, ...] = ("softmax", "swa", "linear", "hedgehog", "based", "gla", "deltanet")
+SOFTMAX_KINDS = frozenset({"softmax", "swa"})
+LINEAR_KINDS = frozenset(KINDS) - SOFTMAX_KINDS
+
+
+class HeadlabLinearConfig(PretrainedConfig):
+    """A small causal LM whose layers each use one of `KINDS` (hybrid stacks allowed).
+
+    Args:
+        vocab_size: vocabulary (256 for the byte-level twins).
+        hidden_size, num_hidden_layers, num_attention_heads: the usual geometry; head_dim defaults to
+            hidden_size // num_attention_heads. Every kind has as many KV heads as query heads.
+        intermediate_size: width of each layer's MLP; 0 builds attention-only layers.
+        layer_kinds: one kind per layer, or a single kind for all layers.
+        window: the sliding window (keys per query, the query included) of "swa" layers.
+        based_feature_dim: q/k dimension of BASED layers before the 2nd-order Taylor map
+            (1 + d + d² features); defaults to head_dim.
+        hedgehog_feature_dim: width of Hedgehog's learned map per sign ([softmax(xW), softmax(−xW)]:
+            2× this many features); defaults to head_dim.
+        gla_gate_rank, gla_gate_normalizer: GLA's low-rank gate, log α = logsigmoid(W₂W₁x + b) / normalizer.
+        linear_eps: the ε of the normalised linear forms, o = φ(q)S / (φ(q)·z + ε).
+        max_position_embeddings: learned absolute positions (shared by every kind, so twins differ
+            only in their mixers).
+    """
+
+    model_type = "headlab_linear"
+
+    def __init__(self, vocab_size: int = 256, hidden_size: int = 64, num_hidden_layers: int = 2,
+                 num_attention_heads: int = 4, head_dim: int | None = None, intermediate_size: int = 0,
+                 layer_kinds: str | list[str] | tuple[str, ...] = "linear", window: int = 16,
+                 based_feature_dim: int | None = None, hedgehog_feature_dim: int | None = None,
+                 gla_gate_rank: int = 16, gla_gate_normalizer: float = 16.0, linear_eps: float = 1e-6,
+                 max_position_embeddings: int = 512, layer_norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 tie_word_embeddings: bool = True, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, **kwargs) -> None:
+        if isinstance(layer_kinds, str):
+            layer_kinds = [layer_kinds] * num_hidden_layers
+        layer_kinds = list(layer_kinds)
+        unknown = [k for k in layer_kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown layer kind(s) {unknown}: choose from {', '.join(KINDS)}")
+        if len(layer_kinds) != num_hidden_layers:
+            raise ValueError(f"layer_kinds has {len(layer_kinds)} entries for {num_hidden_layers} layers")
+        if head_dim is None:
+            if hidden_size % num_attention_heads:
+                raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                                 f"{num_attention_heads}: give head_dim")
+            head_dim = hidden_size // num_attention_heads
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.layer_kinds = layer_kinds
+        self.window = window
+        # read by headlab.stats (the 4-D mask matters only for windowed layers)
+        self.sliding_window = window if "swa" in layer_kinds else None
+        self.based_feature_dim = based_feature_dim or head_dim
+        self.hedgehog_feature_dim = hedgehog_feature_dim or head_dim
+        self.gla_gate_rank = gla_gate_rank
+        self.gla_gate_normalizer = gla_gate_normalizer
+        self.linear_eps = linear_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)

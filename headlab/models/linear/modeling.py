@@ -1,0 +1,288 @@
+"""headlab's linear-attention causal LMs: an HF `PreTrainedModel` with a mixer kind per layer.
+
+Every layer has one attention module, `HeadlabLinearAttention`, whatever its kind, with q/k/v/o
+projections of H heads. Softmax and sliding-window layers call transformers' attention interface like
+any HF model (so headlab's seam captures their q, k, v). Linear layers build a `LinearMixer` (feature
+maps, decays, β) and call `linear_attention_forward`, or, when the model runs under headlab
+(`attn_implementation="headlab"`), the same seam with the mixer attached: captures then record it and
+patterns and edits use the layer's implicit pattern.
+
+Positions are learned absolute embeddings shared by all kinds, so models that differ only in their
+mixers can be compared. Generation recomputes the prefix every step (no recurrent-state cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from headlab.models.linear.config import LINEAR_KINDS, SOFTMAX_KINDS, HeadlabLinearConfig
+from headlab.models.linear.mixer import LinearMixer
+
+
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention (bool or additive mask); returns `[B, Q, H, D]` and the weights."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def linear_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, mixer: LinearMixer | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A linear layer's mixing of `value` `[B, H, S, D]` by its mixer; returns `[B, Q, H, D]` and no weights."""
+    if mixer is None:
+        raise ValueError(f"{type(module).__name__} is a linear layer: its attention needs the layer's mixer")
+    return mixer.forward(value).to(value.dtype).transpose(1, 2).contiguous(), None
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def taylor_features(x: torch.Tensor) -> torch.Tensor:
+    """BASED's 2nd-order Taylor map: φ(q)·φ(k) = 1 + q·k/√d + (q·k)²/(2d) (≈ exp(q·k/√d)); `[..., 1 + d + d²]`."""
+    d = x.shape[-1]
+    x2 = (x[..., :, None] * x[..., None, :]).flatten(-2) / (2 ** 0.5 * d ** 0.5)
+    return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
+
+
+class HeadlabLinearAttention(nn.Module):
+    """One layer's sequence mixer: H heads of the layer's kind (see `HeadlabLinearConfig`)."""
+
+    def __init__(self, config: HeadlabLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = config.layer_kinds[layer_idx]
+        self.num_heads = H = config.num_attention_heads
+        self.head_dim = D = config.head_dim
+        self.qk_dim = Dqk = config.based_feature_dim if self.kind == "based" else D
+        self.scaling = Dqk ** -0.5
+        self.is_causal = True
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, H * Dqk, bias=False)
+        self.k_proj = nn.Linear(hidden, H * Dqk, bias=False)
+        self.v_proj = nn.Linear(hidden, H * D, bias=False)
+        self.o_proj = nn.Linear(H * D, hidden, bias=False)
+        if self.kind == "hedgehog":
+            self.feature_map = nn.Parameter(torch.zeros(H, D, config.hedgehog_feature_dim))
+            self.feature_bias = nn.Parameter(torch.zeros(H, config.hedgehog_feature_dim))
+        elif self.kind == "gla":
+            self.gate = nn.Sequential(nn.Linear(hidden, config.gla_gate_rank, bias=False),
+                                      nn.Linear(config.gla_gate_rank, H * D, bias=True))
+        elif self.kind == "deltanet":
+            self.b_proj = nn.Linear(hidden, H, bias=True)
+
+    def headlab_backend(self, backend: str) -> Callable | None:
+        """The function headlab's seam calls as this module's backend (None: the standard sdpa/eager one)."""
+        if self.kind in LINEAR_KINDS:
+            return linear_attention_forward
+        return eager_attention_forward if backend == "eager" else None
+
+    def mixer(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> LinearMixer:
+        """The feature maps / decays / β of a linear layer, from its input x `[B, T, C]` and q, k `[B, H, T, ·]`."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        if self.kind == "linear":
+            fq, fk = F.elu(q) + 1, F.elu(k) + 1
+        elif self.kind == "hedgehog":
+            def phi(t: torch.Tensor) -> torch.Tensor:
+                h = torch.einsum("bhtd,hdf->bhtf", t, self.feature_map) + self.feature_bias[None, :, None]
+                return torch.cat([torch.softmax(h, -1), torch.softmax(-h, -1)], dim=-1)
+            fq, fk = phi(q), phi(k)
+        elif self.kind == "based":
+            fq, fk = taylor_features(q), taylor_features(k)
+        elif self.kind == "gla":
+            fq, fk = q * self.scaling, k
+        elif self.kind == "deltanet":
+            fq, fk = _l2norm(F.silu(q)) * self.scaling, _l2norm(F.silu(k))
+        else:
+            raise ValueError(f"{self.kind!r} is not a linear kind")
+        g = beta = None
+        if self.kind == "gla":
+            g = F.logsigmoid(self.gate(x)).view(B, T, H, self.head_dim).transpose(1, 2) / self.config.gla_gate_normalizer
+        if self.kind == "deltanet":
+            beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
+        if key_mask is not None:  # padded keys write nothing (right padding never reaches a real query anyway)
+            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
+        return LinearMixer(kind=self.kind, fq=fq, fk=fk, g=g, beta=beta, eps=self.config.linear_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        H = self.num_heads
+        q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)
+        impl = self.config._attn_implementation or "sdpa"
+        if self.kind in SOFTMAX_KINDS:
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+            out, weights = fn(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)
+        else:
+            mixer = self.mixer(hidden_states, q, k, key_mask)
+            # only headlab's seam knows mixers: any other implementation runs the layer's own form
+            fn = (ALL_ATTENTION_FUNCTIONS.get_interface(impl, linear_attention_forward) if impl == "headlab"
+                  else linear_attention_forward)
+            out, weights = fn(self, q, k, v, attention_mask, mixer=mixer, scaling=self.scaling)
+        return self.o_proj(out.reshape(B, T, H * self.head_dim)), weights
+
+
+class HeadlabLinearMLP(nn.Module):
+    def __init__(self, config: HeadlabLinearConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class HeadlabLinearBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)) when the config has an MLP."""
+
+    def __init__(self, config: HeadlabLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = HeadlabLinearAttention(config, layer_idx)
+        self.mlp = None
+        if config.intermediate_size:
+            self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.mlp = HeadlabLinearMLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), attention_mask=mask, key_mask=key_mask)[0]
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_mlp(x))
+        return x
+
+
+class HeadlabLinearPreTrainedModel(PreTrainedModel):
+    config_class = HeadlabLinearConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["HeadlabLinearBlock"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, HeadlabLinearAttention) and module.kind == "hedgehog":
+            with torch.no_grad():  # the identity map: softmax(±x) features at the start
+                module.feature_map.zero_()
+                n = min(module.head_dim, module.feature_map.shape[-1])
+                module.feature_map[:, range(n), range(n)] = 1.0
+                module.feature_bias.zero_()
+
+
+def causal_masks(attention_mask: torch.Tensor | None, batch: int, length: int, window: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool `[B, 1, T, T]` masks (True = may attend): causal ∧ real key, and the same within the window.
+
+    Each query always sees itself, so a padded query's row is never empty (sdpa would give NaN there).
+    """
+    i = torch.arange(length, device=device)
+    causal = i[None, :] <= i[:, None]
+    diag = i[None, :] == i[:, None]
+    local = causal & (i[:, None] - i[None, :] < window)
+    if attention_mask is None:
+        return causal[None, None].expand(batch, 1, -1, -1), local[None, None].expand(batch, 1, -1, -1)
+    real = attention_mask.bool()[:, None, None, :]
+    return (causal & real) | diag, (local & real) | diag
+
+
+class HeadlabLinearModel(HeadlabLinearPreTrainedModel):
+    def __init__(self, config: HeadlabLinearConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(HeadlabLinearBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                **kwargs: Any) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"input of {T} tokens is longer than the model's {self.config.max_position_embeddings} "
+                             "learned positions")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [B, T] (1 = real token); got shape {tuple(attention_mask.shape)}")
+        x = x + self.embed_positions(torch.arange(T, device=x.device))[None]
+        full, local = causal_masks(attention_mask, B, T, self.config.window, x.device)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, local if layer.attn.kind == "swa" else full, key_mask)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HeadlabLinearConfig) -> None:
+        super().__init__(config)
+        self.model = HeadlabLinearModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                output_hidden_states: bool | None = None, **kwargs: Any) -> CausalLMOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """No recurrent-state cache: every step reruns the whole prefix."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,4 +1,4 @@
-"""The `headlab` command: `explore`, `scan induction|sinks|retrieval`, `calibrate`, `icl train`, `prune`, `info`; each subcommand sets its own handler."""
+"""The `headlab` command: `explore`, `scan induction|sinks|retrieval`, `calibrate`, `icl train`, `prune`, `train twins`, `info`; each subcommand sets its own handler."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     from headlab.prune.cli import register as register_prune
 
     register_prune(sub)
+
+    from headlab.models.linear.cli import register as register_train
+
+    register_train(sub)
     return parser
 
 

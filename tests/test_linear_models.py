@@ -168,3 +168,41 @@ def test_nnsight_wraps_a_linear_model():
     run = model.run([[3, 4, 5, 6, 7]], with_z=True)
     rec = run.records[0]
     assert torch.allclose(torch.matmul(rec.pattern(), rec.v).transpose(1, 2), rec.z, atol=1e-6)
+
+
+TWINS = [f"{task}-{kind}" for task in ("recall", "text")
+         for kind in ("softmax", "linear", "hedgehog", "based", "gla", "deltanet")]
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_trained_twins_load_and_their_patterns_are_honest(name):
+    """pattern @ V == the layer's output on the committed trained twins too (not only at init)."""
+    model = hl.load(f"twin-{name}", device="cpu")
+    if name.startswith("recall"):
+        from headlab.models.linear.train import recall_eval_batch
+
+        ids, _ = recall_eval_batch(4, 16, seed=0)
+    else:
+        ids = model.encode(["In the beginning was the Word,", "And God said, Let there be light"]).input_ids
+    run = model.run(ids, with_z=True)
+    real = run.batch.attention_mask.bool()
+    for layer, rec in run.records.items():
+        out = torch.matmul(rec.pattern(), rec.v.float()).transpose(1, 2)
+        scale = rec.z.abs().max().item()
+        assert (out - rec.z)[real].abs().max().item() <= 2e-6 * max(1.0, scale), (name, layer)
+
+
+def test_train_twins_cli_writes_a_card_and_resumes(tmp_path, capsys):
+    from headlab.cli import main
+
+    args = ["train", "twins", "--tasks", "recall", "--kinds", "gla", "--steps", "3", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(args) == 0
+    folder = tmp_path / "recall-gla"
+    assert {"config.json", "model.safetensors", "run.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    stamp = (folder / "run.json").stat().st_mtime_ns
+    assert main(args) == 0  # resumes: the finished twin is kept
+    assert (folder / "run.json").stat().st_mtime_ns == stamp
+    assert "recall-gla" in capsys.readouterr().out
+    assert hl.load(folder, device="cpu").layer_kinds == ["gla", "gla"]
+    assert main(["train", "twins", "--kinds", "mamba", "--out", str(tmp_path)]) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from headlab.errors import ModelNotFoundError
+from headlab.models.linear.train import STACKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,21 @@ def _toy_folder() -> Path:
     return TOY_INDUCTION_DIR
 
 
+def _twin_folder(name: str) -> Callable[[], Path]:
+    def folder() -> Path:
+        from headlab.models.linear.train import TWINS_DIR
+
+        path = TWINS_DIR / name
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"twin {name} missing at {path}: train it with `headlab train twins "
+                                     f"--tasks {name.split('-')[0]} --kinds {name.split('-', 1)[1]}`")
+        return path
+
+    return folder
+
+
+_TWIN_TASKS = {"recall": "periodic random tokens (induction / recall)", "text": "KJV bytes (next-byte prediction)"}
+
 BUNDLED: dict[str, Bundled] = {
     b.name: b
     for b in (
@@ -53,5 +69,8 @@ BUNDLED: dict[str, Bundled] = {
                 description="all-MiniLM-L6-v2 (BERT encoder, 6 layers × 12 heads)"),
         Bundled(name="toy-induction", folder=_toy_folder,
                 description="2-layer attention-only GPT-2 trained here on periodic random tokens"),
+        *(Bundled(name=f"twin-{task}-{kind}", folder=_twin_folder(f"{task}-{kind}"),
+                  description=f"2-layer {kind} twin trained here on {what} (data/linear-twins)")
+          for task, what in _TWIN_TASKS.items() for kind in STACKS),
     )
 }

@@ -264,7 +264,8 @@ def train_twins(tasks: Iterable[str] = TASKS, kinds: Iterable[str] = tuple(STACK
             continue
         done[twin_name(task, kind)] = train_twin(TwinParams.for_task(task, kind, **overrides), folder,
                                                  progress=progress)
-    (out / "summary.json").write_text(json.dumps(summary_table(out), indent=1) + "\n") if out.exists() else None
+    if out.exists():
+        (out / "summary.json").write_text(json.dumps(summary_table(out), indent=1) + "\n")
     return done
 
 

@@ -4,7 +4,8 @@ Hedgehog (Zhang et al. 2024) traces linear attention's gap to softmax to two pro
 they are low-entropy ("spiky") and monotonic in the dot product q·k. RALA (Fan et al. 2025) traces it to rank:
 a linear layer's output goes through a state of at most min(F, D) dimensions. `head_metrics` measures both
 per head on any of headlab's models; for a linear head every measure reads the implicit pattern A, the matrix
-the layer applies to v (`LayerRecord.pattern`; A @ v is the layer's output). For one head and one prompt of
+the layer applies to v (`LayerRecord.pattern`; A @ v is the layer's output). The full T×T patterns are built (one
+minibatch and layer at a time): meant for the short prompts of small models. For one head and one prompt of
 T real tokens, over the real query rows i and the keys j that row may see (n_i of them):
 
 - entropy: H_i = −Σ_j w_ij log w_ij with w_ij = |A_ij| / Σ_j |A_ij| (nats), averaged over rows with n_i ≥ 2;
@@ -38,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.analyses.induction import InductionParams, induction_scan
+from headlab.capture import LayerRecord
 from headlab.errors import PromptError, UnsupportedModelError
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel, Prompt
@@ -129,10 +131,16 @@ def check_model(model: HeadModel, params: KindParams, prompts: Prompt | None = N
 def effective_rank(matrices: torch.Tensor, energy: float = 0.99) -> torch.Tensor:
     """Effective rank of each matrix `[..., M, N]` → `[...]` (float): the fewest singular values holding `energy`
     of Σ σ²; 0 for an all-zero matrix."""
-    s2 = torch.linalg.svdvals(matrices.double()) ** 2
+    return rank_of_spectrum(torch.linalg.svdvals(matrices.double()), energy)
+
+
+def rank_of_spectrum(singular_values: torch.Tensor, energy: float = 0.99) -> torch.Tensor:
+    """`effective_rank` from singular values `[..., K]` (any order of magnitude; NaN entries count as 0)."""
+    s2 = singular_values.double().nan_to_num(0.0) ** 2
+    s2 = s2.sort(-1, descending=True).values
     total = s2.sum(-1, keepdim=True)
     cum = s2.cumsum(-1) / total.clamp_min(1e-300)
-    # tolerance: a matrix whose spectrum holds exactly `energy` in r values must count r, not r + 1
+    # tolerance: a spectrum holding exactly `energy` in r values counts r, not r + 1
     rank = (cum < energy - 1e-9).sum(-1) + 1
     return torch.where(total[..., 0] > 0, rank, torch.zeros_like(rank)).float()
 
@@ -170,8 +178,9 @@ def row_spearman(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> tor
     return torch.where(ok, cov / var.clamp_min(1e-300).sqrt(), torch.full_like(cov, float("nan"))).float()
 
 
-def _state_dims(records: dict) -> dict[int, int]:
-    return {layer: min(rec.mixer.fk.shape[-1], rec.v.shape[-1]) for layer, rec in records.items() if rec.linear}
+def _state_dims(records: dict[int, LayerRecord]) -> dict[int, int]:
+    """min(F, D) of each linear layer's state."""
+    return {layer: min(r.mixer.fk.shape[-1], r.v.shape[-1]) for layer, r in records.items() if r.linear}
 
 
 def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindParams = KindParams(), *,
@@ -207,10 +216,10 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
         sub = Batch(ids[i0:i1], mask[i0:i1]).to(model.device)
         run = model.run(sub)
         dims = _state_dims(run.records)
-        for layer, rec in run.records.items():
-            p = rec.pattern().float().cpu()  # [b, H, T, T]
+        for layer, record in run.records.items():
+            p = record.pattern().float().cpu()  # [b, H, T, T]
             real = mask[i0:i1].bool()
-            vis = rec.visible().cpu().expand(len(p), 1, t, t) & real[:, None, None, :] & real[:, None, :, None]
+            vis = record.visible().cpu().expand(len(p), 1, t, t) & real[:, None, None, :] & real[:, None, :, None]
             n_vis = vis.sum(-1)  # [b, 1, T]
             h = row_entropy(p, vis)  # [b, H, T]
             keep_h = n_vis >= 2
@@ -218,8 +227,8 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
             rows_h[i0:i1, layer] = h
             per["entropy"][i0:i1, layer] = h.nanmean(-1)
             per["norm_entropy"][i0:i1, layer] = (h / n_vis.clamp_min(2).float().log()).nanmean(-1)
-            scores = torch.matmul(rec.q.float(), rec.k.float().repeat_interleave(
-                rec.q.shape[1] // rec.k.shape[1], dim=1).transpose(-1, -2)).cpu()  # [b, H, T, T]
+            scores = torch.matmul(record.q.float(), record.k.float().repeat_interleave(
+                record.q.shape[1] // record.k.shape[1], dim=1).transpose(-1, -2)).cpu()  # [b, H, T, T]
             m = torch.where(n_vis >= params.min_keys, row_spearman(p, scores, vis), nan)
             rows_m[i0:i1, layer] = m
             per["monotonicity"][i0:i1, layer] = m.nanmean(-1)
@@ -227,11 +236,11 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
                 length = int(lengths[i0 + b])
                 sv = torch.linalg.svdvals(p[b, :, :length, :length].double())  # [H, length]
                 spectrum[i0 + b, layer, :, :length] = sv.float()
-                rank = effective_rank(p[b, :, :length, :length], params.energy)
+                rank = rank_of_spectrum(sv, params.energy)
                 per["pattern_rank"][i0 + b, layer] = rank
                 per["pattern_rank_frac"][i0 + b, layer] = rank / length
-                if rec.linear:
-                    state = _final_state(rec, b, length)  # [H, F, D]
+                if record.linear:
+                    state = final_state(record, b, length)  # [H, F, D]
                     per["state_rank"][i0 + b, layer] = effective_rank(state, params.energy)
                     per["state_dim"][i0 + b, layer] = float(dims[layer])
     maps = {key: per[key].nanmean(0) for key in per}
@@ -251,17 +260,19 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
                       params=params_dict(params), meta=meta, items=items)
 
 
-def _final_state(rec, b: int, length: int) -> torch.Tensor:
-    """A linear layer's state `[H, F, D]` after the last real token of batch item b (padding cut off first:
-    GLA keeps decaying over padded positions)."""
-    mixer = rec.mixer
+def final_state(record: LayerRecord, index: int, length: int) -> torch.Tensor:
+    """A linear layer's recurrent state `[H, F, D]` after the first `length` tokens of batch item `index` (the
+    padding is cut off first: GLA would keep decaying over padded positions)."""
+    mixer = record.mixer
+    if mixer is None:
+        raise ValueError(f"layer {record.layer} is a softmax layer: it keeps a KV cache, not a recurrent state")
 
     def cut(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[b:b + 1, :, :length]
+        return None if x is None else x[index:index + 1, :, :length]
 
     short = dataclasses.replace(mixer, fq=cut(mixer.fq), fk=cut(mixer.fk), g=cut(mixer.g), beta=cut(mixer.beta))
-    group = rec.q.shape[1] // rec.v.shape[1]
-    v = rec.v[b:b + 1, :, :length].repeat_interleave(group, dim=1)
+    group = record.q.shape[1] // record.v.shape[1]
+    v = record.v[index:index + 1, :, :length].repeat_interleave(group, dim=1)
     return short.state(v)[0].cpu()
 
 

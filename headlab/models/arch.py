@@ -8,6 +8,7 @@ attention interface with post-RoPE q, k, v, which is the seam headlab captures a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -25,6 +26,13 @@ class ArchSpec:
             each leading `..` steps up to the parent module.
         out_proj_kind: "linear" (weight [out, in]) or "conv1d" (GPT-2's Conv1D, weight [in, out]).
         causal: whether the self-attention is causal.
+        attach: for families whose attention modules compute attention themselves instead of calling
+            transformers' attention interface (fla's layers): `attach(module)` makes the module call
+            headlab's seam (`capture.headlab_attention`) and is called on every attention module when
+            the model is wrapped. Such families keep their attn_implementation.
+        geometry: `geometry(config) -> (n_heads, n_kv_heads, head_dim)` for configs without the usual
+            `num_attention_heads` / `num_key_value_heads` / `head_dim` fields (head_dim: the width of one
+            head's slice of the output-projection input).
     """
 
     family: str
@@ -32,6 +40,8 @@ class ArchSpec:
     out_proj: str
     out_proj_kind: str = "linear"
     causal: bool = True
+    attach: Callable[[nn.Module], None] | None = None
+    geometry: Callable[[object], tuple[int, int, int]] | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {}

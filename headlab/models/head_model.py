@@ -58,9 +58,12 @@ class HeadModel:
         self.source = source or self.name
         self.note = note
         self.n_layers = len(self._attn)
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        if self.spec.geometry is not None:
+            self.n_heads, self.n_kv_heads, self.head_dim = map(int, self.spec.geometry(cfg))
+        else:
+            self.n_heads = int(cfg.num_attention_heads)
+            self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+            self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.causal = bool(getattr(self._attn[0][1], "is_causal", self.spec.causal))
         self.max_context = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = getattr(cfg, "vocab_size", None)
@@ -71,6 +74,9 @@ class HeadModel:
         if original == IMPLEMENTATION:  # wrapped before: keep the backend that wrap chose
             original = self._attn[0][1].__dict__["_headlab_slot"].base_name
         self.backend = original if original in ("sdpa", "eager") else "sdpa"
+        if self.spec.attach is not None:
+            for _, module in self._attn:
+                self.spec.attach(module)
         self.layer_kinds = [str(getattr(module, "kind", "softmax")) for _, module in self._attn]
         for layer, (_, module) in enumerate(self._attn):
             # a module that computes its own attention form (a linear layer) names its backend
@@ -78,6 +84,12 @@ class HeadModel:
             base = own or (eager_function_for(module) if self.backend == "eager" else sdpa_attention_forward)
             module._headlab_slot = LayerSlot(owner=self._owner, layer=layer, base=base, base_name=self.backend,
                                              module_id=id(module))
+        if self.spec.attach is None:
+            self._use_seam(model)
+
+    @staticmethod
+    def _use_seam(model: nn.Module) -> None:
+        cfg = model.config
         model.set_attn_implementation(IMPLEMENTATION)
         if getattr(cfg, "_attn_implementation", None) != IMPLEMENTATION:
             raise UnsupportedModelError(

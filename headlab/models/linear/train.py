@@ -265,8 +265,40 @@ def train_twins(tasks: Iterable[str] = TASKS, kinds: Iterable[str] = tuple(STACK
         done[twin_name(task, kind)] = train_twin(TwinParams.for_task(task, kind, **overrides), folder,
                                                  progress=progress)
     if out.exists():
-        (out / "summary.json").write_text(json.dumps(summary_table(out), indent=1) + "\n")
+        rows = summary_table(out)
+        (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "README.md").write_text(summary_markdown(rows))
     return done
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The index of a twins folder: one table per task (written by `train_twins`)."""
+    lines = ["# Softmax / linear-attention twins", "",
+             "Trained here by `headlab train twins` (or `python data/linear-twins/train_twins.py`); the recipe is",
+             "`headlab.models.linear.train.TwinParams`, the same for every kind of a task. Each folder is an HF model",
+             "folder with `run.json` (recipe, loss curve, evaluation) and a model card. Load one with",
+             "`headlab.load(\"twin-<task>-<kind>\")`.", ""]
+    recall = [r for r in rows if "recall_accuracy" in r]
+    text = [r for r in rows if "heldout_loss" in r]
+    if recall:
+        periods = sorted({k for r in recall for k in r if k.startswith("acc_p")}, key=lambda k: int(k[5:]))
+        lines += ["## Recall (periodic random tokens; next-token accuracy on later copies)", "",
+                  "| twin | layers | params | mean accuracy | " + " | ".join(f"period {p[5:]}" for p in periods)
+                  + " | train s |", "|---|---|---|---|" + "---|" * len(periods) + "---|"]
+        lines += [f"| {r['twin']} | {r['layers']} | {r['params']:,} | {r['recall_accuracy']:.4f} | "
+                  + " | ".join(f"{r.get(p, float('nan')):.4f}" for p in periods) + f" | {r['train_s']} |"
+                  for r in recall]
+        lines.append("")
+    if text:
+        lines += ["## Text (KJV bytes: trained on John, held out: Genesis 1–15)", "",
+                  "| twin | layers | params | held-out loss (nats/byte) | bits/byte | final train loss | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['twin']} | {r['layers']} | {r['params']:,} | {r['heldout_loss']:.4f} | "
+                  f"{r['heldout_bits_per_byte']:.4f} | {r['final_train_loss']} | {r['train_s']} |" for r in text]
+        lines.append("")
+    lines += ["Training times are wall-clock on a shared 2-core machine (other jobs ran beside them): compare",
+              "them only loosely.", ""]
+    return "\n".join(lines)
 
 
 def summary_table(out: Path | str = TWINS_DIR) -> list[dict]:

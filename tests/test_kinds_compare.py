@@ -15,6 +15,7 @@ from headlab.analyses.kinds import (
     KindParams,
     compare_kinds,
     effective_rank,
+    final_state,
     head_metrics,
     kind_prompts,
     pattern_identity_error,
@@ -107,6 +108,14 @@ def test_softmax_heads_are_monotonic_in_q_dot_k():
     assert lin.maps["monotonicity"].max() < 0.99
 
 
+def test_hf_softmax_model_with_kv_groups(tiny_folder):
+    llama = hl.load(tiny_folder("llama"), device="cpu")  # 4 query heads reading 2 KV groups, RoPE
+    sc = head_metrics(llama, [[1] + list(range(5, 28))], SMALL, progress=False)
+    assert sc.maps["monotonicity"].shape == (2, 4) and torch.all(sc.maps["monotonicity"] > 0.999)
+    assert sc.maps["state_rank"].isnan().all()
+    assert max(pattern_identity_error(llama, [[1, 5, 6, 7, 8]]).values()) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["softmax", "linear"])
 def test_uniform_head_has_entropy_log_n(kind):
     hf = make([kind, kind])
@@ -153,6 +162,20 @@ def test_pattern_rank_fraction_lies_in_0_1(kind):
     assert torch.all(norm >= 0) and torch.all(norm <= 1 + 1e-6)
 
 
+@pytest.mark.parametrize("kinds", [("softmax", "swa"), ("linear", "hedgehog"), ("based", "gla"), ("deltanet",)],
+                         ids=lambda k: "+".join(k))
+def test_shares_equal_the_induction_scan_for_normalised_kinds_and_lie_in_0_1(kinds):
+    sc = head_metrics(load(kinds), params=SMALL, progress=False)
+    for layer, kind in enumerate(kinds):
+        for key in ("induction", "prev_token"):
+            share, top1 = sc.maps[f"{key}_share"][layer], sc.maps[f"{key}_top1"][layer]
+            assert torch.all(share >= 0) and torch.all(share <= 1)
+            assert torch.all(top1 >= 0) and torch.all(top1 <= 1)
+            if kind in ("softmax", "swa", "linear", "hedgehog", "based"):
+                assert torch.allclose(share, sc.maps[key][layer], atol=1e-4), (kind, key)
+                assert torch.allclose(sc.maps["row_mass"][layer], torch.ones(2), atol=1e-4)
+
+
 def test_padding_changes_nothing_for_the_short_prompt():
     model = load(["gla", "deltanet"])
     g = torch.Generator().manual_seed(3)
@@ -161,6 +184,12 @@ def test_padding_changes_nothing_for_the_short_prompt():
     alone = head_metrics(model, [[0] + short], SMALL, progress=False)
     for key in ("entropy", "monotonicity", "pattern_rank", "state_rank"):
         assert torch.allclose(both.items[key][1], alone.items[key][0], atol=1e-4, equal_nan=True), key
+    # the state itself: GLA keeps decaying over padded positions, so the state is read at the last real token
+    padded = model.run([[0] + long, [0] + short]).records
+    single = model.run([[0] + short]).records
+    for layer in (0, 1):
+        want = final_state(single[layer], 0, 13)
+        assert torch.allclose(final_state(padded[layer], 1, 13), want, atol=1e-5 * want.abs().max())
 
 
 def test_compare_kinds_on_tiny_models_table_summary_figures_and_round_trip(tmp_path):
@@ -178,6 +207,8 @@ def test_compare_kinds_on_tiny_models_table_summary_figures_and_round_trip(tmp_p
         ("hedgehog", "all"), ("hedgehog", "hedgehog"), ("hedgehog", "based")]
     md = comp.to_markdown()
     assert md.count("\n") == len(summary) + 1 and "| hybrid | deltanet |" in md
+    assert comp.to_markdown(["entropy"]).splitlines()[0] == "| model | kind | heads | entropy |"
+    assert comp.to_markdown(["state_rank"], per_head=True).count("–") == 2 * 2 + 2  # softmax model + swa layer
     # every model saw the same prompts
     tokens = [sc.items["tokens"] for sc in comp.scores.values()]
     assert all(torch.equal(tokens[0], t) for t in tokens[1:])
@@ -243,12 +274,17 @@ def test_an_encoder_is_refused(tiny_folder):
         compare_kinds({"enc": bert}, SMALL, prompts=[[1, 2, 3, 4]])
 
 
-@pytest.mark.slow
-def test_trained_recall_softmax_twin_has_an_induction_head():
+def test_trained_recall_softmax_twin_has_induction_heads_the_elu_twin_lacks():
     folder = TWINS / "recall-softmax"
     if not (folder / "run.json").is_file():
-        pytest.skip(f"{folder} not trained yet (headlab train twins)")
-    sc = head_metrics(hl.load(folder, device="cpu"), params=KindParams(n_prompts=8), progress=False)
-    assert sc.maps["induction"][1].max() > 0.5  # the second layer holds the induction heads
-    assert sc.maps["prev_token"][0].max() > 0.3  # fed by a previous-token head in the first
+        pytest.skip(f"{folder} not trained yet (headlab train twins --tasks recall)")
+    params = KindParams(n_prompts=8)
+    sc = head_metrics(hl.load(folder, device="cpu"), params=params, progress=False)
+    assert sc.maps["induction"][1].max() > 0.5  # the second layer holds the induction heads (~0.8)
+    assert sc.maps["prev_token"][0].max() > 0.3  # fed by a previous-token head in the first (~0.6)
     assert torch.all(sc.maps["monotonicity"] > 0.999)
+    linear = TWINS / "recall-linear"
+    if (linear / "run.json").is_file():  # elu+1 attention never forms one (best ~0.08)
+        lin = head_metrics(hl.load(linear, device="cpu"), params=params, progress=False)
+        assert sc.maps["induction"].max() > 2 * lin.maps["induction"].max()
+        assert lin.maps["monotonicity"].max() < 0.9

@@ -17,7 +17,14 @@ T real tokens, over the real query rows i and the keys j that row may see (n_i o
 - state_rank: the effective rank, by the same rule, of a linear layer's recurrent state after the last real
   token (`LinearMixer.state`, `[F, D]`), out of state_dim = min(F, D). NaN for softmax and sliding-window
   layers, which keep the KV cache instead of a fixed-size state;
-- induction, prev_token: the repeated-random-tokens scan of `headlab.analyses.induction`.
+- row_mass: Σ_j |A_ij| averaged over rows with n_i ≥ 2 (1 for the normalised kinds; the scale of GLA's and
+  DeltaNet's rows, which the output projection absorbs);
+- induction, prev_token: the repeated-random-tokens scan of `headlab.analyses.induction`: raw pattern entries,
+  so for GLA and DeltaNet they are on the scale of row_mass, not shares;
+- induction_share, prev_token_share: the same (query, key) pairs on the scan's own `[BOS] r r` sequences, read
+  as shares |A_ij| / Σ_j |A_ij| of the row (equal to the scan's scores for the normalised kinds), comparable
+  across every kind; induction_top1, prev_token_top1: how often that key is the row's largest |A_ij| (a head can
+  find the right key while spreading most of its mass, as DeltaNet's do).
 
 The normalised kinds (softmax, swa, linear, hedgehog, based) have non-negative rows summing to 1, so the
 entropy is the plain row entropy. GLA's and DeltaNet's patterns are unnormalised and DeltaNet's is signed:
@@ -46,8 +53,11 @@ from headlab.models.head_model import HeadModel, Prompt
 from headlab.results import HeadScores, params_dict, run_meta
 from headlab.run import Batch
 
-METRICS = ("entropy", "norm_entropy", "monotonicity", "pattern_rank", "pattern_rank_frac", "state_rank",
-           "state_dim", "induction", "prev_token")
+#: Metrics measured on the prompts (per prompt in `items`), then those of the `[BOS] r r` sequences.
+PROMPT_METRICS = ("entropy", "norm_entropy", "monotonicity", "pattern_rank", "pattern_rank_frac", "state_rank",
+                  "state_dim", "row_mass")
+METRICS = (*PROMPT_METRICS, "induction", "prev_token", "induction_share", "prev_token_share", "induction_top1",
+           "prev_token_top1")
 COMPARISON_FILE = "comparison.json"
 
 
@@ -90,7 +100,8 @@ class KindParams:
             raise ValueError(f"KindParams needs n_prompts >= 1, seq_len >= 2 and minibatch >= 1; got "
                              f"n_prompts={self.n_prompts}, seq_len={self.seq_len}, minibatch={self.minibatch}")
         if self.min_keys < 2:
-            raise ValueError(f"KindParams.min_keys must be >= 2 (a rank correlation needs two keys), got {self.min_keys}")
+            raise ValueError(f"KindParams.min_keys must be >= 2 (a rank correlation needs two keys), got "
+                             f"{self.min_keys}")
 
 
 def kind_prompts(params: KindParams = KindParams()) -> torch.Tensor:
@@ -192,11 +203,14 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
     Returns:
         HeadScores (analysis "kinds", primary map "norm_entropy") with maps `[L, H]`: entropy, norm_entropy,
         monotonicity, pattern_rank, pattern_rank_frac, state_rank, state_dim (NaN for softmax/swa layers),
-        induction, prev_token, first_token. Items: per-prompt maps `[N, L, H]` of the first seven; per-row
+        row_mass, induction, prev_token, first_token, induction_share, prev_token_share, induction_top1,
+        prev_token_top1. Items: per-prompt maps
+        `[N, L, H]` of the first eight (PROMPT_METRICS); per-row
         `row_entropy`, `row_monotonicity` `[N, L, H, T]` (NaN where a row is left out); `pattern_spectrum`
         `[N, L, H, T]` (singular values of each pattern, NaN-padded); `tokens` `[N, T]`; `lengths` `[N]`;
-        and the induction scan's per-sequence `induction`/`prev_token` as `scan_induction`, `scan_prev_token`
-        `[B, L, H]` with its `scan_tokens`. Meta: layer_kinds, the induction scan's copy losses.
+        and per scan sequence `scan_induction`, `scan_prev_token`, `scan_induction_share`, `scan_prev_token_share`,
+        `scan_induction_top1`, `scan_prev_token_top1` `[B, L, H]` with the `scan_tokens`. Meta: layer_kinds, the
+        induction scan's copy losses.
     """
     check_model(model, params, prompts)
     start = time.perf_counter()
@@ -205,7 +219,7 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
     n, t = ids.shape
     n_l, n_h = model.n_layers, model.n_heads
     nan = float("nan")
-    per = {key: torch.full((n, n_l, n_h), nan) for key in METRICS[:7]}
+    per = {key: torch.full((n, n_l, n_h), nan) for key in PROMPT_METRICS}
     rows_h = torch.full((n, n_l, n_h, t), nan)
     rows_m = torch.full((n, n_l, n_h, t), nan)
     spectrum = torch.full((n, n_l, n_h, t), nan)
@@ -222,8 +236,9 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
             vis = record.visible().cpu().expand(len(p), 1, t, t) & real[:, None, None, :] & real[:, None, :, None]
             n_vis = vis.sum(-1)  # [b, 1, T]
             h = row_entropy(p, vis)  # [b, H, T]
-            keep_h = n_vis >= 2
-            h = torch.where(keep_h, h, nan)
+            h = torch.where(n_vis >= 2, h, nan)
+            mass = (p.abs() * vis).sum(-1)  # [b, H, T]
+            per["row_mass"][i0:i1, layer] = torch.where(n_vis >= 2, mass, nan).nanmean(-1)
             rows_h[i0:i1, layer] = h
             per["entropy"][i0:i1, layer] = h.nanmean(-1)
             per["norm_entropy"][i0:i1, layer] = (h / n_vis.clamp_min(2).float().log()).nanmean(-1)
@@ -249,15 +264,42 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
                                                  seed=params.seed, minibatch=params.minibatch), progress=False)
     for key in ("induction", "prev_token", "first_token"):
         maps[key] = scan.maps[key].float()
+    shares = pair_shares(model, scan.items["tokens"], params.induction_seq_len, minibatch=params.minibatch)
+    maps.update({key: value.mean(0) for key, value in shares.items()})
     items = {**per, "row_entropy": rows_h, "row_monotonicity": rows_m, "pattern_spectrum": spectrum,
              "tokens": ids, "lengths": lengths,
              "scan_induction": scan.items["induction"], "scan_prev_token": scan.items["prev_token"],
-             "scan_tokens": scan.items["tokens"]}
+             "scan_tokens": scan.items["tokens"], **{f"scan_{key}": value for key, value in shares.items()}}
     meta = run_meta(model, seconds=round(time.perf_counter() - start, 2), layer_kinds=list(model.layer_kinds),
                     n_prompts=n, prompt_lengths=lengths.tolist(), prompts_given=prompts is not None,
                     **{k: v for k, v in scan.meta.items() if k.startswith("loss_")})
     return HeadScores(analysis="kinds", model=model.name, maps=maps, primary="norm_entropy",
                       params=params_dict(params), meta=meta, items=items)
+
+
+def pair_shares(model: HeadModel, tokens: torch.Tensor, seq_len: int, *, minibatch: int = 8) -> dict[str, torch.Tensor]:
+    """Per sequence of `[BOS] r r` (|r| = seq_len): for the induction pairs (i, i − N + 1), i = N+1..2N, and the
+    previous-token pairs (i, i − 1), i = 2..2N (those of `headlab.analyses.induction`), the mean share
+    |A_ij| / Σ_j |A_ij| (`*_share`) and how often j is the row's largest |A_ij| (`*_top1`); `[B, L, H]` each."""
+    n = seq_len
+    pairs = {"induction": (torch.arange(n + 1, 2 * n + 1), n - 1), "prev_token": (torch.arange(2, 2 * n + 1), 1)}
+    keys = [f"{name}_{what}" for name in pairs for what in ("share", "top1")]
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for chunk in tokens.split(minibatch):
+        run = model.run(chunk)
+        per_layer: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+        for layer in range(model.n_layers):
+            record = run.records[layer]
+            mag = record.pattern().float().abs().cpu() * record.visible().cpu()  # [b, H, T, T]
+            for name, (rows, back) in pairs.items():
+                sub = mag[:, :, rows]  # [b, H, P, T]
+                idx = (rows - back).view(1, 1, -1, 1).expand(*sub.shape[:3], 1)
+                target = sub.gather(-1, idx)[..., 0]  # [b, H, P]
+                per_layer[f"{name}_share"].append((target / sub.sum(-1).clamp_min(1e-30)).mean(-1))
+                per_layer[f"{name}_top1"].append((sub.argmax(-1, keepdim=True) == idx)[..., 0].float().mean(-1))
+        for key in keys:
+            out[key].append(torch.stack(per_layer[key], 1))  # [b, L, H]
+    return {key: torch.cat(value) for key, value in out.items()}
 
 
 def final_state(record: LayerRecord, index: int, length: int) -> torch.Tensor:
@@ -348,7 +390,7 @@ class KindComparison:
 
     def summary(self) -> list[dict[str, Any]]:
         """Means over heads per model (kind "all") and per model and layer kind (NaN-skipping), plus the best
-        induction head's score (`induction_max`)."""
+        head's induction share (`induction_share_max`, comparable across kinds)."""
         rows = []
         table = self.table()
         for key in self.scores:
@@ -361,13 +403,20 @@ class KindComparison:
                 for m in METRICS:
                     vals = [r[m] for r in sel if not math.isnan(r[m])]
                     row[m] = sum(vals) / len(vals) if vals else float("nan")
-                row["induction_max"] = max(r["induction"] for r in sel)
+                row["induction_share_max"] = max(r["induction_share"] for r in sel)
                 rows.append(row)
         return rows
 
-    def to_markdown(self, *, per_head: bool = False, digits: int = 3) -> str:
-        """The summary (or, with per_head, the full table) as a Markdown table."""
-        return markdown_table(self.table() if per_head else self.summary(), digits=digits)
+    def to_markdown(self, metrics: Sequence[str] | None = None, *, per_head: bool = False, digits: int = 3) -> str:
+        """The summary (or, with per_head, the full table) as a Markdown table, of some metrics (all when None)."""
+        rows = self.table() if per_head else self.summary()
+        if metrics is not None:
+            unknown = [m for m in metrics if m not in rows[0]]
+            if unknown:
+                raise KeyError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+            lead = ["model", "layer", "head", "kind"] if per_head else ["model", "kind", "heads"]
+            rows = [{k: r[k] for k in [*lead, *metrics]} for r in rows]
+        return markdown_table(rows, digits=digits)
 
     def figure(self, metric: str = "norm_entropy"):
         """Per-head values of a metric, one column per model, coloured by layer kind (plotly)."""
@@ -419,7 +468,8 @@ def compare_kinds(models: dict[str, HeadModel], params: KindParams = KindParams(
                           params=params_dict(params))
 
 
-def comparison_models(folder: str | Path, task: str, kinds: Sequence[str], *, device: str = "cpu") -> dict[str, HeadModel]:
+def comparison_models(folder: str | Path, task: str, kinds: Sequence[str], *,
+                      device: str = "cpu") -> dict[str, HeadModel]:
     """Load the trained twins `folder/<task>-<kind>/` that exist, keyed by kind (missing ones are left out)."""
     from headlab.models import load
 

@@ -33,6 +33,8 @@ class ArchSpec:
         geometry: `geometry(config) -> (n_heads, n_kv_heads, head_dim)` for configs without the usual
             `num_attention_heads` / `num_key_value_heads` / `head_dim` fields (head_dim: the width of one
             head's slice of the output-projection input).
+        prepare: `prepare(model)` is called once on the whole model when it is wrapped, before `attach`
+            (fla: torch forwards for its Triton-only norms and MLPs where there is no GPU).
     """
 
     family: str
@@ -42,6 +44,7 @@ class ArchSpec:
     causal: bool = True
     attach: Callable[[nn.Module], None] | None = None
     geometry: Callable[[object], tuple[int, int, int]] | None = None
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {}

@@ -74,6 +74,8 @@ class HeadModel:
         if original == IMPLEMENTATION:  # wrapped before: keep the backend that wrap chose
             original = self._attn[0][1].__dict__["_headlab_slot"].base_name
         self.backend = original if original in ("sdpa", "eager") else "sdpa"
+        if self.spec.prepare is not None:
+            self.spec.prepare(model)
         if self.spec.attach is not None:
             for _, module in self._attn:
                 self.spec.attach(module)

@@ -12,6 +12,7 @@ import transformers
 from torch import nn
 
 from headlab.errors import ModelNotFoundError, UnsupportedModelError
+from headlab.models.arch import ARCHS
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
 
@@ -161,7 +162,14 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:  # not a transformers class: one registered with the Auto classes (headlab's own models)
         cls = transformers.AutoModelForCausalLM if arch and arch.endswith("ForCausalLM") else transformers.AutoModel
-    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, attn_implementation=attn_implementation)
+    spec = ARCHS.get(config.get("model_type"))
+    own_attention = spec is not None and spec.attach is not None  # fla's layers: no attention backend to choose
+    if own_attention:
+        from headlab.models.fla_adapter import import_fla_for
+
+        import_fla_for(config.get("model_type"))
+    impl = {} if own_attention else {"attn_implementation": attn_implementation}
+    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **impl)
     hf_model = hf_model.to(device)
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                   "vocab.txt")):

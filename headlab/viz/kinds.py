@@ -25,7 +25,8 @@ def metric_by_model(table: Sequence[dict[str, Any]], metric: str, *, title: str 
     if not table:
         raise ValueError("empty table: nothing to plot")
     if metric not in table[0]:
-        raise KeyError(f"no metric {metric!r} in the table; it has {', '.join(k for k in table[0] if k not in ('model', 'layer', 'head', 'kind'))}")
+        have = [k for k in table[0] if k not in ("model", "layer", "head", "kind")]
+        raise KeyError(f"no metric {metric!r} in the table; it has {', '.join(have)}")
     models = list(dict.fromkeys(r["model"] for r in table))
     kinds = list(dict.fromkeys(r["kind"] for r in table))
     fig = go.Figure()
@@ -69,9 +70,10 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
     for i, key in enumerate(keys):
         a = patterns[key].detach().float().cpu()
         n = a.shape[-1]
-        ticks, labels = token_ticks(tokens[:n] if tokens else [str(j) for j in range(n)])
-        if not tokens:
-            labels = [str(j) for j in ticks]
+        if tokens:
+            ticks, labels = token_ticks(tokens[:n])
+        else:
+            ticks, labels = list(range(n)), [str(j) for j in range(n)]
         signed = bool((a < 0).any())
         peak = float(a.abs().max()) or 1.0
         row, col = i // cols + 1, i % cols + 1
@@ -82,7 +84,8 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
             z=a.tolist(), x=ticks, y=ticks, colorscale="RdBu" if signed else "Blues", reversescale=signed,
             zmin=-peak if signed else 0.0, zmax=peak, zmid=0.0 if signed else None,
             customdata=[[[labels[q], labels[k]] for k in range(n)] for q in range(n)],
-            hovertemplate=f"{key}<br>query %{{customdata[0]}}<br>key %{{customdata[1]}}<br>weight %{{z:.4f}}<extra></extra>",
+            hovertemplate=(f"{key}<br>query %{{customdata[0]}}<br>key %{{customdata[1]}}<br>weight %{{z:.4f}}"
+                           "<extra></extra>"),
             colorbar={"x": domain_x[1] + 0.005, "y": (domain_y[0] + domain_y[1]) / 2,
                       "len": (domain_y[1] - domain_y[0]) * 0.95, "thickness": 8, "tickfont": {"size": 9}},
         ), row=row, col=col)

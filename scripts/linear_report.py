@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for task in TASKS:
             models = {kind: hl.load(TWINS_DIR / f"{task}-{kind}", device="cpu") for kind in STACKS}
-            comp = compare_kinds(models, KindParams(prompts=task))
+            comp = compare_kinds(models, KindParams(source=task), progress=False)
             comp.save(args.out / f"compare-{task}")
             report[f"compare_{task}"] = comp.summary()
             (args.out / f"compare-{task}.md").write_text(comp.to_markdown())

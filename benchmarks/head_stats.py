@@ -125,7 +125,7 @@ def _available_gib(device: str) -> float:
 
 def _kernel_vs_sdpa(lengths: list[int]) -> None:
     """Triton head-stats kernel against SDPA (flash) on 7B-layer shapes, fp16/bf16 on CUDA."""
-    from kernels.head_stats import head_stats
+    from headlab_kernels.head_stats import head_stats
 
     print("\nTriton head_stats vs SDPA (flash), B=1, H=32, D=128, bf16, causal; TFLOP/s counts 4·H·T²·D/2")
     for length in lengths:

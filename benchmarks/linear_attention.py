@@ -1,7 +1,7 @@
 """Causal linear attention and GLA forwards side by side: Triton chunked vs torch chunked vs torch parallel.
 
 For each length T, on the same inputs, it times (median of --repeats, after a warm-up) and checks:
-  triton     kernels.linear_attention.triton (CUDA; on CPU only with --interpret, i.e. the slow
+  triton     headlab_kernels.linear_attention.triton (CUDA; on CPU only with --interpret, i.e. the slow
              CPU interpreter: a correctness run, its seconds mean nothing)
   chunked    the torch chunked reference (linear_chunked / gla_chunked)
   parallel   the torch `[T, T]` form (linear_parallel / gla_parallel), skipped past --max-parallel-t
@@ -57,7 +57,7 @@ if ARGS.interpret:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.linear_attention import gla_chunked, gla_parallel, linear_chunked, linear_parallel  # noqa: E402
+from headlab_kernels.linear_attention import gla_chunked, gla_parallel, linear_chunked, linear_parallel  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -114,7 +114,7 @@ def main() -> None:
     triton_fns = {}
     if use_triton:
         try:
-            from kernels.linear_attention.triton import gla_chunked_triton, linear_chunked_triton
+            from headlab_kernels.linear_attention.triton import gla_chunked_triton, linear_chunked_triton
             triton_fns = {"linear": lambda q, k, v: linear_chunked_triton(q, k, v, chunk=args.chunk),
                           "gla": lambda q, k, v, g: gla_chunked_triton(q, k, v, g, chunk=args.gla_chunk)}
         except ImportError as e:

@@ -4,7 +4,7 @@ For a linear-attention layer the same statistics are read off its implicit patte
 rows at a time (`implicit_stats`).
 
 `HeadModel.stats(...)` runs the model once and, layer by layer as the forward reaches it,
-reduces q and k to `kernels.head_stats.HeadStats` (top-k keys, log-sum-exp, entropy,
+reduces q and k to `headlab_kernels.head_stats.HeadStats` (top-k keys, log-sum-exp, entropy,
 key-set mass, attention received per key) and drops them. `pair_weights` turns a layer's
 log-sum-exp into the exact weight of chosen (query, key) pairs in O(pairs · D).
 """
@@ -19,7 +19,7 @@ import torch
 from headlab.capture import LayerRecord
 from headlab.heads import HeadRef
 from headlab.run import Batch
-from kernels.head_stats import HeadStats, head_stats
+from headlab_kernels.head_stats import HeadStats, head_stats
 
 if TYPE_CHECKING:
     from headlab.models.head_model import HeadModel
@@ -87,7 +87,7 @@ def implicit_stats(record: LayerRecord, *, key_mask: torch.Tensor, query_mask: t
     row's |weights| normalised to sum 1, `set_mass` and `received` as sums of the (signed) weights, and
     `lse` NaN (there is no softmax normaliser). Memory is O(block_q · S) per head.
     """
-    from kernels.head_stats.common import check_inputs
+    from headlab_kernels.head_stats.common import check_inputs
 
     q, k = record.mixer.fq, record.mixer.fk
     B, H, T, _ = q.shape

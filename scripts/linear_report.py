@@ -49,8 +49,8 @@ def trained_identity() -> dict[str, float]:
 
 
 def kernel_errors() -> dict[str, float]:
-    from kernels.linear_attention import gla_attention, linear_attention
-    from kernels.linear_attention.reference import gla_recurrent, linear_recurrent
+    from headlab_kernels.linear_attention import gla_attention, linear_attention
+    from headlab_kernels.linear_attention.reference import gla_recurrent, linear_recurrent
 
     g = torch.Generator().manual_seed(0)
     res = {}

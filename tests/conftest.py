@@ -8,8 +8,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch  # noqa: E402  (torch does not import triton)
+
+# The Triton kernel tests run on the CPU through Triton's interpreter, which must be chosen before triton is
+# first imported; on a CUDA machine the kernels run for real. (`make test` used to be the only place this was
+# set, so `python -m pytest` failed them.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
 torch.set_num_threads(1)

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernels.head_stats import HeadStats, head_stats, head_stats_reference  # noqa: E402
-from kernels.head_stats.triton import head_stats_triton  # noqa: E402
+from headlab_kernels.head_stats import HeadStats, head_stats, head_stats_reference  # noqa: E402
+from headlab_kernels.head_stats.triton import head_stats_triton  # noqa: E402
 
 
 @dataclass(frozen=True)

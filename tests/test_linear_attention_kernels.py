@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.linear_attention import (delta_attention, delta_chunked, delta_parallel, delta_pattern,  # noqa: E402
+from headlab_kernels.linear_attention import (delta_attention, delta_chunked, delta_parallel, delta_pattern,  # noqa: E402
                                       delta_recurrent, gla_attention, gla_chunked, gla_parallel, gla_pattern,
                                       gla_recurrent, linear_attention, linear_chunked, linear_parallel,
                                       linear_pattern, linear_recurrent)
@@ -222,7 +222,7 @@ def test_gradients_chunked_equal_parallel(T):
 
 
 try:
-    from kernels.linear_attention.triton import gla_chunked_triton, linear_chunked_triton
+    from headlab_kernels.linear_attention.triton import gla_chunked_triton, linear_chunked_triton
     HAS_TRITON = True
 except ImportError:  # the torch forms above are still tested
     HAS_TRITON = False

@@ -24,7 +24,7 @@ from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
 from headlab.stats import pair_weights
-from kernels.head_stats import HeadStats
+from headlab_kernels.head_stats import HeadStats
 
 MAPS = ("induction", "prev_token", "first_token")
 

@@ -6,7 +6,7 @@ greedy decoding with a KV cache. As in the authors' code (nightdessert/Retrieval
 - the prompt's last token is the first decode step's input (not prefilled): every token comes from a
   one-query step; decoding stops at EOS, at a newline after some text (theirs: at any newline) or
   after `max_new_tokens` (50);
-- at each decode step, for every head, the top-1 key of the decode row (`kernels.head_stats`, O(S)):
+- at each decode step, for every head, the top-1 key of the decode row (`headlab_kernels.head_stats`, O(S)):
   if it lies in the needle span and the token just generated equals the prompt token there, the
   head earns 1 / |span|;
 - the needle span is the first window of |answer| tokens whose token-set overlap with the answer's
@@ -43,7 +43,7 @@ from headlab.errors import PromptError
 from headlab.models import load
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
-from kernels.head_stats import head_stats
+from headlab_kernels.head_stats import head_stats
 
 HAYSTACKS = Path(__file__).resolve().parents[2] / "data" / "haystacks"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -31,6 +32,22 @@ Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.T
 _owner_ids = itertools.count(1)
 
 
+def _reset_hub_kernels(model: nn.Module) -> None:
+    """Put back transformers' own torch forwards where a model was "kernelized" with HF hub kernels.
+
+    transformers (>= 5.25) loads models with `use_kernels` on by default: layers marked for the kernel hub
+    (RMSNorm, rotary embeddings, `apply_rotary_pos_emb`) may be swapped for downloaded kernels. Attention
+    itself still goes through the attention interface (hence headlab's seam), but headlab promises patterns
+    and edits on exactly the computation the model defines, reproducibly and offline, so a wrapped model runs
+    the torch implementations. (Models headlab loads itself are loaded with `use_kernels=False`.)
+    """
+    if getattr(model, "use_kernels", False) and callable(getattr(model, "reset_kernels", None)):
+        model.reset_kernels()
+        warnings.warn(f"{type(model).__name__} was loaded with HF hub kernels (transformers' default): headlab "
+                      "reset it to transformers' torch layers so that it studies the model's own computation; "
+                      "load with use_kernels=False to silence this", stacklevel=3)
+
+
 class HeadModel:
     """A softmax- or linear-attention model wrapped for head-level study.
 
@@ -49,6 +66,7 @@ class HeadModel:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
                  source: str | None = None, note: str = "") -> None:
         ensure_registered()
+        _reset_hub_kernels(model)
         self.hf = model.eval()
         self.tokenizer = tokenizer
         self.spec = arch_for(model)

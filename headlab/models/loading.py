@@ -169,7 +169,9 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
 
         import_fla_for(config.get("model_type"))
     impl = {} if own_attention else {"attn_implementation": attn_implementation}
-    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **impl)
+    # use_kernels=False: transformers (>= 5.25) otherwise "kernelizes" layers (norms, rotary) with kernels from
+    # the HF hub; headlab studies the computation transformers' own torch code defines, offline
+    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, use_kernels=False, **impl)
     hf_model = hf_model.to(device)
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                   "vocab.txt")):

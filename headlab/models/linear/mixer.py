@@ -2,7 +2,7 @@
 
 A `LinearMixer` holds what one linear layer computed from its input before mixing: the feature-mapped
 queries and keys, and GLA's log decays or DeltaNet's β. `forward(v)` is the layer's own computation (the
-chunked kernels of `kernels.linear_attention`); `pattern()` is the `[B, H, Q, S]` matrix that the layer
+chunked kernels of `headlab_kernels.linear_attention`); `pattern()` is the `[B, H, Q, S]` matrix that the layer
 applies to v, so that `pattern @ v == forward(v)` (tested for every kind):
 
 - linear / hedgehog / based: A_ij = φ(q_i)·φ(k_j) / (Σ_{l≤i} φ(q_i)·φ(k_l) + ε), j ≤ i (rows sum to 1 − O(ε));
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.linear_attention import (
+from headlab_kernels.linear_attention import (
     delta_attention,
     delta_pattern,
     gla_attention,
@@ -24,7 +24,7 @@ from kernels.linear_attention import (
     linear_attention,
     linear_pattern,
 )
-from kernels.linear_attention.reference import delta_chunked, gla_chunked, linear_chunked
+from headlab_kernels.linear_attention.reference import delta_chunked, gla_chunked, linear_chunked
 
 NORMALISED = frozenset({"linear", "hedgehog", "based"})
 

@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = [
-        report("toy-induction", InductionParams(seq_len=32, batch=32), args.draws),
+        report("toy-induction", InductionParams(batch=32), args.draws),
         report("smollm2-135m", InductionParams(seq_len=40, batch=16), args.draws),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train the bundled ``toy-induction`` model (about a minute on CPU).
+"""Train the bundled ``toy-induction`` model (a few minutes on CPU).
 
     python scripts/train_toy_induction.py            # writes data/toy-induction/
-    python scripts/train_toy_induction.py --out /tmp/toy --steps 100 --seed 1
+    python scripts/train_toy_induction.py --out /tmp/toy --seed 1
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ from headlab.models.toy import TOY_INDUCTION_DIR, train_toy_induction
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=TOY_INDUCTION_DIR, help=f"output folder (default {TOY_INDUCTION_DIR})")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: train_toy_induction's)")
     ap.add_argument("--seed", type=int, default=0, help="seed for init and data (default 0)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
     kwargs = {"seed": args.seed, "progress": not args.no_progress}
-    if args.steps is not None:
-        kwargs["steps"] = args.steps
     m = train_toy_induction(args.out, **kwargs)
     ev = m["eval"]
     print(json.dumps(
@@ -36,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             "prev_token_score": ev["prev_token_score"],
             "induction_score": ev["induction_score"],
             "heads": m["heads"],
+            "by_length": m["eval_by_length"],
             "train_seconds": m["train_seconds"],
         },
         indent=2,

@@ -40,7 +40,7 @@ def _toy_folder() -> Path:
 
     if not (TOY_INDUCTION_DIR / "config.json").exists():
         raise ModelNotFoundError(f"toy-induction checkpoint missing at {TOY_INDUCTION_DIR}: "
-                                 "run `python scripts/train_toy_induction.py` to train it (about a minute)")
+                                 "run `python scripts/train_toy_induction.py` to train it (about two minutes)")
     return TOY_INDUCTION_DIR
 
 

@@ -1,6 +1,7 @@
 """Head-stats kernels: the Triton kernels (CPU interpreter) and the chunked reference against the full pattern.
 
-The pattern is materialised here, in float64, from the same (possibly bf16-rounded) inputs; both
+The pattern is materialised by the spec, `head_stats_materialised` (`headlab_kernels.head_stats.spec`),
+in float64, from the same (possibly bf16-rounded) inputs; both
 implementations must match it on odd lengths, grouped-query heads, causal (bottom-right when S != T)
 and full attention, padded batches, 4D masks and key sets.
 """
@@ -19,6 +20,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from headlab_kernels.head_stats import HeadStats, head_stats, head_stats_reference  # noqa: E402
+from headlab_kernels.head_stats.spec import head_stats_materialised  # noqa: E402
 from headlab_kernels.head_stats.triton import head_stats_triton  # noqa: E402
 
 
@@ -79,31 +81,6 @@ def make_inputs(c: Case, seed: int = 0) -> dict:
     return dict(q=q, k=k, **kw)
 
 
-def materialised(q, k, *, scale, causal, topk, mask=None, key_mask=None, key_sets=None) -> dict:
-    """Every statistic from the full float64 pattern `[B, H, T, S]`."""
-    B, Hq, T, _ = q.shape
-    S = k.shape[2]
-    vis = torch.ones(B, 1, T, S, dtype=torch.bool)
-    if causal:
-        vis &= torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
-    if mask is not None:
-        vis &= mask
-    if key_mask is not None:
-        vis &= key_mask[:, None, None, :]
-        if S >= T:
-            vis &= key_mask[:, None, S - T:, None]
-    kk = k.double().repeat_interleave(Hq // k.shape[1], dim=1)
-    scores = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~vis, float("-inf"))
-    A = torch.softmax(scores, -1).nan_to_num(0.0)  # [B, H, T, S]
-    w, idx = A.topk(min(topk + 1, S), dim=-1)  # one extra to tell ties with the k+1-th key
-    n_vis_row = vis.sum(-1).expand(B, Hq, T)
-    return dict(
-        A=A, lse=torch.logsumexp(scores, -1), entropy=-torch.special.xlogy(A, A).sum(-1),
-        received=A.sum(-2), n_visible=vis.sum(-2)[:, 0].double(), top_w=w, top_i=idx, n_vis_row=n_vis_row,
-        set_mass=(A @ key_sets.double().permute(1, 2, 0)[:, None]) if key_sets is not None else None,
-    )
-
-
 def check(st: HeadStats, ref: dict, c: Case, *, tol: float) -> dict[str, float]:
     """Compare one implementation with the materialised pattern; return the max error of each output."""
     B, H, T, S, k = c.B, c.Hq, c.T, c.S, c.topk
@@ -143,7 +120,7 @@ def check(st: HeadStats, ref: dict, c: Case, *, tol: float) -> dict[str, float]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_materialised_pattern(case: Case):
     inputs = make_inputs(case)
-    ref = materialised(**inputs)
+    ref = head_stats_materialised(**inputs)
     tol = 3e-5 if case.dtype == torch.bfloat16 else 1e-5
     rest = head_stats(**inputs, impl="reference")
     check(rest, ref, case, tol=tol)
@@ -187,7 +164,7 @@ def test_key_sets_as_dict_and_column_score():
         torch.testing.assert_close(st.set_mass.sum(-1), torch.ones(1, 2, 50), atol=1e-5, rtol=0)
         # ACT: s_j = Σ_i A_ij / (N - j) for a causal head without padding
         assert torch.equal(st.n_visible[0], torch.arange(50, 0, -1, dtype=torch.float32))
-        ref = materialised(**inputs)
+        ref = head_stats_materialised(**inputs)
         want = ref["A"].sum(-2) / torch.arange(50, 0, -1)
         torch.testing.assert_close(st.column_score().double(), want, atol=1e-5, rtol=0)
         assert torch.isnan(st.column_score(min_visible=10)[..., 41:]).all()

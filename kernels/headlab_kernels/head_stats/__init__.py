@@ -4,7 +4,8 @@
 per query and key set, the attention mass on the set; per key, the attention received (summed over
 queries) and how many queries can see it (ACT's column score is their ratio). On CUDA tensors it runs
 the Triton kernels of `kernels.head_stats.triton`; elsewhere the chunked torch reference of
-`kernels.head_stats.reference`.
+`kernels.head_stats.reference`. Both are checked against `head_stats_materialised`
+(`kernels.head_stats.spec`), the O(T²) definition that materialises the full pattern.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from .common import HeadStats
 from .reference import head_stats_reference
+from .spec import head_stats_materialised
 
-__all__ = ["HeadStats", "head_stats", "head_stats_reference"]
+__all__ = ["HeadStats", "head_stats", "head_stats_reference", "head_stats_materialised"]
 
 
 def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None = None,

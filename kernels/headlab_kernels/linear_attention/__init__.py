@@ -4,7 +4,8 @@
 forward kernels of `kernels.linear_attention.triton` (CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1) and the torch chunked forms of `kernels.linear_attention.reference`, which also
 holds the recurrent (definition) and parallel (`[T, T]`) forms and the implicit attention patterns
-(`*_pattern`: the `[B, H, T, T]` matrix P with o = P @ v).
+(`*_pattern`: the `[B, H, T, T]` matrix P with o = P @ v). `reference` only re-exports: each rule's
+forms live in their own module, `linear`, `gla` and `delta`.
 
 Inputs: q, k `[B, H, T, F]`, already feature-mapped and scaled by the caller; v `[B, H, T, D]`;
 any float dtype, float32 math, float32 outputs `[B, H, T, D]`. Everything is causal.

@@ -1,4 +1,5 @@
-"""What every linear-attention form shares: the checking of inputs, states and row selections.
+"""What every linear-attention form shares: the checking of inputs, states and row selections, and the
+causal masks and key padding of the pattern functions (`_causal`, `_pad_keys`, private to the package).
 
 Vocabulary: B batch, H heads, T length, F feature dim of the (already feature-mapped) q and k,
 D value dim. States: the linear and gated forms carry S `[B, H, F, D]` (and the linear form a
@@ -77,3 +78,19 @@ def row_index(rows: slice | None, T: int) -> tuple[torch.Tensor | None, int]:
     idx = torch.arange(T)[rows]
     hi = int(idx.max()) + 1 if idx.numel() else 0
     return idx, hi
+
+
+f32 = torch.float32
+
+
+def _causal(i_idx: torch.Tensor | None, n_rows: int, n_keys: int, device: torch.device,
+            strict: bool = False) -> torch.Tensor:
+    """Bool `[n_rows, n_keys]`: key j is visible from query row i (j <= i; j < i when strict)."""
+    i = torch.arange(n_rows, device=device) if i_idx is None else i_idx.to(device)
+    j = torch.arange(n_keys, device=device)
+    return (j[None, :] < i[:, None]) if strict else (j[None, :] <= i[:, None])
+
+
+def _pad_keys(p: torch.Tensor, T: int) -> torch.Tensor:
+    """Zero columns for the keys past the last selected row (none of them is visible)."""
+    return p if p.shape[-1] == T else torch.nn.functional.pad(p, (0, T - p.shape[-1]))

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .common import check_g, check_qkv
-from .reference import gla_chunked, linear_chunked
+from .gla import gla_chunked
+from .linear import linear_chunked
 
 MAX_F = 128
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nbwrite import write_notebook
 
+NOTEBOOK = "attention_sinks.ipynb"
+ID_PREFIX = "sinks"
+
 CELLS = [
     ("md", """# Attention sinks and attention calibration (ACT)
 
@@ -113,7 +116,7 @@ Numbers from `scripts/sinks_report.py` (8 passages × 160 tokens; τ = 0.1; tail
 
 
 def main() -> None:
-    write_notebook(CELLS, Path(__file__).resolve().parent / "attention_sinks.ipynb", id_prefix="sinks")
+    write_notebook(CELLS, Path(__file__).resolve().parent / NOTEBOOK, id_prefix=ID_PREFIX)
 
 
 if __name__ == "__main__":

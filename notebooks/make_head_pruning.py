@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nbwrite import write_notebook
 
+NOTEBOOK = "head_pruning.ipynb"
+ID_PREFIX = "pruning"
+
 CELLS = [
     ("md", """# Head pruning: which heads can go, and what removing them really saves
 
@@ -106,7 +109,7 @@ print(f"{model.name}: with half the heads removed, the lowest task loss comes fr
 
 
 def main() -> None:
-    write_notebook(CELLS, Path(__file__).resolve().parent / "head_pruning.ipynb")
+    write_notebook(CELLS, Path(__file__).resolve().parent / NOTEBOOK, id_prefix=ID_PREFIX)
 
 
 if __name__ == "__main__":

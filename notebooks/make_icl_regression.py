@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nbwrite import write_notebook
 
+NOTEBOOK = "icl_regression.ipynb"
+ID_PREFIX = "icl"
+
 CELLS = [
     ("md", """# In-context linear regression: one attention layer against theory
 
@@ -112,7 +115,7 @@ for k, v in findings.items():
 
 
 def main() -> None:
-    write_notebook(CELLS, Path(__file__).resolve().parent / "icl_regression.ipynb", id_prefix="icl")
+    write_notebook(CELLS, Path(__file__).resolve().parent / NOTEBOOK, id_prefix=ID_PREFIX)
 
 
 if __name__ == "__main__":

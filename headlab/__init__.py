@@ -12,9 +12,23 @@ from headlab.errors import (
 from headlab.heads import HeadRef, as_heads
 from headlab.models import BUNDLED, HeadModel, load
 from headlab.run import Batch, Run
-from headlab import analyses, icl, prune, results, scan, viz
+from headlab import analyses, results, scan, viz
 
-__version__ = "0.1.0"
+# `hl.icl` (training one-layer models) and `hl.prune` (experiments) load on first use: `import headlab` loads no
+# training code
+_LAZY = ("icl", "prune")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"headlab.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'headlab' has no attribute {name!r}")
+
+from headlab.version import __version__  # noqa: E402
 
 __all__ = [
     "Ablate", "BUNDLED", "Batch", "EditError", "HeadIndexError", "HeadModel", "HeadRef", "HeadlabError",

@@ -10,7 +10,6 @@ returns. Bad input raises a HeadlabError whose message the app shows as it is.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import re
@@ -25,7 +24,7 @@ import torch
 import headlab as hl
 from headlab.analyses.prompt_scores import MAPS, PromptScoreParams, prompt_scores
 from headlab.capture import LayerRecord
-from headlab.errors import EditError, HeadIndexError, HeadlabError, ModelNotFoundError, PromptError
+from headlab.errors import EditError, HeadlabError, ModelNotFoundError, PromptError
 from headlab.heads import HeadRef
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
@@ -35,7 +34,7 @@ DEFAULT_MODEL = "smollm2-135m"
 HOW = ("zero", "mean", "uniform", "scale")
 MAP_LABELS = {"prev_token": "previous-token", "induction": "induction-like", "first_token": "first-token sink",
               "entropy": "entropy (nats)"}
-APP_FILE = Path(__file__).resolve().parents[1] / "apps" / "explorer.py"
+from headlab.paths import APP_FILE  # noqa: E402,F401
 _IDS_RE = re.compile(r"^[\s,]*\d+([\s,]+\d+)*[\s,]*$")
 
 
@@ -373,26 +372,3 @@ def load_app_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `headlab explore --model NAME_OR_PATH [--host] [--port] [--max-tokens]` to the CLI's subparsers."""
-    p = subparsers.add_parser("explore", help="open the Gradio head explorer (local only, no share link)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled name (smollm2-135m, minilm-l6, toy-induction) or a local HF folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: the first free one from 7860)")
-    p.add_argument("--max-tokens", type=int, default=ExplorerSettings.max_tokens, help="longest prompt analysed")
-    p.set_defaults(handler=cmd_explore)
-    return p
-
-
-def cmd_explore(args: argparse.Namespace) -> int:
-    """Load the model once and warm it up, then serve the explorer until interrupted."""
-    app = load_app_module()
-    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens))
-    print(f"loading {args.model} ...", flush=True)
-    explorer.open_model(args.model, "", True, "induction", -1, None)  # load and warm up before the first page
-    demo = app.build_app(explorer, model=args.model)
-    app.launch(demo, host=args.host, port=args.port or None, block=True)
-    return 0

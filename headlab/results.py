@@ -107,7 +107,7 @@ def run_meta(model: Any, **extra: Any) -> dict[str, Any]:
     """The facts about a model and environment that every result records."""
     import transformers
 
-    from headlab import __version__
+    from headlab.version import __version__
 
     return {
         "model_class": type(model.hf).__name__,

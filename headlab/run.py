@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from headlab.capture import LayerRecord, attention_pattern
+from headlab.capture import LayerRecord
 from headlab.heads import HeadRef
 
 if TYPE_CHECKING:

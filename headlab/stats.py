@@ -94,7 +94,6 @@ def implicit_stats(record: LayerRecord, *, key_mask: torch.Tensor, query_mask: t
     S = k.shape[2]
     inp = check_inputs(q, k, mask=None, key_mask=key_mask, query_mask=query_mask, key_sets=key_sets, topk=topk)
     dev, f32 = q.device, torch.float32
-    signed = not record.mixer.normalised
     sets = inp.sets.to(f32).permute(1, 2, 0)[:, None] if inp.sets is not None else None  # [B|1, 1, S, K]
     kk = min(topk, S)
     topk_idx = torch.full((B, H, T, topk), -1, dtype=torch.int64, device=dev)

@@ -10,7 +10,6 @@ K, and RazorAttention's KV fraction and recall by length, from the saved per-tri
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.analyses.retrieval import add_scan_retrieval
+from headlab.cli import build_parser
 
 
 def _mean(xs: list[float]) -> float:
@@ -55,9 +54,7 @@ def tables(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(prog="retrieval_report")
-    add_scan_retrieval(parser.add_subparsers(dest="analysis", required=True))
-    args = parser.parse_args(["retrieval", *(sys.argv[1:] if argv is None else argv)])
+    args = build_parser().parse_args(["scan", "retrieval", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     code = args.handler(args)
     tables(args.out)

@@ -181,3 +181,28 @@ def test_custom_override_edit_reproduces_the_head_when_its_pattern_is_untouched(
     expected = _logits_with_slice_hook(llama, 1, 2, lambda x: x / 2)
     with hl.edit(llama, [Halve()]), torch.no_grad():
         assert (llama.hf(_ids()).logits - expected).abs().max().item() < 1e-5
+
+
+def test_scale_takes_a_scalar_tensor_and_gives_its_gradient(llama):
+    """A 0-dim tensor factor acts like the number, and ∂loss/∂factor flows back through the seam (AtP's edit)."""
+    ids = [[1, 5, 9, 2, 7, 5, 9, 2]]
+    head = hl.HeadRef(1, 2)
+    with hl.edit(llama, hl.Scale(head, factor=0.5)):
+        expected = llama.loss(ids)
+    a = torch.tensor(0.5, requires_grad=True)
+    with hl.edit(llama, hl.Scale(head, factor=a)):
+        loss = llama.loss(ids, grad=True)
+    assert torch.equal(loss.detach(), expected)
+    (grad,) = torch.autograd.grad(loss, a)
+    eps = 1e-3
+    with hl.edit(llama, hl.Scale(head, factor=0.5 + eps)):
+        up = llama.loss(ids)
+    with hl.edit(llama, hl.Scale(head, factor=0.5 - eps)):
+        down = llama.loss(ids)
+    assert float(grad) == pytest.approx(float(up - down) / (2 * eps), rel=1e-2, abs=1e-5)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), "2", None, torch.ones(2), torch.tensor(float("nan"))])
+def test_scale_refuses_factors_that_are_not_finite_numbers(factor):
+    with pytest.raises(hl.EditError, match="Scale"):
+        hl.Scale(hl.HeadRef(0, 0), factor=factor)

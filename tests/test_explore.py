@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import threading
 from pathlib import Path
@@ -16,7 +15,7 @@ from headlab.analyses.prompt_scores import induction_targets, pattern_scores, pr
 from headlab.capture import active_ops
 from headlab.explore import (
     Explorer, ExplorerSettings, ModelCache, add_head, comparison_md, example_prompt, load_app_module, make_edits,
-    parse_heads, parse_prompt, register, top_predictions,
+    parse_heads, parse_prompt, top_predictions,
 )
 
 WORDS = ["<bos>", "<unk>"] + "the cat sat on mat dog ran in park a . , and".split()
@@ -242,9 +241,9 @@ def test_concurrent_sessions_never_see_each_others_edits(explorer, folder, sessi
 
 
 def test_cli_registration_defaults_to_localhost():
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["explore", "--model", "toy-induction"])
+    from headlab.cli import build_parser
+
+    args = build_parser().parse_args(["explore", "--model", "toy-induction"])
     assert (args.model, args.host, args.port, args.max_tokens) == ("toy-induction", "127.0.0.1", 7860, 2048)
     assert args.handler.__name__ == "cmd_explore"
 

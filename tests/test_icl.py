@@ -4,7 +4,6 @@ the baselines, resumable training and the `icl train` command."""
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -261,11 +260,9 @@ def test_constant_schedule_run_extends(tmp_path):
 
 
 def _icl_cli():
-    from headlab.icl.cli import register
+    from headlab.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="headlab")
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_train_writes_and_resumes(tmp_path, capsys):

@@ -15,7 +15,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import headlab as hl
 from headlab.errors import HeadlabError
 from headlab.prune import RANKERS, PruneParams, RankParams, TextEval, parse_eval, prune_experiment, read_rows
-from headlab.prune.cli import register
 from headlab.prune.evals import CALIB_TEXT, HELDOUT_TEXT
 
 TASK = "task:induction"
@@ -107,9 +106,9 @@ def test_held_out_perplexity(tmp_path):
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="headlab")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    from headlab.cli import build_parser
+
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 
@@ -137,7 +136,7 @@ def test_cli(tiny_folder, tmp_path, capsys):
 def test_headlab_command_has_prune():
     from headlab import cli
 
-    parser = cli._parser()
+    parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert "prune" in sub.choices
     assert sub.choices["prune"].get_default("handler").__name__ == "cmd_prune"

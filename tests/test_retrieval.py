@@ -191,7 +191,6 @@ def test_find_span_and_recall_follow_the_authors_rules():
 
 
 def test_cli_arguments_reach_the_scan(monkeypatch, tmp_path, capsys):
-    import argparse
 
     from headlab.analyses import retrieval
 
@@ -208,11 +207,12 @@ def test_cli_arguments_reach_the_scan(monkeypatch, tmp_path, capsys):
         n_layers, n_heads, n_kv_heads, head_dim, causal, name, note, backend = 1, 1, 1, 4, True, "tiny", "", "sdpa"
         hf, device, dtype = torch.nn.Linear(1, 1), torch.device("cpu"), torch.float32
 
-    monkeypatch.setattr(retrieval, "load", lambda *a, **k: Tiny())
+    from headlab.cli import build_parser
+    from headlab.cli import scan as scan_cli
+
+    monkeypatch.setattr(scan_cli, "load_model", lambda *a, **k: Tiny())
     monkeypatch.setattr(retrieval, "retrieval_scan", fake_scan)
-    parser = argparse.ArgumentParser()
-    retrieval.add_scan_retrieval(parser.add_subparsers(dest="analysis"))
-    args = parser.parse_args(["retrieval", "--out", str(tmp_path), "--lengths", "256", "512", "--depths", "50",
+    args = build_parser().parse_args(["scan", "retrieval", "--out", str(tmp_path), "--lengths", "256", "512", "--depths", "50",
                               "--ks", "--windows", "32", "--mask-how", "zero", "--mask-lengths", "512"])
     assert args.handler(args) == 0
     p = seen["params"]

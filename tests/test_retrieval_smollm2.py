@@ -6,14 +6,13 @@ in 512-token KJV prompts; the full grid is scripts/retrieval_report.py.
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
 
 import headlab as hl
 from headlab.analyses.razor import RazorParams
-from headlab.analyses.retrieval import RetrievalParams, add_scan_retrieval, retrieval_scan
+from headlab.analyses.retrieval import RetrievalParams, retrieval_scan
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +55,10 @@ def test_razor_keeps_the_needle_that_a_plain_window_loses(report):
 
 
 def test_cli_scan_writes_its_report_and_a_rerun_resumes(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_scan_retrieval(parser.add_subparsers(dest="analysis"))
-    argv = ["retrieval", "--out", str(tmp_path), "--lengths", "256", "--depths", "50", "--needles", "0", "--ks",
+    from headlab.cli import build_parser
+
+    parser = build_parser()
+    argv = ["scan", "retrieval", "--out", str(tmp_path), "--lengths", "256", "--depths", "50", "--needles", "0", "--ks",
             "--windows", "--razor-block", "64", "--max-new-tokens", "32"]
     args = parser.parse_args(argv)
     assert args.handler(args) == 0

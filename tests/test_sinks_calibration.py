@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import headlab.analyses.calibration as calibration
-from headlab.analyses import sinks
 from headlab.analyses.calibration import CalibrationParams, calibration_search, table_lines
 from headlab.analyses.sinks import SinkRule
 from headlab.edits.calibrate import Calibrate
@@ -120,12 +119,9 @@ def test_search_keeps_the_helpful_head_and_resumes(tmp_path, monkeypatch):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headlab")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sinks.register(sub)
-    scan = sub.add_parser("scan").add_subparsers(dest="analysis", required=True)
-    sinks.add_scan_sinks(scan)
-    return parser
+    from headlab.cli import build_parser
+
+    return build_parser()
 
 
 def test_scan_sinks_command_writes_and_resumes(tmp_path, capsys):
@@ -153,8 +149,11 @@ def test_calibrate_command_parses_to_params():
     args = _parser().parse_args(["calibrate", "--out", "x", "--tasks", "antonyms", "--layers", "3:7",
                                  "--threshold", "relative", "--alpha", "4", "--min-visible", "1",
                                  "--search", "independent", "--candidates", "5"])
-    assert args.handler is calibration.cmd_calibrate
+    from headlab.cli.calibrate import cmd_calibrate
+    from headlab.cli.common import rule_from_args
+
+    assert args.handler is cmd_calibrate
     assert args.tasks == "antonyms" and args.layers == "3:7" and args.search == "independent"
-    assert sinks.rule_from_args(args) == SinkRule(threshold="relative", alpha=4.0, min_visible=1)
+    assert rule_from_args(args) == SinkRule(threshold="relative", alpha=4.0, min_visible=1)
     assert list(CalibrationParams(layers=(3, 7)).layer_range(30)) == [3, 4, 5, 6, 7]
     assert list(CalibrationParams().layer_range(30)) == list(range(2, 29))

@@ -12,7 +12,6 @@ A run folder makes it resumable: `state.json` is rewritten after every step.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from headlab.analyses.sinks import SinkRule, add_rule_args, exempt_first, rule_from_args, sink_mask
+from headlab.sink_rule import SinkRule, exempt_first, sink_mask
 from headlab.edits.calibrate import Calibrate
 from headlab.edits.heads import edit
 from headlab.heads import HeadRef
@@ -265,49 +264,3 @@ def accuracy_figure(tables: dict[str, list[dict]], *, title: str = "ACT calibrat
                              "arrayminus": [r[key] - r[f"{key}_ci"][0] for r in rows]})
     fig.update_layout(barmode="group", yaxis={"title": "accuracy", "range": [0, 1]}, title=title, height=420)
     return fig
-
-
-def add_calibrate_args(p: argparse.ArgumentParser) -> None:
-    """The `headlab calibrate` options (model options are added by the caller)."""
-    d = CalibrationParams()
-    p.add_argument("--out", required=True, type=Path, help="run folder (state.json, scores, figures); rerun to resume")
-    p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated task names")
-    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration items per task")
-    p.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation items per task")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--beta", type=float, default=d.beta)
-    add_rule_args(p, min_visible=d.rule.min_visible)
-    p.add_argument("--no-first-exempt", action="store_true", help="calibrate the first sink too")
-    p.add_argument("--layers", default=None, help="inclusive layer range LO:HI (default 2:L-2)")
-    p.add_argument("--candidates", type=int, default=d.candidates, help="heads to try, by sink strength")
-    p.add_argument("--search", choices=("greedy", "independent"), default=d.search)
-    p.add_argument("--no-control", action="store_true", help="skip evaluating all candidates at once")
-    p.add_argument("--no-bos", action="store_true")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Run (or resume) a calibration search, write its figures and print the accuracy tables."""
-    import headlab as hl
-
-    torch.set_num_threads(args.threads)
-    layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
-    params = CalibrationParams(tasks=tuple(args.tasks.split(",")), n_calib=args.n_calib, n_eval=args.n_eval,
-                               seed=args.seed, beta=args.beta, rule=rule_from_args(args),
-                               first_exempt=not args.no_first_exempt, layers=layers, candidates=args.candidates,
-                               search=args.search, control=not args.no_control, prepend_bos=not args.no_bos,
-                               batch=args.batch)
-    model = hl.load(args.model, device=args.device, dtype=args.dtype)
-    print(model, f"\n{model.note}" if model.note else "")
-    scores = calibration_search(model, params, out=args.out)
-    scores.save(args.out)
-    scores.figure("calib_gain").write_html(args.out / "heatmap_calib_gain.html", include_plotlyjs="cdn")
-    scores.figure("sink_strength").write_html(args.out / "heatmap_sink_strength.html", include_plotlyjs="cdn")
-    accuracy_figure(scores.meta["tables"], title=f"ACT calibration (β = {params.beta}) — {model.name}").write_html(
-        args.out / "accuracy.html", include_plotlyjs="cdn")
-    print(f"calibration split: baseline {scores.meta['calib_baseline']:.3f} on {scores.meta['n_calib_items']} items; "
-          f"tried {', '.join(scores.meta['candidates'])}")
-    print("\n".join(table_lines(scores)))
-    print(f"wrote {args.out}/ ({scores.meta['seconds']} s this run; steps {scores.meta['step_seconds']})")
-    return 0

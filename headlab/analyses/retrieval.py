@@ -33,19 +33,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from headlab_kernels.head_stats import head_stats
 from tqdm.auto import tqdm
 
-from headlab.analyses.razor import (Condition, RazorParams, RetrievalReport, echo_induction_scan, masking_conditions,
-                                    razor_conditions, retrieval_kv_heads, summarize)
+from headlab.analyses.razor import (
+    Condition,
+    RazorParams,
+    RetrievalReport,
+    echo_induction_scan,
+    masking_conditions,
+    razor_conditions,
+    retrieval_kv_heads,
+    summarize,
+)
 from headlab.capture import Capture, activate
 from headlab.edits.heads import edit
 from headlab.errors import PromptError
-from headlab.models import load
 from headlab.models.head_model import HeadModel
+from headlab.paths import HAYSTACKS_DIR
 from headlab.results import HeadScores, params_dict, run_meta
-from headlab_kernels.head_stats import head_stats
 
-HAYSTACKS = Path(__file__).resolve().parents[2] / "data" / "haystacks"
+HAYSTACKS = HAYSTACKS_DIR
 
 
 @dataclass(frozen=True)
@@ -342,51 +350,3 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     if out is not None:
         report.save(out)
     return report
-
-
-def add_scan_retrieval(scan_subparsers: Any) -> Any:
-    """Add `headlab scan retrieval --model NAME --lengths ... --depths ... --out DIR` to the scan subcommands."""
-    d = RetrievalParams()
-    p = scan_subparsers.add_parser("retrieval", help="retrieval heads (needle copy-paste), head masking and "
-                                   "RazorAttention's KV cache on a needle grid; reruns resume")
-    p.add_argument("--model", default="smollm2-135m", help="bundled name or a local HF folder (with a tokenizer)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--out", required=True, type=Path, help="report folder; its trials.jsonl makes a rerun resume")
-    for name, kind, default, nargs, what in (
-            ("lengths", int, d.lengths, "*", "prompt lengths in tokens"),
-            ("depths", float, d.depths, "*", "needle depths in percent"),
-            ("needles", int, d.needles, "*", "needle sets of data/haystacks/needles.json"),
-            ("ks", int, d.ks, "*", "K heads masked, top-K vs random-K (none: no masking test)"),
-            ("mask-lengths", int, d.mask_lengths, "*", "lengths of the masking test (default: all)"),
-            ("windows", int, d.windows, "*", "RazorAttention recent windows S0 (none: no KV-cache test)"),
-            ("window-frac", float, d.window_frac, None, "1/C: the window is max(S0, frac × prompt length)"),
-            ("draws", int, d.draws, None, "random K-head draws per K"),
-            ("max-new-tokens", int, d.max_new_tokens, None, "greedy decoding budget per reply"),
-            ("razor-block", int, d.razor.block, None, "random tokens per repeat of the echo/induction input"),
-            ("seed", int, d.seed, None, "seed of the random-head draws")):
-        p.add_argument(f"--{name}", type=kind, nargs=nargs, default=list(default) if nargs else default, help=what)
-    p.add_argument("--mask-how", default=d.mask_how, choices=["uniform", "zero"])
-    p.set_defaults(handler=cmd_scan_retrieval)
-    return p
-
-
-def cmd_scan_retrieval(args: Any) -> int:
-    """Run `retrieval_scan` and print the top heads and the needle recall of each condition."""
-    model = load(args.model, device=args.device, dtype=args.dtype)
-    print(model)
-    params = RetrievalParams(lengths=tuple(args.lengths), depths=tuple(args.depths), needles=tuple(args.needles),
-                             max_new_tokens=args.max_new_tokens, ks=tuple(args.ks), draws=args.draws,
-                             mask_lengths=tuple(args.mask_lengths),
-                             mask_how=args.mask_how, windows=tuple(args.windows), window_frac=args.window_frac,
-                             razor=RazorParams(block=args.razor_block), seed=args.seed)
-    report = retrieval_scan(model, params, out=args.out)
-    meta = report.scores.meta
-    print(f"\n{meta['n_counted']}/{meta['n_trials']} trials recalled the needle; heads with retrieval score "
-          f"> 0.1: {meta['share_above_0_1']:.1%}, > 0.5: {meta['share_above_0_5']:.1%}")
-    print("top heads: " + ", ".join(f"{h} {v:.3f}" for h, v in report.scores.top(10)))
-    print(f"\n  {'condition':<22} {'recall':>6} {'found':>6} {'KV kept':>7} {'n':>4}")
-    for name, row in report.summary.items():
-        print(f"  {name:<22} {row['accuracy']:6.3f} {row['found']:6.1%} {row['kv_fraction']:7.1%} {row['n']:4d}")
-    print(f"wrote {args.out}/ in {meta['seconds']} s")
-    return 0

@@ -15,12 +15,10 @@ Sinks at position 0 are first-token sinks; the others are non-initial ("hidden")
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import plotly.graph_objects as go
 import torch
@@ -28,67 +26,20 @@ from tqdm.auto import tqdm
 
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel, Prompt
-from headlab.results import SCORES_FILE, HeadScores, params_dict, run_meta
+from headlab.paths import SINKS_DIR
+from headlab.results import HeadScores, params_dict, run_meta
 from headlab.run import Batch
+from headlab.sink_rule import (  # noqa: F401 (re-exported)
+    SinkRule,
+    column_scores,
+    exempt_first,
+    qualifying,
+    sink_mask,
+)
 from headlab.viz.figures import token_ticks
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "sinks"
+DATA = SINKS_DIR
 MAPS = ("sink_share", "first_score", "first_sink", "later_any", "later_sinks", "later_share")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SinkRule:
-    """When a key is a sink.
-
-    Attributes:
-        threshold: "absolute" (s_j > tau, ACT's code) or "relative" (s_j > alpha / N, N the prompt's real length).
-        tau: the absolute threshold.
-        alpha: the relative threshold's factor (unconfirmed in the paper; our default).
-        min_visible: a key must be seen by at least min(min_visible, N) real queries (the tail rule; 1 = off).
-    """
-
-    threshold: Literal["absolute", "relative"] = "absolute"
-    tau: float = 0.1
-    alpha: float = 5.0
-    min_visible: int = 32
-
-    def __post_init__(self) -> None:
-        if self.threshold not in ("absolute", "relative"):
-            raise ValueError(f"SinkRule.threshold must be 'absolute' or 'relative', got {self.threshold!r}")
-        if self.min_visible < 1:
-            raise ValueError(f"SinkRule.min_visible must be >= 1, got {self.min_visible}")
-
-    def describe(self) -> str:
-        cut = f"s_j > {self.tau:g}" if self.threshold == "absolute" else f"s_j > {self.alpha:g}/N"
-        return f"{cut}, seen by >= min({self.min_visible}, N) queries"
-
-
-def qualifying(n_visible: torch.Tensor, min_visible: int) -> torch.Tensor:
-    """Bool `[B, S]`: keys seen by at least min(min_visible, N) real queries (N = the most any key is seen by)."""
-    n_real = n_visible.amax(-1, keepdim=True)  # [B, 1]: all real queries see key 0 (causal) or every key (encoder)
-    return (n_visible >= n_real.clamp(max=float(min_visible))) & (n_visible > 0)
-
-
-def column_scores(received: torch.Tensor, n_visible: torch.Tensor, rule: SinkRule | None = None) -> torch.Tensor:
-    """Column scores `[B, H, S]` from `received` `[B, H, S]` and `n_visible` `[B, S]`; NaN where the tail rule fails."""
-    ok = qualifying(n_visible, rule.min_visible if rule is not None else 1)[:, None]
-    score = received / n_visible.clamp_min(1.0)[:, None]
-    return torch.where(ok, score, torch.full_like(score, float("nan")))
-
-
-def sink_mask(received: torch.Tensor, n_visible: torch.Tensor, rule: SinkRule) -> torch.Tensor:
-    """Bool `[B, H, S]`: the sinks of each head under `rule` (shapes as in `column_scores`)."""
-    score = received / n_visible.clamp_min(1.0)[:, None]
-    if rule.threshold == "absolute":
-        cut = torch.full_like(n_visible[:, :1], rule.tau)
-    else:
-        cut = rule.alpha / n_visible.amax(-1, keepdim=True).clamp_min(1.0)  # [B, 1]
-    return qualifying(n_visible, rule.min_visible)[:, None] & (score > cut[:, :, None])
-
-
-def exempt_first(mask: torch.Tensor) -> torch.Tensor:
-    """The mask without its first True along the last axis (ACT's code leaves the first sink, usually BOS, alone)."""
-    return mask & (mask.long().cumsum(-1) != 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,85 +204,10 @@ def column_figure(scores: HeadScores, head: HeadRef, *, index: int = 0, title: s
     return fig
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="bundled name (smollm2-135m, minilm-l6, ...) or a local HF folder")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def add_rule_args(p: argparse.ArgumentParser, *, min_visible: int) -> None:
-    """The SinkRule options of a command line."""
-    p.add_argument("--threshold", choices=("absolute", "relative"), default="absolute",
-                   help="absolute: s_j > tau (ACT's code); relative: s_j > alpha/N")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=5.0,
-                   help="factor of the relative threshold (unconfirmed in the paper)")
-    p.add_argument("--min-visible", type=int, default=min_visible,
-                   help="tail rule: a sink must be seen by this many queries (1: off, as in ACT's code)")
-
-
-def rule_from_args(args: argparse.Namespace) -> SinkRule:
-    return SinkRule(threshold=args.threshold, tau=args.tau, alpha=args.alpha, min_visible=args.min_visible)
-
-
-def add_scan_sinks(scan_subparsers) -> None:
-    """Add `headlab scan sinks` to the `scan` command's subparsers."""
-    p = scan_subparsers.add_parser("sinks", help="attention sinks of every head: column scores, first and later sinks")
-    _model_args(p)
-    p.add_argument("--out", required=True, type=Path, help="report folder to write")
-    p.add_argument("--prompts", type=Path, default=None,
-                   help="a .txt file (prompts separated by blank lines) or a .json list; default: bundled KJV passages")
-    p.add_argument("--n-prompts", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=160)
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS on causal models")
-    add_rule_args(p, min_visible=32)
-    p.add_argument("--force", action="store_true", help="recompute even if --out holds this scan already")
-    p.set_defaults(handler=cmd_scan_sinks)
-
-
-def register(subparsers) -> None:
-    """Add the top-level `calibrate` command (ACT head search and evaluation) to the `headlab` parser."""
-    from headlab.analyses.calibration import add_calibrate_args, cmd_calibrate
-
-    p = subparsers.add_parser("calibrate", help="ACT attention calibration: search heads on a calibration split, "
-                                                "evaluate before/after (resumable)")
-    _model_args(p)
-    add_calibrate_args(p)
-    p.set_defaults(handler=cmd_calibrate)
-
-
-def _read_prompts(path: Path | None, n: int) -> list[str]:
+def read_prompts(path: Path | None, n: int) -> list[str]:
+    """Prompts from a .txt file (separated by blank lines) or a .json list of strings; the bundled KJV passages if None."""
     if path is None:
         return kjv_prompts(n)
     text = path.read_text()
     prompts = json.loads(text) if path.suffix == ".json" else [t.strip() for t in text.split("\n\n") if t.strip()]
     return prompts[:n]
-
-
-def cmd_scan_sinks(args: argparse.Namespace) -> int:
-    """Run (or reload) a sink scan, write its figures and print what it found."""
-    import headlab as hl
-
-    params = SinkParams(rule=rule_from_args(args), n_prompts=args.n_prompts, max_tokens=args.max_tokens,
-                        prepend_bos=not args.no_bos)
-    out = args.out
-    if (out / SCORES_FILE).exists() and not args.force:
-        done = HeadScores.load(out)
-        if done.params == params_dict(params) and done.meta.get("source") == str(args.prompts or "kjv"):
-            print(f"{out} holds this scan already (--force to redo):")
-            print("\n".join(summary_lines(done)))
-            return 0
-    model = hl.load(args.model, device=args.device, dtype=args.dtype)
-    print(model)
-    scores = sink_scan(model, _read_prompts(args.prompts, args.n_prompts), params)
-    scores.meta["source"] = str(args.prompts or "kjv")
-    scores.save(out)
-    for key in ("sink_share", "first_score", "later_share"):
-        scores.figure(key).write_html(out / f"heatmap_{key}.html", include_plotlyjs="cdn")
-    for key in ("later_share", "first_score"):
-        head = scores.top(1, map=key)[0][0]
-        column_figure(scores, head).write_html(out / f"column_{key}_{head}.html", include_plotlyjs="cdn")
-    print("\n".join(summary_lines(scores)))
-    print(f"wrote {out}/ in {scores.meta['seconds']} s")
-    return 0

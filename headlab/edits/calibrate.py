@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from headlab.analyses.sinks import SinkRule, exempt_first, sink_mask
+from headlab.sink_rule import SinkRule, exempt_first, sink_mask
 from headlab.capture import HeadOverride, LayerOps, LayerRecord, attend
 from headlab.errors import EditError
 from headlab.heads import HeadRef, as_heads, by_layer

@@ -7,6 +7,7 @@ by an exception) restores the model bit for bit.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal
@@ -44,10 +45,25 @@ class Ablate:
 
 @dataclass(frozen=True)
 class Scale:
-    """Multiply a head's output (its slice of the output-projection input) by `factor`."""
+    """Multiply a head's output (its slice of the output-projection input) by `factor`.
+
+    `factor` is a finite number, or a 0-dim tensor (e.g. one that requires grad: attribution patching is
+    `Scale(head, factor=a)` with `a = 1` and `∂loss/∂a`, see `headlab.prune.rankers.atp_scores`).
+    """
 
     head: HeadRef
-    factor: float = field(kw_only=True)
+    factor: float | torch.Tensor = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        f = self.factor
+        if isinstance(f, torch.Tensor):
+            if f.numel() != 1 or f.dim() != 0:
+                raise EditError(f"Scale({self.head}) needs a number or a 0-dim tensor, got a tensor of shape "
+                                f"{tuple(f.shape)}")
+            if not bool(torch.isfinite(f.detach())):
+                raise EditError(f"Scale({self.head}, factor={f.item()}) is not finite")
+        elif isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
+            raise EditError(f"Scale({self.head}, factor={f!r}): the factor must be a finite number")
 
 
 Edit = Ablate | Scale
@@ -108,7 +124,8 @@ def compile_edits(model: HeadModel, edits: Iterable[Any]) -> dict[int, LayerOps]
     for e in edits:
         layer, head = e.head.layer, e.head.head
         if isinstance(e, Scale):
-            new = LayerOps(scale=((head, float(e.factor)),))
+            factor = e.factor if isinstance(e.factor, torch.Tensor) else float(e.factor)
+            new = LayerOps(scale=((head, factor),))
         elif e.how == "zero":
             new = LayerOps(scale=((head, 0.0),))
         elif e.how == "uniform":

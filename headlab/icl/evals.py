@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from headlab.icl import baselines
+import headlab.icl.baselines as baselines
 from headlab.icl.models import predict
 from headlab.icl.tasks import Shift, TaskParams, sample
 

@@ -7,7 +7,6 @@ reuses (or resumes) them; delete that folder to retrain. d = 5, N = 40 throughou
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -205,22 +204,22 @@ def errors_section(rep: Report, heads: dict, quick: bool) -> None:
                 {"zfb": zfb, "he": he, "lsa_slope_ratio": ratio}, lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m headlab.icl.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/icl-report"))
-    parser.add_argument("--quick", action="store_true", help="fewer steps and prompts (a smoke run)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rep = Report(args.out)
-    lsa_section(rep, args.quick)
-    heads = heads_section(rep, args.quick)
-    errors_section(rep, heads, args.quick)
+def run_report(out: Path, *, quick: bool = False, threads: int = 1) -> dict:
+    """Every check of the ICL report at the papers' sizes (quick: a smoke run); writes out/report.json and figures."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(out)
+    lsa_section(rep, quick)
+    heads = heads_section(rep, quick)
+    errors_section(rep, heads, quick)
     rep.save()
-    print(f"\ntotal {rep.data['total_seconds']} s; wrote {args.out}/report.json and figures")
-    return 0
+    print(f"\ntotal {rep.data['total_seconds']} s; wrote {out}/report.json and figures")
+    return rep.data
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m headlab.icl.report ...` is `headlab icl report ...`
+    import sys
+
+    from headlab.cli import main
+
+    raise SystemExit(main(["icl", "report", *sys.argv[1:]]))

@@ -288,7 +288,7 @@ def train(task: TaskParams, model_params: ModelParams, train_params: TrainParams
 
 
 def _meta() -> dict:
-    from headlab import __version__
+    from headlab.version import __version__
 
     return {"headlab": __version__, "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}

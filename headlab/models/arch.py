@@ -8,11 +8,29 @@ attention interface with post-RoPE q, k, v, which is the seam headlab captures a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from torch import nn
 
 from headlab.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Projections:
+    """Where a family keeps its attention projections, as attribute names on the attention module.
+
+    Attributes:
+        kind: "separate" (q, k, v, o as `nn.Linear`, weight `[out, in]`, q/o over H·D, k/v over G·D) or
+            "fused_conv1d" (GPT-2: one `Conv1D` `qkv` with weight `[d, 3·H·D]` and an `o` `Conv1D` `[H·D, d]`).
+        q, k, v: the separate projections' names. qkv: the fused one's name. o: the output projection's name.
+    """
+
+    kind: Literal["separate", "fused_conv1d"]
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qkv: str = "c_attn"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +53,8 @@ class ArchSpec:
             head's slice of the output-projection input).
         prepare: `prepare(model)` is called once on the whole model when it is wrapped, before `attach`
             (fla: torch forwards for its Triton-only norms and MLPs where there is no GPU).
+        projections: the layout of the q/k/v/o projections on the attention module (what structural pruning
+            resizes); None where headlab cannot resize the family's heads.
     """
 
     family: str
@@ -45,6 +65,7 @@ class ArchSpec:
     attach: Callable[[nn.Module], None] | None = None
     geometry: Callable[[object], tuple[int, int, int]] | None = None
     prepare: Callable[[nn.Module], None] | None = None
+    projections: Projections | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {}
@@ -56,12 +77,17 @@ def register_arch(*model_types: str, spec: ArchSpec) -> None:
         ARCHS[model_type] = spec
 
 
-register_arch("llama", spec=ArchSpec(family="llama", attn_classes=("LlamaAttention",), out_proj="o_proj"))
-register_arch("mistral", spec=ArchSpec(family="mistral", attn_classes=("MistralAttention",), out_proj="o_proj"))
-register_arch("qwen2", spec=ArchSpec(family="qwen2", attn_classes=("Qwen2Attention",), out_proj="o_proj"))
+SEPARATE = Projections("separate")
+register_arch("llama", spec=ArchSpec(family="llama", attn_classes=("LlamaAttention",), out_proj="o_proj",
+                                     projections=SEPARATE))
+register_arch("mistral", spec=ArchSpec(family="mistral", attn_classes=("MistralAttention",), out_proj="o_proj",
+                                       projections=SEPARATE))
+register_arch("qwen2", spec=ArchSpec(family="qwen2", attn_classes=("Qwen2Attention",), out_proj="o_proj",
+                                     projections=SEPARATE))
 register_arch(
     "gpt2",
-    spec=ArchSpec(family="gpt2", attn_classes=("GPT2Attention",), out_proj="c_proj", out_proj_kind="conv1d"),
+    spec=ArchSpec(family="gpt2", attn_classes=("GPT2Attention",), out_proj="c_proj", out_proj_kind="conv1d",
+                  projections=Projections("fused_conv1d", qkv="c_attn", o="c_proj")),
 )
 register_arch(
     "bert",

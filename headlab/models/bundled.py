@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from headlab.errors import ModelNotFoundError
-from headlab.models.linear.train import STACKS
+from headlab.models.linear.config import STACKS
+from headlab.paths import TOY_INDUCTION_DIR, TWINS_DIR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,18 +37,14 @@ def _smollm2_folder() -> Path:
 
 
 def _toy_folder() -> Path:
-    from headlab.models.toy import TOY_INDUCTION_DIR
-
     if not (TOY_INDUCTION_DIR / "config.json").exists():
         raise ModelNotFoundError(f"toy-induction checkpoint missing at {TOY_INDUCTION_DIR}: "
-                                 "run `python scripts/train_toy_induction.py` to train it (about two minutes)")
+                                 "run `headlab train toy` to train it (about two minutes)")
     return TOY_INDUCTION_DIR
 
 
 def _twin_folder(name: str) -> Callable[[], Path]:
     def folder() -> Path:
-        from headlab.models.linear.train import TWINS_DIR
-
         path = TWINS_DIR / name
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"twin {name} missing at {path}: train it with `headlab train twins "

@@ -14,28 +14,7 @@ from torch import nn
 from headlab.errors import ModelNotFoundError, UnsupportedModelError
 from headlab.models.arch import ARCHS
 from headlab.models.bundled import BUNDLED
-from headlab.models.head_model import HeadModel
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """CUDA when present, else CPU, unless a device is given."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
+from headlab.models.head_model import HeadModel, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 
 def load(source: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          tokenizer: Any = None, attn_implementation: str = "sdpa") -> HeadModel:
@@ -154,7 +133,7 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
     config = json.loads(config_path.read_text())
     if "headlab_pruned" in config:  # structurally pruned (headlab.prune): per-layer head counts
-        from headlab.prune.structural import load_pruned
+        from headlab.models.pruned import load_pruned
 
         return load_pruned(folder, device=device, dtype=dtype, tokenizer=tokenizer,
                            attn_implementation=attn_implementation, name=name)

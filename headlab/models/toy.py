@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-TOY_INDUCTION_DIR = Path(__file__).resolve().parents[2] / "data" / "toy-induction"
+from headlab.paths import TOY_INDUCTION_DIR  # noqa: E402,F401  (re-exported)
 
 BOS = 0
 VOCAB = 128

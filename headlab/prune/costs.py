@@ -12,7 +12,7 @@ import torch
 from headlab.edits.heads import ablate, edit
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
-from headlab.prune.structural import pruned_layouts
+from headlab.models.pruned import pruned_layouts
 
 
 def param_count(model: HeadModel, *, attention_only: bool = False) -> int:

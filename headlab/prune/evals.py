@@ -18,8 +18,9 @@ import torch
 from headlab.analyses.induction import repeated_tokens
 from headlab.errors import HeadlabError
 from headlab.models.head_model import HeadModel
+from headlab.paths import TEXT_DIR
 
-DATA_TEXT = Path(__file__).resolve().parents[2] / "data" / "text"
+DATA_TEXT = TEXT_DIR
 CALIB_TEXT = DATA_TEXT / "kjv-genesis-1-15.txt"
 HELDOUT_TEXT = DATA_TEXT / "kjv-john.txt"
 

@@ -1,211 +1,35 @@
-"""Structural pruning: remove heads' weights for real, save the smaller model and load it back.
+"""Structural pruning: remove heads' weights for real, save the smaller model, check it against the masked one.
 
 `remove_heads(model, heads)` returns a new HeadModel whose attention projections hold only the kept
 heads; it computes what the original computes with those heads zero-ablated (`hl.Ablate(how="zero")`,
-i.e. their slice of the output-projection input set to 0), up to float rounding.
-
-Grouped-query attention: a KV group is dropped only when all of its query heads are. HF attention
-assumes the same number of query heads per KV group (`num_key_value_groups`). A layer that keeps
-uneven counts (e.g. 3, 1 and 2 heads of three groups) keeps exactly its heads and groups: the module
-gets its own config copy naming the attention function `headlab_gqa`, which widens k and v from the
-kept groups to one per query head (`index_select` by the layer's `kv_slot`, as `repeat_kv` would)
-and then calls the model's attention function (headlab's seam under a HeadModel). The KV cache holds
-only the kept groups. In a pruned model a head index is a slot of its layer: `pruned_layouts` maps
-slots back to the original heads.
-
-A layer whose heads are all removed keeps its attention module (so layer indices do not move) with
-0-sized projections and a forward that returns the output projection's bias (0 without bias); it
-writes empty `[B, 0, T, D]` entries to a KV cache so the cache's sequence length stays right.
-
-Supported families: Llama-like (`q_proj/k_proj/v_proj/o_proj`: llama, mistral, qwen2) and GPT-2
-(`c_attn/c_proj` Conv1D). The per-layer layout is saved in `config.json` under `headlab_pruned`.
+i.e. their slice of the output-projection input set to 0), up to float rounding. The layouts, the resizing
+and `load_pruned` live in `headlab.models.pruned` (loading a saved model needs no pruning code); the GQA and
+emptied-layer rules are described there. Supported: every family whose ArchSpec has `projections` (Llama-like
+q/k/v/o and GPT-2's fused Conv1D). The per-layer layout is saved in `config.json` under `headlab_pruned`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import types
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
-import transformers
-from safetensors.torch import load_file
-from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.pytorch_utils import Conv1D
 
-from headlab.capture import eager_function_for
-from headlab.errors import HeadlabError, UnsupportedModelError
+from headlab.errors import HeadlabError
 from headlab.heads import HeadRef, as_heads, by_layer
 from headlab.models.head_model import HeadModel
-
-CONFIG_KEY = "headlab_pruned"
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """The heads one pruned layer keeps.
-
-    Attributes:
-        heads: per query slot, the original query head it holds.
-        kv: per KV slot, the original KV group it holds (for GPT-2's multi-head attention, `kv == heads`).
-        kv_slot: per query slot, the KV slot it reads.
-    """
-
-    heads: tuple[int, ...]
-    kv: tuple[int, ...]
-    kv_slot: tuple[int, ...]
-
-    @property
-    def ratio(self) -> int | None:
-        """Query heads per KV group when every kept group keeps the same count (HF's own GQA), else None."""
-        if not self.kv or len(self.heads) % len(self.kv):
-            return None
-        r = len(self.heads) // len(self.kv)
-        return r if self.kv_slot == tuple(i // r for i in range(len(self.heads))) else None
-
-    def to_json(self) -> dict[str, list]:
-        """The layout as saved in `config.json`."""
-        return {"heads": list(self.heads), "kv": list(self.kv), "kv_slot": list(self.kv_slot)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, list]) -> "LayerLayout":
-        """A layout read back from `config.json`."""
-        return cls(heads=tuple(data["heads"]), kv=tuple(data["kv"]), kv_slot=tuple(data["kv_slot"]))
-
-
-def plan_layout(n_heads: int, n_kv_heads: int, removed: Iterable[int]) -> LayerLayout:
-    """The layout of one layer after removing query heads `removed` (a KV group goes with its last head)."""
-    removed = set(removed)
-    per_group = n_heads // n_kv_heads
-    heads = tuple(h for h in range(n_heads) if h not in removed)
-    kv = tuple(dict.fromkeys(h // per_group for h in heads))
-    return LayerLayout(heads=heads, kv=kv, kv_slot=tuple(kv.index(h // per_group) for h in heads))
-
-
-GQA_IMPLEMENTATION = "headlab_gqa"
-
-
-def _gqa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, **kwargs: Any):
-    """Widen k, v `[B, G', S, D]` to one per query head `[B, H', S, D]`, then call the model's attention."""
-    index = torch.as_tensor(module._headlab_kv_slot, device=key.device)
-    key, value = key.index_select(1, index), value.index_select(1, index)
-    impl = module._headlab_model_config._attn_implementation
-    fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_function_for(module))
-    return fn(module, query, key, value, attention_mask, **kwargs)
-
-
-def _ensure_gqa_registered() -> None:
-    if GQA_IMPLEMENTATION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(GQA_IMPLEMENTATION, _gqa_attention)
-
-
-def _family(model: HeadModel) -> str:
-    family = model.spec.family
-    if family not in LLAMA_LIKE + ("gpt2",):
-        raise UnsupportedModelError(f"structural pruning supports {', '.join(LLAMA_LIKE)} and gpt2, not {family}")
-    return family
-
-
-def _rows(weight: torch.Tensor, slots: tuple[int, ...], dim: int, axis: int) -> torch.Tensor:
-    """Gather the `dim`-sized blocks `slots` along `axis` of a weight (e.g. heads' rows of q_proj `[H·D, d]`)."""
-    if not slots:
-        shape = list(weight.shape)
-        shape[axis] = 0
-        return weight.new_zeros(shape)
-    return torch.cat([weight.narrow(axis, s * dim, dim) for s in slots], dim=axis).contiguous()
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding `weight` `[out, in]` and `bias` `[out]` (no random init)."""
-    with warnings.catch_warnings():  # a 0-sized layer warns that initialising it is a no-op
-        warnings.simplefilter("ignore", UserWarning)
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach().clone())
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone())
-    return layer
-
-
-def _conv1d(weight: torch.Tensor, bias: torch.Tensor) -> Conv1D:
-    """A GPT-2 Conv1D holding `weight` `[in, out]` and `bias` `[out]`."""
-    with torch.device("meta"):
-        layer = Conv1D(weight.shape[1], weight.shape[0])
-    layer.weight = nn.Parameter(weight.detach().clone())
-    layer.bias = nn.Parameter(bias.detach().clone())
-    return layer
-
-
-def _empty_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-    """Forward of an attention module with no heads: the output projection of nothing, and empty KV."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    cache = getattr(cache, "self_attention_cache", cache)
-    if cache is not None:
-        b, t = hidden_states.shape[:2]
-        empty = hidden_states.new_zeros(b, 0, t, self._headlab_head_dim)  # [B, 0, T, D]
-        cache.update(empty, empty.clone(), self.layer_idx)
-    bias = (self.o_proj if hasattr(self, "o_proj") else self.c_proj).bias
-    out = torch.zeros_like(hidden_states)  # [B, T, d_model]: no head writes anything
-    return (out if bias is None else out + bias), None
-
-
-def _apply_layer(module: nn.Module, family: str, layout: LayerLayout, head_dim: int,
-                 source: nn.Module | None = None) -> None:
-    """Resize one attention module to `layout`, copying weights from `source` (original) when given."""
-    src = source if source is not None else module
-    d = head_dim
-    if family in LLAMA_LIKE:
-        def proj(name: str, slots, out_axis: bool) -> nn.Linear:
-            """The projection `name` cut to `slots` (its output rows, or for o_proj its input columns)."""
-            old = getattr(src, name)
-            if source is None:  # shape only: the weights come from a state dict later
-                slots = [0] * len(slots)
-            axis = 0 if out_axis else 1
-            w = _rows(old.weight, tuple(slots), d, axis)
-            b = old.bias
-            if b is not None and out_axis:
-                b = _rows(b[:, None], tuple(slots), d, 0)[:, 0]
-            return _linear(w, b)
-        module.q_proj = proj("q_proj", layout.heads, True)
-        module.k_proj = proj("k_proj", layout.kv, True)
-        module.v_proj = proj("v_proj", layout.kv, True)
-        module.o_proj = proj("o_proj", layout.heads, False)
-        if layout.heads and layout.ratio is not None:
-            module.num_key_value_groups = layout.ratio
-        elif layout.heads:  # uneven groups: the module's own config routes it through _gqa_attention
-            _ensure_gqa_registered()
-            module._headlab_model_config = module.config
-            module._headlab_kv_slot = layout.kv_slot
-            module.config = copy.copy(module.config)
-            module.config._attn_implementation = GQA_IMPLEMENTATION
-            module.num_key_value_groups = 1
-    else:
-        w, b = src.c_attn.weight, src.c_attn.bias  # [d_model, 3·H·D], [3·H·D]
-        width = w.shape[1] // 3
-        slots = layout.heads if source is not None else (0,) * len(layout.heads)  # shape only when no source
-        parts_w = [_rows(w.narrow(1, i * width, width), slots, d, 1) for i in range(3)]
-        parts_b = [_rows(b.narrow(0, i * width, width)[:, None], slots, d, 0)[:, 0] for i in range(3)]
-        module.c_attn = _conv1d(torch.cat(parts_w, 1), torch.cat(parts_b))
-        module.c_proj = _conv1d(_rows(src.c_proj.weight, slots, d, 0), src.c_proj.bias)
-        module.num_heads = len(layout.heads)
-        module.split_size = len(layout.heads) * d
-    if not layout.heads:
-        module._headlab_head_dim = d
-        module.forward = types.MethodType(_empty_forward, module)
-
-
-def _apply_layouts(model: HeadModel, layouts: list[LayerLayout], copy_from: HeadModel | None) -> None:
-    family = _family(model)
-    for layer, layout in enumerate(layouts):
-        source = copy_from.attention_module(layer) if copy_from is not None else None
-        _apply_layer(model.attention_module(layer), family, layout, model.head_dim, source)
+from headlab.models.pruned import (  # noqa: F401  (re-exported: the pruning API in one place)
+    CONFIG_KEY,
+    LayerLayout,
+    _apply_layouts,
+    is_pruned_folder,
+    load_pruned,
+    plan_layout,
+    projections_of,
+    pruned_layouts,
+)
 
 
 def layouts_for(model: HeadModel, heads: Iterable[HeadRef]) -> list[LayerLayout]:
@@ -216,17 +40,9 @@ def layouts_for(model: HeadModel, heads: Iterable[HeadRef]) -> list[LayerLayout]
     return [plan_layout(model.n_heads, model.n_kv_heads, removed.get(l, [])) for l in range(model.n_layers)]
 
 
-def pruned_layouts(model: HeadModel) -> list[LayerLayout] | None:
-    """The per-layer layouts of a structurally pruned model (None if it is not one)."""
-    info = getattr(model.hf.config, CONFIG_KEY, None)
-    if not info:
-        return None
-    return [LayerLayout.from_json(x) for x in info["layers"]]
-
-
 def remove_heads(model: HeadModel, heads: Iterable[HeadRef] | HeadRef) -> HeadModel:
     """A new, smaller HeadModel without `heads` (the original is untouched; a permanent, explicit edit)."""
-    family = _family(model)
+    projections_of(model)  # a clear error for families that cannot be resized
     if pruned_layouts(model) is not None:
         raise HeadlabError(f"{model.name} is already structurally pruned: prune the original model instead")
     refs = as_heads(heads)
@@ -236,7 +52,7 @@ def remove_heads(model: HeadModel, heads: Iterable[HeadRef] | HeadRef) -> HeadMo
                        source=model.source, note=model.note)
     _apply_layouts(pruned, layouts, copy_from=model)
     setattr(hf.config, CONFIG_KEY, {
-        "family": family, "source": model.source, "note": model.note, "removed": [str(r) for r in refs],
+        "family": model.spec.family, "source": model.source, "note": model.note, "removed": [str(r) for r in refs],
         "layers": [lay.to_json() for lay in layouts],
     })
     return pruned
@@ -259,43 +75,22 @@ def save_pruned(model: HeadModel, folder: str | Path) -> Path:
     return folder
 
 
-def is_pruned_folder(folder: str | Path) -> bool:
-    """Whether a folder holds a model saved by `save_pruned`."""
-    path = Path(folder) / "config.json"
-    return path.is_file() and CONFIG_KEY in json.loads(path.read_text())
+def prune_and_save(model: HeadModel, heads: Iterable[HeadRef], folder: str | Path, *, seed: int = 0) -> dict:
+    """Remove `heads` for real, save the smaller model to `folder`, reload it and check it against the masked model.
 
+    Returns (and writes to `folder/prune_report.json`) the folder, the number of heads removed, the largest logit
+    difference to the zero-ablated original (float32 and float64, on random token ids) and the size comparison.
+    """
+    from headlab.prune.costs import compare, equality
 
-def load_pruned(folder: str | Path, *, device: str | torch.device | None = None,
-                dtype: str | torch.dtype | None = None, tokenizer: Any = None,
-                attn_implementation: str = "sdpa", name: str | None = None) -> HeadModel:
-    """Load a folder written by `save_pruned`: build the model from its config, resize each layer, load weights."""
-    from headlab.models.loading import resolve_device, resolve_dtype
-
+    heads = as_heads(heads)
     folder = Path(folder)
-    if not is_pruned_folder(folder):
-        raise HeadlabError(f"{folder} is not a structurally pruned headlab model (no {CONFIG_KEY!r} in config.json)")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    config._attn_implementation = attn_implementation
-    cls = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0])
-    torch_dtype = resolve_dtype(dtype)
-    hf = cls(config).to(torch_dtype).eval()
-    layouts = [LayerLayout.from_json(x) for x in config.headlab_pruned["layers"]]
-    shell = HeadModel(hf, None)  # only to find the attention modules; rewrapped below
-    _apply_layouts(shell, layouts, copy_from=None)
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied = set(getattr(hf, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise HeadlabError(f"{folder}: weights do not match the pruned layout (missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]})")
-    hf.tie_weights()
-    hf = hf.to(resolve_device(device), torch_dtype)
-    if tokenizer is None and (folder / "tokenizer_config.json").exists():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    info = config.headlab_pruned
-    note = f"structurally pruned: {len(info['removed'])} heads removed from {info['source']}"
-    return HeadModel(hf, tokenizer, name=name or str(folder), source=str(folder),
-                     note="; ".join(n for n in (info.get("note"), note) if n))
+    save_pruned(remove_heads(model, heads), folder)
+    loaded = load_pruned(folder, device=model.device, dtype=model.dtype)
+    ids = torch.randint(model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(seed))
+    check = equality(model, loaded, heads, ids)
+    report = {"folder": str(folder), "removed": len(heads),
+              "equal_to_1e-5_in_float64": check["max_abs_diff_float64"] < 1e-5,
+              **{f"vs_masked_{k}": v for k, v in check.items()}, **compare(model, loaded)}
+    (folder / "prune_report.json").write_text(json.dumps(report, indent=1))
+    return report

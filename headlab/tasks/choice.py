@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "tasks"
+from headlab.paths import TASKS_DIR
+
+DATA = TASKS_DIR
 
 
 @dataclass(frozen=True)

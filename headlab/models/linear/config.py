@@ -77,3 +77,16 @@ class HeadlabLinearConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+#: The twins' layer stacks (`headlab train twins`, bundled names twin-<task>-<kind>). BASED pairs its Taylor linear
+#: attention with sliding-window softmax, as the BASED architecture does (window layer first, so the global layer can
+#: read the previous token).
+STACKS: dict[str, tuple[str, ...]] = {
+    "softmax": ("softmax", "softmax"),
+    "linear": ("linear", "linear"),
+    "hedgehog": ("hedgehog", "hedgehog"),
+    "based": ("swa", "based"),
+    "gla": ("gla", "gla"),
+    "deltanet": ("deltanet", "deltanet"),
+}

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -27,24 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headlab.models.linear.config import HeadlabLinearConfig
+from headlab.models.linear.config import STACKS, HeadlabLinearConfig
 from headlab.models.linear.modeling import HeadlabLinearForCausalLM
+from headlab.paths import KJV_GENESIS, KJV_JOHN, TWINS_DIR  # noqa: F401 (TWINS_DIR re-exported)
 
-ROOT = Path(__file__).resolve().parents[3]
-TWINS_DIR = ROOT / "data" / "linear-twins"
-TEXT_TRAIN = ROOT / "data" / "text" / "kjv-john.txt"
-TEXT_HELDOUT = ROOT / "data" / "text" / "kjv-genesis-1-15.txt"
+TEXT_TRAIN = KJV_JOHN
+TEXT_HELDOUT = KJV_GENESIS
 
-#: The twins' layer stacks. BASED pairs its Taylor linear attention with sliding-window softmax, as the
-#: BASED architecture does (window layer first, so the global layer can read the previous token).
-STACKS: dict[str, tuple[str, ...]] = {
-    "softmax": ("softmax", "softmax"),
-    "linear": ("linear", "linear"),
-    "hedgehog": ("hedgehog", "hedgehog"),
-    "based": ("swa", "based"),
-    "gla": ("gla", "gla"),
-    "deltanet": ("deltanet", "deltanet"),
-}
 TASKS = ("recall", "text")
 RECALL_VOCAB = 128  # token 0 is BOS (toy-induction's vocabulary)
 EVAL_PERIODS = (8, 16, 32)

@@ -1,0 +1,33 @@
+"""`headlab explore`: the Gradio head explorer (apps/explorer.py wires headlab.explore's logic)."""
+
+from __future__ import annotations
+
+import argparse
+
+from headlab.cli.common import MODEL_HELP
+
+
+def register(sub) -> argparse.ArgumentParser:
+    """Add `headlab explore --model NAME_OR_PATH [--host] [--port] [--max-tokens]`."""
+    from headlab.explore import DEFAULT_MODEL, ExplorerSettings
+
+    p = sub.add_parser("explore", help="open the Gradio head explorer (local only, no share link)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: the first free one from 7860)")
+    p.add_argument("--max-tokens", type=int, default=ExplorerSettings.max_tokens, help="longest prompt analysed")
+    p.set_defaults(handler=cmd_explore)
+    return p
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """Load the model once and warm it up, then serve the explorer until interrupted."""
+    from headlab.explore import Explorer, ExplorerSettings, load_app_module
+
+    app = load_app_module()
+    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens))
+    print(f"loading {args.model} ...", flush=True)
+    explorer.open_model(args.model, "", True, "induction", -1, None)  # load and warm up before the first page
+    demo = app.build_app(explorer, model=args.model)
+    app.launch(demo, host=args.host, port=args.port or None, block=True)
+    return 0

@@ -179,10 +179,15 @@ def _merge_ops(old: tuple[tuple[int, LayerOps], ...], new: dict[int, LayerOps]) 
 
 
 @contextmanager
-def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, LayerOps] | None = None) -> Iterator[None]:
-    """Make a capture and/or head edits active for model `owner` in this context, until the block exits."""
+def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, LayerOps] | None = None,
+             isolated: bool = False) -> Iterator[None]:
+    """Make a capture and/or head edits active for model `owner` in this context, until the block exits.
+
+    Private to the seam's owners (this module, HeadModel, edits): everyone else goes through `hl.edit`,
+    `HeadModel.run / stats / capturing`. `isolated`: the outer scopes' captures and edits do not apply inside.
+    """
     current = _STATE.get()
-    state = current.get(owner, _Active())
+    state = _Active() if isolated else current.get(owner, _Active())
     state = _Active(
         captures=state.captures + ((capture,) if capture is not None else ()),
         ops=_merge_ops(state.ops, ops or {}),
@@ -192,6 +197,11 @@ def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, Layer
         yield
     finally:
         _STATE.reset(token)
+
+
+def is_active(owner: int) -> bool:
+    """Whether any capture or head edit is active for model `owner` in this context."""
+    return _STATE.get().get(owner) is not None
 
 
 def active_ops(owner: int) -> dict[int, LayerOps]:

@@ -206,3 +206,28 @@ def test_scale_takes_a_scalar_tensor_and_gives_its_gradient(llama):
 def test_scale_refuses_factors_that_are_not_finite_numbers(factor):
     with pytest.raises(hl.EditError, match="Scale"):
         hl.Scale(hl.HeadRef(0, 0), factor=factor)
+
+
+def test_mean_ablation_reference_ignores_outer_edits(llama):
+    """The reference mean is taken with no edits active, also when the mean ablation is nested in another edit."""
+    from headlab.edits.heads import mean_head_outputs
+
+    ref = [[1, 5, 9, 2, 7, 5, 9, 2], [3, 4, 8, 8, 1, 2, 6, 7]]
+    clean = mean_head_outputs(llama, ref, [0, 1])
+    with hl.edit(llama, [hl.Scale(hl.HeadRef(0, 1), factor=3.0), hl.Ablate(hl.HeadRef(1, 2))]):
+        nested = mean_head_outputs(llama, ref, [0, 1])
+    assert all(torch.equal(clean[l], nested[l]) for l in (0, 1))
+
+
+def test_capturing_records_a_decode_loop_and_forward_cached_matches_a_full_forward(llama):
+    ids = torch.tensor([[1, 5, 9, 2, 7, 5, 9, 2]])
+    full = llama.hf(ids).logits[0, -1]
+    with llama.capturing(layers=[1]) as capture:
+        logits, cache = llama.forward_cached(ids[:, :-1])
+        seen = capture.records[1].q.shape[2]
+        logits, cache = llama.forward_cached(ids[:, -1:], cache)
+    assert seen == 7 and capture.records[1].q.shape[2] == 1 and capture.records[1].k.shape[2] == 8
+    assert (logits - full).abs().max() < 1e-5
+    with pytest.raises(hl.HeadIndexError):
+        with llama.capturing(layers=[9]):
+            pass

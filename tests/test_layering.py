@@ -47,10 +47,6 @@ SEAM_OWNERS = ("headlab.capture", "headlab.models.head_model", "headlab.edits")
 KNOWN = {
     # viz.figures.pattern takes a Run and computes the pattern itself (issue 15: viz takes data)
     ("import", "headlab.viz.figures", "headlab.run"),
-    # side doors into the seam still to be closed (issue 15: one door, `hl.edit` and HeadModel.run/stats)
-    ("seam", "headlab.analyses.prompt_scores", "activate"),
-    ("seam", "headlab.analyses.retrieval", "activate"),
-    ("seam", "headlab.models.fla_adapter", "_STATE"),
     # `python -m headlab.icl.report` delegates to the CLI under its __main__ guard
     ("import", "headlab.icl.report", "headlab.cli"),
 }

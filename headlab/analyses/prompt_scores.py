@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headlab.capture import Capture, LayerRecord, activate
+from headlab.capture import LayerRecord
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel, Prompt
 from headlab.results import HeadScores, params_dict, run_meta
@@ -97,9 +97,8 @@ def prompt_scores(model: HeadModel, prompt: Prompt, params: PromptScoreParams = 
         if records is not None:
             records[record.layer] = record
 
-    capture = Capture(keep=False, callback=reduce)
-    with activate(model.owner, capture=capture), torch.no_grad():
-        out = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with model.capturing(keep=False, callback=reduce):
+        out = model.forward(batch)
     maps = {key: torch.stack([per_layer[l][key] for l in range(model.n_layers)]) for key in MAPS}
     items = {"tokens": ids.cpu()}
     logits = getattr(out, "logits", None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import re
 import time
@@ -46,7 +45,6 @@ from headlab.analyses.razor import (
     retrieval_kv_heads,
     summarize,
 )
-from headlab.capture import Capture, activate
 from headlab.edits.heads import edit
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel
@@ -142,13 +140,8 @@ def text_prompt(model: HeadModel, needle: NeedleSet, length: int, depth: float, 
 
 
 def forward_cached(model: HeadModel, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
-    """One forward of ids `[1, T]` on a KV cache (None: a fresh one); returns the last logits `[V]` and the cache."""
-    params = inspect.signature(model.hf.forward).parameters  # the cache kwarg was renamed in transformers 5.x
-    kwargs: dict[str, Any] = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    out = model.hf(input_ids=ids, **kwargs)
-    return out.logits[0, -1], (out["cache"] if "cache" in out.keys() else out["past_key_values"])
+    """One forward of ids `[1, T]` on a KV cache (None: a fresh one): `HeadModel.forward_cached`."""
+    return model.forward_cached(ids, cache)
 
 
 def greedy_decode(model: HeadModel, cache: Any, first: int, *, max_new_tokens: int, stop: set[int],
@@ -197,8 +190,8 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
             hit = (idx >= start) & (idx < end) & (prompt_ids[idx.clamp(0, len(ids) - 1)] == token)
             score.add_(hit, alpha=1.0 / (end - start))
 
-        capture = Capture(keep=False, callback=top1) if cond.score else None
-        with torch.no_grad(), edit(model, cond.edits(len(ids) - 1)), activate(model.owner, capture=capture):
+        scope = model.capturing(keep=False, callback=top1) if cond.score else contextlib.nullcontext()
+        with torch.no_grad(), edit(model, cond.edits(len(ids) - 1)), scope:
             gen = greedy_decode(model, copy.deepcopy(cache), ids[-1], max_new_tokens=max_new_tokens, stop=stop,
                                 on_step=on_step)
         reply = model.tokenizer.decode(gen, skip_special_tokens=True).strip() if model.tokenizer else ""

@@ -74,7 +74,7 @@ def mean_head_outputs(model: HeadModel, reference: Any, layers: Iterable[int]) -
     layers = sorted(set(layers))
     capture = Capture(layers=frozenset(layers), with_z=True)
     batch = model.encode(reference)
-    with activate(model.owner, capture=capture), torch.no_grad():
+    with activate(model.owner, capture=capture, isolated=True), torch.no_grad():  # no edits apply, outer ones neither
         model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     weights = batch.attention_mask.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
     out = {}

@@ -166,10 +166,10 @@ def _fla_gates() -> dict[Callable, Callable]:
 
 def _scope_active(module: nn.Module) -> bool:
     """Whether a headlab capture or edit is active for the model this module belongs to."""
-    from headlab.capture import _STATE
+    from headlab.capture import is_active
 
     slot = module.__dict__.get("_headlab_slot")
-    return slot is not None and slot.module_id == id(module) and _STATE.get().get(slot.owner) is not None
+    return slot is not None and slot.module_id == id(module) and is_active(slot.owner)
 
 
 def _patched_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,

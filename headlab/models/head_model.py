@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from torch import nn
 from headlab.capture import (
     IMPLEMENTATION,
     Capture,
+    LayerRecord,
     LayerSlot,
     activate,
     eager_function_for,
@@ -67,6 +70,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of an HF model output (`cache`, or `past_key_values` before transformers 5.x; None if neither)."""
+    cache = output.get("cache", None)
+    return output.get("past_key_values", None) if cache is None else cache
 
 
 class HeadModel:
@@ -295,6 +304,34 @@ class HeadModel:
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with torch.set_grad_enabled(grad):
             return self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    @contextmanager
+    def capturing(self, *, layers: Iterable[int] | None = None, with_z: bool = False, keep: bool = True,
+                  callback: Callable[[LayerRecord], None] | None = None) -> Iterator[Capture]:
+        """Record the given layers (all when None) of every forward inside the block; yields the Capture.
+
+        For loops that make their own forwards (a decode loop over a KV cache, `forward_cached`): each layer's
+        latest LayerRecord lands in `capture.records` (keep=True), and/or `callback(record)` runs as the forward
+        reaches the layer (reductions that drop the record). `run` and `stats` are this plus one forward.
+        """
+        wanted = None if layers is None else frozenset(layers)
+        if wanted is not None:
+            self.check_layers(wanted)
+        capture = Capture(layers=wanted, with_z=with_z, keep=keep, callback=callback)
+        with activate(self._owner, capture=capture):
+            yield capture
+
+    def forward_cached(self, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """One forward of ids `[1, T]` on a KV cache (None: a fresh one); returns the last logits `[V]` and the cache.
+
+        The one place that knows the cache keyword (`cache`, named `past_key_values` before transformers 5.x).
+        """
+        params = inspect.signature(self.hf.forward).parameters
+        kwargs: dict[str, Any] = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+        if cache is not None:
+            kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        out = self.hf(input_ids=ids, **kwargs)
+        return out.logits[0, -1], output_cache(out)
 
     def run(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
             prepend_bos: bool = False, with_z: bool = False) -> Run:

@@ -40,10 +40,7 @@ def kv_bytes_per_token(model: HeadModel) -> int:
 def measured_kv_bytes(model: HeadModel, n_tokens: int = 16) -> int:
     """KV-cache bytes actually held after a cached forward of `n_tokens` tokens (one sequence)."""
     ids = torch.full((1, n_tokens), model.pad_id, dtype=torch.long, device=model.device)
-    out = model.hf(input_ids=ids, use_cache=True)
-    cache = out.get("cache", None)
-    if cache is None:  # the name before transformers 5.x
-        cache = out.get("past_key_values", None)
+    _, cache = model.forward_cached(ids)
     cache = getattr(cache, "self_attention_cache", cache)
     total = 0
     for layer in cache.layers:

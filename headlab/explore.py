@@ -26,6 +26,7 @@ from headlab.analyses.prompt_scores import MAPS, PromptScoreParams, prompt_score
 from headlab.capture import LayerRecord
 from headlab.errors import EditError, HeadlabError, ModelNotFoundError, PromptError
 from headlab.heads import HeadRef
+from headlab.losses import next_token_losses
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
 from headlab.run import Batch, Run
@@ -346,7 +347,7 @@ class Explorer:
         with hl.edit(model, edits), torch.no_grad():
             logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float()
         ids = batch.input_ids[0]
-        loss = float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:])) if len(ids) > 1 else math.nan
+        loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
         edited = top_predictions(model, logits[-1], self.settings.top_k)
         label = f"{how} {'×' + format(float(factor), 'g') + ' ' if how == 'scale' else ''}{', '.join(map(str, heads))}"
         body = comparison_md(session.top, edited, session.loss, loss, label)

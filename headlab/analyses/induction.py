@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from headlab.capture import LayerRecord
 from headlab.errors import PromptError
+from headlab.losses import next_token_losses
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
 from headlab.stats import pair_weights
@@ -105,10 +106,7 @@ def induction_scan(model: HeadModel, params: InductionParams = InductionParams()
         for layer, scores in run.extra.items():
             per_layer[layer].append(scores)
         if model.is_lm:
-            logits = run.output.logits[:, :-1].float()
-            losses.append(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), run.batch.input_ids[:, 1:].reshape(-1), reduction="none"
-            ).view(len(chunk), -1).cpu())
+            losses.append(next_token_losses(run.output.logits, run.batch.input_ids).cpu())
 
     items: dict[str, torch.Tensor] = {"tokens": tokens}
     for key in MAPS:

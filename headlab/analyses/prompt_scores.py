@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from headlab.capture import LayerRecord
+from headlab.losses import next_token_losses
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel, Prompt
 from headlab.results import HeadScores, params_dict, run_meta
@@ -105,6 +106,6 @@ def prompt_scores(model: HeadModel, prompt: Prompt, params: PromptScoreParams = 
     if logits is not None and model.is_lm:  # not the whole [T, V]: 400 MB for SmolLM2 at 2048 tokens
         logits = logits[0].float()
         items["next_logits"] = logits[-1].cpu()
-        items["token_losses"] = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none").cpu()
+        items["token_losses"] = next_token_losses(logits, ids).cpu()
     return HeadScores(analysis="prompt_scores", model=model.name, maps=maps, primary="induction",
                       params=params_dict(params), meta=run_meta(model, n_tokens=int(ids.shape[0])), items=items)

@@ -22,6 +22,7 @@ from headlab.capture import (
 )
 from headlab.errors import HeadIndexError, PromptError, UnsupportedModelError
 from headlab.heads import HeadRef, as_heads
+from headlab.losses import next_token_losses
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
 from headlab.run import Batch, Run
 
@@ -384,7 +385,7 @@ class HeadModel:
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with torch.set_grad_enabled(grad):
             logits = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return _next_token_losses(logits, batch)
+        return _batch_losses(logits, batch)
 
     def loss(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy over the real (unpadded) targets."""
@@ -407,10 +408,6 @@ def _pad(seqs: list[torch.Tensor], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
-def _next_token_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+def _batch_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-position cross-entropy `[B, T-1]`, NaN where the target token is padding."""
-    targets = batch.input_ids[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    ).view_as(targets)
-    return losses.masked_fill(batch.attention_mask[:, 1:] == 0, float("nan"))
+    return next_token_losses(logits, batch.input_ids, batch.attention_mask)

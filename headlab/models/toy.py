@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from headlab.losses import next_token_losses
 
 from headlab.paths import TOY_INDUCTION_DIR  # noqa: E402,F401  (re-exported)
 
@@ -172,11 +173,7 @@ def repeated_batch(batch: int, rep_len: int, vocab: int, *, generator: torch.Gen
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-position next-token cross entropy, ``[B, T-1]`` (entry t-1 scores token t)."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        tokens[:, 1:].reshape(-1),
-        reduction="none",
-    ).view(tokens.shape[0], -1)
+    return next_token_losses(logits, tokens)
 
 
 # --------------------------------------------------------------------------- eval

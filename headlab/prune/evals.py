@@ -18,6 +18,7 @@ import torch
 from headlab.analyses.induction import repeated_tokens
 from headlab.errors import HeadlabError
 from headlab.models.head_model import HeadModel
+from headlab.losses import next_token_losses
 from headlab.paths import TEXT_DIR
 
 DATA_TEXT = TEXT_DIR
@@ -124,9 +125,9 @@ class InductionTask:
         with torch.set_grad_enabled(grad):
             logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         n = self.seq_len
-        pred = logits[:, n + 1:2 * n].float()  # position t predicts token t+1: targets N+2 .. 2N
-        target = batch.input_ids[:, n + 2:2 * n + 1]
-        losses = torch.nn.functional.cross_entropy(pred.transpose(1, 2), target, reduction="none")
+        window = slice(n + 1, 2 * n + 1)  # position t predicts token t+1: targets N+2 .. 2N
+        losses = next_token_losses(logits[:, window], batch.input_ids[:, window])
+        pred, target = logits[:, n + 1:2 * n], batch.input_ids[:, n + 2:2 * n + 1]
         return losses, pred.argmax(-1) == target
 
     def loss(self, model: HeadModel, *, grad: bool = False) -> torch.Tensor:

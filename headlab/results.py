@@ -1,10 +1,23 @@
-"""Result objects: per-head score maps `[L, H]` with the settings and per-item data that made them."""
+"""Result objects and the one persistence toolkit every writer uses.
+
+`HeadScores`: per-head score maps `[L, H]` with the settings and per-item data that made them.
+
+Persistence: every file a result writes is written atomically (`write_atomic`: a temp file in the same folder,
+flushed and fsynced, then `os.replace`), so a kill leaves the old file or the new one, never half of one; a folder's
+summary file is written last, as its commit marker (`HeadScores.save` writes items, then scores.json). JSON lines
+(`append_jsonl` / `read_jsonl`) end a torn last line before appending and skip it when reading. A saved result that
+cannot be read is treated as absent with a warning (`read_json(..., missing_ok=True)`), or raises `ResultError`
+naming the file.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import json
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +25,115 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from headlab.errors import HeadlabError
 from headlab.heads import HeadRef
 
 SCORES_FILE = "scores.json"
 ITEMS_FILE = "items.safetensors"
+
+
+class ResultError(HeadlabError):
+    """A saved result file that cannot be read (corrupt, torn or tampered with)."""
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` atomically: a temp file beside it, flushed and fsynced, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int = 1) -> Path:
+    """`obj` as JSON, atomically (values JSON cannot hold are written with str())."""
+    return write_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def read_json(path: str | Path, *, missing_ok: bool = False) -> Any:
+    """A JSON file written by `write_json`.
+
+    Absent: None if `missing_ok`, else ResultError. Unreadable: with `missing_ok`, a warning naming it and None (a
+    rerun recomputes it); else a ResultError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise ResultError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if missing_ok:
+            warnings.warn(f"{path} is unreadable ({err}); treating it as absent", stacklevel=2)
+            return None
+        raise ResultError(f"{path} is not valid JSON ({err}): it was cut short or edited; delete it to recompute")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Tensors as safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors written by `save_tensors` (a ResultError naming the file if it cannot be read)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for torn or foreign files
+        raise ResultError(f"{path} is not a readable safetensors file ({err}); delete it to recompute") from err
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (none if absent); a torn or unreadable line is skipped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s) (an interrupted write); they will be recomputed",
+                      stacklevel=2)
+    return rows
+
+
+def append_jsonl(path: str | Path, records: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """Append records as JSON lines, flushed and fsynced; a torn last line (no newline) is ended first."""
+    path = Path(path)
+    records = [records] if isinstance(records, dict) else records
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with path.open("a") as f:
+        f.write("\n" * torn + "".join(json.dumps(r, default=str) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -78,24 +196,40 @@ class HeadScores:
         }
 
     def save(self, folder: str | Path) -> Path:
-        """Write `scores.json` and `items.safetensors` into `folder`; returns the folder."""
+        """Write `items.safetensors`, then `scores.json` (the commit marker), each atomically; returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SCORES_FILE).write_text(json.dumps(self.to_json(), indent=1))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.items.items()}, str(folder / ITEMS_FILE))
+        save_tensors(folder / ITEMS_FILE, self.items)
+        write_json(folder / SCORES_FILE, self.to_json())
         return folder
+
+    @staticmethod
+    def saved(folder: str | Path) -> bool:
+        """Whether `folder` holds a complete, readable HeadScores (an unreadable one warns and counts as absent)."""
+        folder = Path(folder)
+        data = read_json(folder / SCORES_FILE, missing_ok=True)
+        if data is None:
+            return False
+        if not (folder / ITEMS_FILE).is_file():
+            warnings.warn(f"{folder} has {SCORES_FILE} but no {ITEMS_FILE}; treating it as absent", stacklevel=2)
+            return False
+        return True
 
     @classmethod
     def load(cls, folder: str | Path) -> "HeadScores":
+        """A HeadScores saved by `save` (a ResultError naming the file if a part is missing or unreadable)."""
         folder = Path(folder)
-        data = json.loads((folder / SCORES_FILE).read_text())
+        data = read_json(folder / SCORES_FILE)
         items_path = folder / ITEMS_FILE
-        items = load_file(str(items_path)) if items_path.exists() else {}
-        return cls(
-            analysis=data["analysis"], model=data["model"], primary=data["primary"],
-            maps={k: torch.tensor(v, dtype=torch.float32) for k, v in data["maps"].items()},
-            params=data.get("params", {}), meta=data.get("meta", {}), items=items,
-        )
+        items = load_tensors(items_path) if items_path.exists() else {}
+        try:
+            return cls(
+                analysis=data["analysis"], model=data["model"], primary=data["primary"],
+                maps={k: torch.tensor(v, dtype=torch.float32) for k, v in data["maps"].items()},
+                params=data.get("params", {}), meta=data.get("meta", {}), items=items,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ResultError(f"{folder / SCORES_FILE} is not a headlab result ({err!r})") from err
 
 
 def params_dict(params: Any) -> dict[str, Any]:

@@ -122,6 +122,11 @@ def test_cli(tiny_folder, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "AtP vs exhaustive ablation: Spearman" in text and "task:induction" in text
     assert len(read_rows(out)) == 9
+    from headlab.prune.experiment import PruneResults
+
+    back = PruneResults.load(out)
+    assert back.rows == read_rows(out) and set(back.rankings) == {"random", "atp", "ablation"}
+    assert back.atp_vs_ablation is not None and back.table(TASK) == PruneResults(out, read_rows(out), {}).table(TASK)
     report = json.loads((out / "pruned-atp-0.5" / "prune_report.json").read_text())
     assert report["vs_masked_max_abs_diff"] < 1e-5 and report["vs_masked_max_abs_diff_float64"] < 1e-5
     assert report["equal_to_1e-5_in_float64"] and report["removed"] == 4
@@ -158,3 +163,49 @@ def test_smollm2_perplexity_and_atp():
     estimate = atp_scores(m, calib)["estimate"][15:19]
     assert float(exhaustive.max()) > 0.3  # the induction heads of layers 17-18 matter on this task
     assert spearman(estimate, exhaustive) > 0.5
+
+
+def test_sigkill_mid_row_then_rerun_gives_the_uninterrupted_rows(tiny_folder, tmp_path):
+    """A prune run killed while writing its 4th row (half a line on disk) resumes to the same rows as a clean run."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tiny_folder("llama")
+    argv = ["prune", "--model", str(folder), "--device", "cpu", "--rank-by", "random,atp", "--fractions",
+            "0,0.25,0.5,0.75", "--eval", TASK, "--scan-seq-len", "8", "--scan-batch", "2", "--task-seq-len", "16",
+            "--no-progress"]
+    killed = tmp_path / "killed"
+    code = textwrap.dedent(f"""
+        import os, signal
+        from headlab import results
+        from headlab.cli import main
+        real, count = results.append_jsonl, [0]
+        def append(path, rows):
+            count[0] += 1
+            if count[0] == 4:  # half a line, then the process dies
+                with open(path, "a") as f:
+                    f.write('{{"ranker": "atp", "fra')
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, rows)
+        import headlab.prune.experiment as ex
+        ex.append_jsonl = append
+        main({argv + ["--out", str(killed)]!r})
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert len(read_rows(killed)) == 3
+    from headlab.cli import main
+
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert main(argv + ["--out", str(killed)]) == 0
+    assert main(argv + ["--out", str(tmp_path / "clean")]) == 0
+
+    def key(rows):
+        return sorted((r["ranker"], r["fraction"], r["eval"], r["value"], tuple(r["removed"])) for r in rows)
+
+    with pytest.warns(UserWarning, match="unreadable"):
+        resumed = read_rows(killed)
+    assert len(resumed) == 8 and key(resumed) == key(read_rows(tmp_path / "clean"))

@@ -163,6 +163,11 @@ def test_scan_end_to_end_resumes_from_its_trials_file(planted, tmp_path, monkeyp
         assert (tmp_path / name).exists(), name
     lines = (tmp_path / "trials.jsonl").read_text().splitlines()
     assert len(lines) == 4 * (1 + 2 + 1 + 2)  # trials × (baseline, razor, window, top1, 2 random)
+    from headlab.analyses.razor import RetrievalReport
+
+    back = RetrievalReport.load(tmp_path)  # what the scan wrote loads back as the object it returned
+    assert back.summary == report.summary and back.records == report.records and back.mask_how == report.mask_how
+    assert torch.equal(back.scores.scores, report.scores.scores) and torch.equal(back.razor.scores, report.razor.scores)
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished trial was run again")

@@ -12,7 +12,8 @@ A run folder makes it resumable: `state.json` is rewritten after every step.
 
 from __future__ import annotations
 
-import json
+from headlab.results import read_json, write_json
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,9 @@ def _accuracy_items(model: HeadModel, items: EncodedItems, heads: list[HeadRef],
 
 
 def _load_state(out: Path | None, params: CalibrationParams, model: HeadModel) -> dict:
-    if out is None or not (out / STATE_FILE).exists():
+    state = read_json(out / STATE_FILE, missing_ok=True) if out is not None else None
+    if state is None:
         return {"params": params_dict(params), "model": model.name, "tried": [], "seconds": {}}
-    state = json.loads((out / STATE_FILE).read_text())
     if state["params"] != params_dict(params) or state["model"] != model.name:
         raise ValueError(f"{out} holds a calibration run with other settings or model ({state['model']}): "
                          "use another --out, or the same settings to resume")
@@ -116,10 +117,7 @@ def _load_state(out: Path | None, params: CalibrationParams, model: HeadModel) -
 def _save_state(out: Path | None, state: dict) -> None:
     if out is None:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(out / STATE_FILE)
+    write_json(out / STATE_FILE, state, indent=0)
 
 
 def calibration_search(model: HeadModel, params: CalibrationParams = CalibrationParams(), *, out: Path | None = None,

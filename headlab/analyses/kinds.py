@@ -33,8 +33,9 @@ their entropy is that of |A| renormalised per row, a shape measure that ignores 
 
 from __future__ import annotations
 
+from headlab.results import read_json, write_json
+
 import dataclasses
-import json
 import math
 import re
 import time
@@ -432,9 +433,8 @@ class KindComparison:
         for i, (key, sc) in enumerate(self.scores.items()):
             dirs[key] = f"{i:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}"
             sc.save(folder / dirs[key])
-        (folder / COMPARISON_FILE).write_text(json.dumps(
-            {"models": list(self.scores), "folders": dirs, "layer_kinds": self.layer_kinds, "params": self.params},
-            indent=1))
+        write_json(folder / COMPARISON_FILE,
+                   {"models": list(self.scores), "folders": dirs, "layer_kinds": self.layer_kinds, "params": self.params})
         return folder
 
     @classmethod
@@ -443,7 +443,7 @@ class KindComparison:
         path = folder / COMPARISON_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder} holds no {COMPARISON_FILE}: not a saved KindComparison")
-        data = json.loads(path.read_text())
+        data = read_json(path)
         scores = {key: HeadScores.load(folder / data["folders"][key]) for key in data["models"]}
         return cls(scores=scores, layer_kinds={k: list(v) for k, v in data["layer_kinds"].items()},
                    params=data["params"])

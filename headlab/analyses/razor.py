@@ -25,8 +25,9 @@ here K is a parameter (256 by default, for CPU) drawn from the model's non-speci
 
 from __future__ import annotations
 
+from headlab.results import read_json, write_json
+
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -299,10 +300,22 @@ class RetrievalReport:
                 "masking": masking_figure(self.summary, self.mask_how), "kv_accuracy": kv_figure(self.summary)}
 
     def save(self, folder: str | Path) -> Path:
-        """scores.json + items (retrieval), razor/ (echo/induction), summary.json and the figures as HTML."""
-        folder = self.scores.save(folder)
+        """razor/ (echo/induction), summary.json, records.json, the figures as HTML, then scores.json + items
+        (retrieval) last: the commit marker `load` and reruns look for."""
+        folder = Path(folder)
         self.razor.save(folder / "razor")
-        (folder / "summary.json").write_text(json.dumps(self.summary, indent=1))
+        write_json(folder / "summary.json", self.summary)
+        write_json(folder / "records.json", {"mask_how": self.mask_how, "records": self.records})
         for name, fig in self.figures().items():
             fig.write_html(folder / f"{name}.html", include_plotlyjs="cdn")
+        self.scores.save(folder)
         return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RetrievalReport":
+        """A report saved by `save` (a ResultError naming the file if a part is missing or unreadable)."""
+        folder = Path(folder)
+        scores = HeadScores.load(folder)
+        saved = read_json(folder / "records.json")
+        return cls(scores=scores, razor=HeadScores.load(folder / "razor"), records=saved["records"],
+                   summary=read_json(folder / "summary.json"), mask_how=saved["mask_how"])

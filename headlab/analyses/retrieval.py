@@ -21,6 +21,8 @@ by all conditions of a trial and its cache is copied for each. That is the paper
 
 from __future__ import annotations
 
+from headlab.results import append_jsonl, read_jsonl
+
 import contextlib
 import copy
 import json
@@ -231,9 +233,8 @@ def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], tri
     """
     path = Path(path) if path is not None else None
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    for line in path.read_text().splitlines() if path is not None and path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError, KeyError):  # a line cut short by an interrupted run
-            rec = json.loads(line)
+    for rec in read_jsonl(path) if path is not None else []:  # a line cut short by an interrupted run is skipped
+        if isinstance(rec, dict) and "trial" in rec and "spec" in rec:
             done[(rec["trial"], rec["spec"])] = rec
     keys = [f"{t.key}|{tag}" for t in trials]
     todo = [(t, k) for t, k in zip(trials, keys) if any((k, c.spec) not in done for c in conditions)]
@@ -246,11 +247,8 @@ def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], tri
         for rec in recs:
             rec.update(trial=key, needle=trial.needle, length=trial.length, depth=trial.depth)
             done[(key, rec["spec"])] = rec
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-            with path.open("a") as f:  # one line per record; a line cut short by an interruption is ended first
-                f.write("\n" * bool(cut) + "".join(json.dumps(rec) + "\n" for rec in recs))
+        if path is not None:  # one line per record; a line cut short by an interruption is ended first
+            append_jsonl(path, recs)
     return [done[(k, c.spec)] for k in keys for c in conditions]
 
 

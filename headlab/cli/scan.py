@@ -92,12 +92,12 @@ def cmd_scan_induction(args: argparse.Namespace) -> int:
 def cmd_scan_sinks(args: argparse.Namespace) -> int:
     """Run (or reload) a sink scan, write its figures and print what it found."""
     from headlab.analyses.sinks import SinkParams, column_figure, read_prompts, sink_scan, summary_lines
-    from headlab.results import SCORES_FILE, HeadScores, params_dict
+    from headlab.results import HeadScores, params_dict
 
     params = SinkParams(rule=rule_from_args(args), n_prompts=args.n_prompts, max_tokens=args.max_tokens,
                         prepend_bos=not args.no_bos)
     out = args.out
-    if (out / SCORES_FILE).exists() and not args.force:
+    if not args.force and HeadScores.saved(out):
         done = HeadScores.load(out)
         if done.params == params_dict(params) and done.meta.get("source") == str(args.prompts or "kjv"):
             print(f"{out} holds this scan already (--force to redo):")

@@ -7,7 +7,8 @@ reuses (or resumes) them; delete that folder to retrain. d = 5, N = 40 throughou
 
 from __future__ import annotations
 
-import json
+from headlab.results import write_json
+
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Report:
 
     def save(self) -> None:
         self.data["total_seconds"] = round(time.perf_counter() - self.clock, 1)
-        (self.out / "report.json").write_text(json.dumps(self.data, indent=1))
+        write_json(self.out / "report.json", self.data)
 
 
 def _train(rep: Report, task, model, tp, name: str):

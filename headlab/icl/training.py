@@ -12,18 +12,19 @@ to an uninterrupted one.
 
 from __future__ import annotations
 
+from headlab.results import save_tensors, write_json
+
 import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -138,10 +139,8 @@ class ICLRun:
                 tensors |= {f"opt.{i}.{k}": torch.as_tensor(v).contiguous() for k, v in st.items()}
             groups = sd["param_groups"]
         header = {"settings": self.settings(), "meta": self.meta, "param_groups": groups}
-        tmp = folder / (CHECKPOINT_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"headlab": json.dumps(header, default=str)})
-        os.replace(tmp, folder / CHECKPOINT_FILE)
-        (folder / RUN_FILE).write_text(json.dumps(self.to_json(), indent=1, default=str))
+        save_tensors(folder / CHECKPOINT_FILE, tensors, metadata={"headlab": json.dumps(header, default=str)})
+        write_json(folder / RUN_FILE, self.to_json())
         return folder
 
     @classmethod

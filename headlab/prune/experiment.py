@@ -26,7 +26,7 @@ from headlab.models.head_model import HeadModel
 from headlab.prune.evals import parse_eval
 from headlab.prune.figures import curves
 from headlab.prune.rankers import RankParams, compare_atp, n_to_remove, prune_order, rank
-from headlab.results import HeadScores, params_dict
+from headlab.results import HeadScores, append_jsonl, read_json, read_jsonl, write_json, params_dict
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -74,6 +74,17 @@ class PruneResults:
         spec = eval_spec or self.rows[0]["eval"]
         return curves([r for r in self.rows if r["eval"] == spec], title=f"{spec}")
 
+    @classmethod
+    def load(cls, out: str | Path) -> "PruneResults":
+        """The results an experiment wrote into `out` (rows, rankings, AtP comparison), without rerunning anything."""
+        out = Path(out)
+        run = read_json(out / RUN_FILE)
+        rankers = dict.fromkeys(name for r in run.get("runs", []) for name in r.get("rankers", []))
+        rankings = {name: HeadScores.load(out / "rankings" / slug(name)) for name in rankers
+                    if HeadScores.saved(out / "rankings" / slug(name))}
+        return cls(out=out, rows=read_rows(out), rankings=rankings,
+                   atp_vs_ablation=read_json(out / "atp_vs_ablation.json", missing_ok=True))
+
     def table(self, eval_spec: str | None = None) -> dict[str, dict[float, float]]:
         """{ranker: {fraction: primary metric}} for one eval (the first by default)."""
         spec = eval_spec or self.rows[0]["eval"]
@@ -91,22 +102,14 @@ def slug(name: str) -> str:
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
     """The rows of `results.jsonl` in `out` (none if absent; a torn last line is skipped)."""
-    path = Path(out) / RESULTS_FILE
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return read_jsonl(Path(out) / RESULTS_FILE)
 
 
 def _check_run(out: Path, model: HeadModel, params: PruneParams) -> None:
     path = out / RUN_FILE
     identity = {"model": model.name, **params.identity()}
-    if path.is_file():
-        old = json.loads(path.read_text())
+    old = read_json(path, missing_ok=True)
+    if old is not None:
         if old.get("identity") != json.loads(json.dumps(identity)):
             raise HeadlabError(f"{out} holds a run with other settings ({old.get('identity')}); rows would not be "
                                f"comparable with {identity}: use another --out")
@@ -115,8 +118,8 @@ def _check_run(out: Path, model: HeadModel, params: PruneParams) -> None:
         runs = []
     runs.append({"time": _now(), "rankers": list(params.rankers), "fractions": list(params.fractions),
                  "evals": list(params.evals)})
-    path.write_text(json.dumps({"identity": identity, "params": params_dict(params), "direction":
-                                "lowest score pruned first", "weights_note": model.note, "runs": runs}, indent=1))
+    write_json(path, {"identity": identity, "params": params_dict(params), "direction": "lowest score pruned first",
+                      "weights_note": model.note, "runs": runs})
 
 
 def _now() -> str:
@@ -126,7 +129,7 @@ def _now() -> str:
 def get_ranking(model: HeadModel, name: str, params: RankParams, out: Path | None, cache: dict) -> HeadScores:
     """A ranking, loaded from `out/rankings/<name>/` when saved there, else computed (and saved)."""
     folder = out / "rankings" / slug(name) if out is not None else None
-    if folder is not None and (folder / "scores.json").is_file():
+    if folder is not None and HeadScores.saved(folder):
         return HeadScores.load(folder)
     result = rank(model, name, params, cache=cache)
     if folder is not None:
@@ -138,11 +141,12 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
                      progress: bool = True) -> PruneResults:
     """Run (or resume) a pruning experiment into folder `out`; see the module doc."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, model, params)
+    # validate everything before the folder is made or run.json is written: a refused command leaves nothing behind
     evals = {spec: parse_eval(spec, ctx=params.ctx, windows=params.windows, seed=params.task_seed,
                               seq_len=params.task_seq_len)
              for spec in params.evals}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, model, params)
     cache: dict[str, Any] = {"progress": progress}
     rankings = {name: get_ranking(model, name, params.rank, out, cache) for name in params.rankers}
     orders = {name: prune_order(r.scores) for name, r in rankings.items()}
@@ -153,30 +157,29 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     jobs = [(n, f, e) for n in params.rankers for f in params.fractions for e in params.evals
             if (n, f, e) not in done]
     memo = {(frozenset(r["removed"]), r["eval"]): r for r in rows}
-    with (out / RESULTS_FILE).open("a") as sink:
-        for name, fraction, spec in tqdm(jobs, desc=f"prune {model.name}", disable=not progress):
-            removed = orders[name][:n_to_remove(fraction, n_total)]
-            key = (frozenset(str(h) for h in removed), spec)
-            start = time.perf_counter()
-            if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
-                metrics = memo[key]["metrics"]
-            else:
-                with edit(model, ablate(removed)):
-                    metrics = evals[spec].metrics(model)
-            row = {"ranker": name, "fraction": fraction, "eval": spec, "primary": evals[spec].primary,
-                   "value": metrics[evals[spec].primary], "metrics": metrics, "n_removed": len(removed),
-                   "n_heads": n_total, "removed": [str(h) for h in removed], "seed": params.rank.seed,
-                   "task_seed": params.task_seed, "seconds": round(time.perf_counter() - start, 3),
-                   "model": model.name, "time": _now()}
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            rows.append(row)
-            memo[key] = row
+    # rows are appended one by one (flushed, fsynced; a torn last line is ended first)
+    for name, fraction, spec in tqdm(jobs, desc=f"prune {model.name}", disable=not progress):
+        removed = orders[name][:n_to_remove(fraction, n_total)]
+        key = (frozenset(str(h) for h in removed), spec)
+        start = time.perf_counter()
+        if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
+            metrics = memo[key]["metrics"]
+        else:
+            with edit(model, ablate(removed)):
+                metrics = evals[spec].metrics(model)
+        row = {"ranker": name, "fraction": fraction, "eval": spec, "primary": evals[spec].primary,
+               "value": metrics[evals[spec].primary], "metrics": metrics, "n_removed": len(removed),
+               "n_heads": n_total, "removed": [str(h) for h in removed], "seed": params.rank.seed,
+               "task_seed": params.task_seed, "seconds": round(time.perf_counter() - start, 3),
+               "model": model.name, "time": _now()}
+        append_jsonl(out / RESULTS_FILE, row)
+        rows.append(row)
+        memo[key] = row
 
     comparison = None
     if "atp" in rankings and "ablation" in rankings:
         comparison = compare_atp(rankings["atp"], rankings["ablation"])
-        (out / "atp_vs_ablation.json").write_text(json.dumps(comparison, indent=1))
+        write_json(out / "atp_vs_ablation.json", comparison)
     result = PruneResults(out=out, rows=rows, rankings=rankings, atp_vs_ablation=comparison)
     for spec in params.evals:
         result.figure(spec).write_html(out / f"curve_{slug(spec)}.html", include_plotlyjs="cdn")

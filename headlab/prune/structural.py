@@ -10,8 +10,9 @@ q/k/v/o and GPT-2's fused Conv1D). The per-layer layout is saved in `config.json
 
 from __future__ import annotations
 
+from headlab.results import write_json
+
 import copy
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -92,5 +93,5 @@ def prune_and_save(model: HeadModel, heads: Iterable[HeadRef], folder: str | Pat
     report = {"folder": str(folder), "removed": len(heads),
               "equal_to_1e-5_in_float64": check["max_abs_diff_float64"] < 1e-5,
               **{f"vs_masked_{k}": v for k, v in check.items()}, **compare(model, loaded)}
-    (folder / "prune_report.json").write_text(json.dumps(report, indent=1))
+    write_json(folder / "prune_report.json", report)
     return report

@@ -15,6 +15,8 @@ those already finished, so an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
+from headlab.results import read_json, write_atomic, write_json
+
 import json
 import math
 import time
@@ -232,8 +234,8 @@ def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, th
                   "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                   "final_train_loss": curve[-1][1], "curve": curve, "eval": ev,
                   "torch": torch.__version__}
-        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-        (out / "README.md").write_text(model_card(record))
+        write_atomic(out / "README.md", model_card(record))
+        write_json(out / "run.json", record)  # last: the commit marker a rerun looks for
         return record
     finally:
         torch.set_num_threads(prev)
@@ -247,15 +249,16 @@ def train_twins(tasks: Iterable[str] = TASKS, kinds: Iterable[str] = tuple(STACK
     jobs = [(t, k) for t in tasks for k in kinds]
     for task, kind in tqdm(jobs, desc="twins", disable=not progress):
         folder = out / twin_name(task, kind)
-        if (folder / "run.json").exists() and not force:
-            done[twin_name(task, kind)] = json.loads((folder / "run.json").read_text())
+        record = read_json(folder / "run.json", missing_ok=True) if not force else None
+        if record is not None:
+            done[twin_name(task, kind)] = record
             continue
         done[twin_name(task, kind)] = train_twin(TwinParams.for_task(task, kind, **overrides), folder,
                                                  progress=progress)
     if out.exists():
         rows = summary_table(out)
-        (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "README.md").write_text(summary_markdown(rows))
+        write_json(out / "summary.json", rows)
+        write_atomic(out / "README.md", summary_markdown(rows))
     return done
 
 

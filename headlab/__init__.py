@@ -8,6 +8,7 @@ from headlab.errors import (
     ModelNotFoundError,
     PromptError,
     UnsupportedModelError,
+    WeightsError,
 )
 from headlab.heads import HeadRef, as_heads
 from headlab.models import BUNDLED, HeadModel, load
@@ -32,6 +33,7 @@ from headlab.version import __version__  # noqa: E402
 
 __all__ = [
     "Ablate", "BUNDLED", "Batch", "EditError", "HeadIndexError", "HeadModel", "HeadRef", "HeadlabError",
-    "ModelNotFoundError", "PromptError", "Run", "Scale", "UnsupportedModelError", "ablate", "as_heads", "edit",
+    "ModelNotFoundError", "PromptError", "Run", "Scale", "UnsupportedModelError", "WeightsError", "ablate", "as_heads",
+    "edit",
     "load",
 ]

@@ -12,6 +12,8 @@ other's edits, and nothing outlives its `with` block.
 
 from __future__ import annotations
 
+from headlab.heads import heads_per_group
+
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -135,11 +137,19 @@ class LayerOps:
     replace: tuple[tuple[int, torch.Tensor], ...] = ()
 
     def merged(self, other: "LayerOps") -> "LayerOps":
+        """These ops (outer) followed by `other` (an inner scope's): attention-level overrides act first, then the
+        output-level edits compose in nesting order — an inner scale multiplies an outer replacement (e.g. a mean
+        ablation), an inner replacement wins over outer scales and replacements of the same head."""
         scales = dict(self.scale)
-        for head, factor in other.scale:
-            scales[head] = scales.get(head, 1.0) * factor
         replace = dict(self.replace)
-        replace.update(dict(other.replace))
+        for head, factor in other.scale:
+            if head in replace:
+                replace[head] = replace[head] * factor
+            else:
+                scales[head] = scales.get(head, 1.0) * factor
+        for head, vec in other.replace:
+            replace[head] = vec
+            scales.pop(head, None)
         return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())),
                         tuple(sorted(replace.items(), key=lambda kv: kv[0])))
 
@@ -237,7 +247,7 @@ def attention_pattern(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, s
     n_heads, n_groups = q.shape[1], k.shape[1]
     idx = torch.arange(n_heads, device=q.device) if heads is None else torch.as_tensor(heads, device=q.device)
     qh = q.index_select(1, idx).float()
-    kh = k.index_select(1, idx // (n_heads // n_groups)).float()
+    kh = k.index_select(1, idx // heads_per_group(n_heads, n_groups)).float()
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -23,3 +23,7 @@ class PromptError(HeadlabError, ValueError):
 
 class EditError(HeadlabError, ValueError):
     """An edit that cannot be applied (wrong head, missing reference batch, nested conflict)."""
+
+
+class WeightsError(HeadlabError, ValueError):
+    """A model folder whose weights do not match its config (missing, unexpected or wrongly shaped tensors)."""

@@ -49,12 +49,19 @@ class ExplorerSettings:
         window: default side of the pattern window (positions on each axis).
         cached_prompts: how many analysed prompts keep their per-layer q/k/v for showing heads (about
             200 MB each for SmolLM2 at 2048 tokens); a prompt past that is run again when a head is shown.
+        allowed: model names or folders clients may load besides the bundled names (the launch --model).
+        allow_folders: let clients load any local HF folder on the server by typing its path (off by default:
+            any client could otherwise make the server read and keep arbitrary folders).
+        max_models: models kept loaded at once (least recently used dropped first).
     """
 
     max_tokens: int = 2048
     top_k: int = 10
     window: int = 48
     cached_prompts: int = 4
+    allowed: tuple[str, ...] = ()
+    allow_folders: bool = False
+    max_models: int = 2
 
 
 @dataclass(frozen=True)
@@ -73,25 +80,53 @@ class Session:
 
 
 class ModelCache:
-    """Models loaded once per process: a dict name → HeadModel guarded by a lock (one load per name at a time)."""
+    """Models loaded once per process, at most `max_models` at a time (least recently used dropped first), guarded
+    by a lock (one load per name at a time). Clients may load the bundled names and `allowed` ones; any other folder
+    only with `allow_folders`."""
 
-    def __init__(self, loader: Callable[[str], HeadModel] | None = None) -> None:
+    def __init__(self, loader: Callable[[str], HeadModel] | None = None, *, allowed: tuple[str, ...] | None = None,
+                 allow_folders: bool = True, max_models: int = 2) -> None:
         self._loader = loader or _load
-        self._models: dict[str, HeadModel] = {}
+        self._models: OrderedDict[str, HeadModel] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._allowed = {self._key(a) for a in (allowed or ()) if (a or "").strip()}
+        self._allow_folders = allow_folders
+        self._max = max(1, int(max_models))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        name = name.strip()
+        return name if name in BUNDLED else str(Path(name).expanduser().resolve())
 
     def get(self, name: str) -> HeadModel:
         name = (name or "").strip()
         if not name:
             raise ModelNotFoundError(f"choose a model: a bundled name ({', '.join(BUNDLED)}) or a local HF folder")
-        key = name if name in BUNDLED else str(Path(name).expanduser().resolve())
+        key = self._key(name)
+        if name not in BUNDLED and key not in self._allowed and not self._allow_folders:
+            served = ", ".join([*BUNDLED, *sorted(a for a in self._allowed if a not in BUNDLED)])
+            raise ModelNotFoundError(f"this explorer serves {served}; loading other folders is off (start it with "
+                                     "--allow-folders to let clients load any folder on the server)")
         with self._lock:
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:  # one load per name; gets of other names never wait for it
-            if key not in self._models:
-                self._models[key] = self._loader(name)
-            return self._models[key]
+            with self._lock:
+                if key in self._models:
+                    self._models.move_to_end(key)
+                    return self._models[key]
+            model = self._loader(name)
+            with self._lock:
+                self._models[key] = model
+                self._models.move_to_end(key)
+                while len(self._models) > self._max:
+                    self._models.popitem(last=False)
+            return model
+
+    def loaded(self) -> list[str]:
+        """The keys of the models held now, least recently used first."""
+        with self._lock:
+            return list(self._models)
 
 
 class RecordCache:
@@ -217,7 +252,8 @@ class Explorer:
 
     def __init__(self, settings: ExplorerSettings = ExplorerSettings(), cache: ModelCache | None = None) -> None:
         self.settings = settings
-        self.cache = cache or ModelCache()
+        self.cache = cache or ModelCache(allowed=settings.allowed, allow_folders=settings.allow_folders,
+                                         max_models=settings.max_models)
         self.records = RecordCache(settings.cached_prompts)
 
     def model_info(self, name: str, prompt: str = "") -> tuple[str, str]:
@@ -317,8 +353,8 @@ class Explorer:
             run = model.run(list(session.ids), heads=[head])
         else:
             run = Run(model=model, batch=model.encode(list(session.ids)), output=None, records=records, heads=[head])
-        fig = hl.viz.pattern(run, head, window=(first, first + size),
-                             title=f"{head} — positions {first}..{first + size - 1} of {n}")
+        fig = run.figure(head, window=(first, first + size),
+                         title=f"{head} — positions {first}..{first + size - 1} of {n}")
         info = self._head_md(run, session, head, first + size - 1)
         return f"Analysed {n} tokens with {model.name}; showing {head}.", fig, info
 

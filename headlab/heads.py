@@ -63,3 +63,10 @@ def by_layer(heads: Iterable[HeadRef]) -> dict[int, list[int]]:
     for ref in sorted(set(heads)):
         out.setdefault(ref.layer, []).append(ref.head)
     return out
+
+
+def heads_per_group(n_heads: int, n_kv_heads: int) -> int:
+    """Query heads per KV group (grouped-query attention): query head h reads KV group h // heads_per_group."""
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise HeadIndexError(f"{n_heads} query heads cannot share {n_kv_heads} KV groups evenly")
+    return n_heads // n_kv_heads

@@ -80,6 +80,14 @@ class Run:
         """Values `[B, S, D]` of the KV group that the head reads."""
         return self._record(head).v[:, self.model.kv_group(head)]
 
+    def figure(self, head: HeadRef, *, index: int = 0, window: tuple[int, int] | None = None,
+               title: str | None = None):
+        """`viz.pattern` of one head's pattern on batch item `index` (plotly; signed colour scale where needed)."""
+        from headlab.viz.figures import pattern
+
+        return pattern(self.pattern(head)[index], self.tokens(index), window=window,
+                       title=title or f"{head} pattern — {self.model.name}")
+
     def tokens(self, index: int = 0) -> list[str]:
         """Display strings of the (unpadded) tokens of batch item `index`."""
         n = int(self.batch.attention_mask[index].sum())

@@ -11,20 +11,21 @@ log-sum-exp into the exact weight of chosen (query, key) pairs in O(pairs · D).
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import torch
 
 from headlab.capture import LayerRecord
-from headlab.heads import HeadRef
+from headlab.heads import HeadRef, heads_per_group
 from headlab.run import Batch
 from headlab_kernels.head_stats import HeadStats, head_stats
 
 if TYPE_CHECKING:
     from headlab.models.head_model import HeadModel
 
-Impl = Literal["auto", "triton", "reference"]
+Impl = Literal["auto", "triton", "torch", "reference"]
 
 
 @dataclass
@@ -138,7 +139,7 @@ def pair_weights(record: LayerRecord, lse: torch.Tensor, q_pos: torch.Tensor, k_
         return _implicit_pair_weights(record, q_pos, k_pos)
     n_heads, n_groups = record.q.shape[1], record.k.shape[1]
     q = record.q[:, :, q_pos].float()  # [B, H, P, D]
-    k = record.k[:, :, k_pos].float().repeat_interleave(n_heads // n_groups, dim=1)  # [B, H, P, D]
+    k = record.k[:, :, k_pos].float().repeat_interleave(heads_per_group(n_heads, n_groups), dim=1)  # [B, H, P, D]
     logits = (q * k).sum(-1) * record.scale - lse[:, :, q_pos]
     weights = logits.exp()
     ok = record.visible_pairs(q_pos, k_pos)  # [B|1, P]

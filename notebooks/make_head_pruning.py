@@ -32,7 +32,7 @@ import headlab as hl
 from headlab import prune
 from headlab.analyses.induction import InductionParams
 from headlab.models.toy import TOY_INDUCTION_DIR
-from headlab.prune.figures import atp_scatter
+from headlab.viz.prune import atp_scatter
 
 torch.set_num_threads(1)
 if (TOY_INDUCTION_DIR / "config.json").exists():

@@ -39,7 +39,7 @@ backend). Token axes are integer positions labelled `i:token`."""),
     ("code", """head = scores.top(1)[0][0]
 run = model.run(scores.items["tokens"][:1], heads=[head])
 print(head, run.pattern(head).shape)
-hl.viz.pattern(run, head, window=(0, 30))"""),
+run.figure(head, window=(0, 30))"""),
     ("md", """## Ablate heads and measure the loss on the second copy
 
 Inside `hl.edit(...)` a head's output is zeroed; leaving the block restores the model exactly.
@@ -47,8 +47,8 @@ Ablating each head in turn shows which ones the circuit cannot do without."""),
     ("code", """tokens = scores.items["tokens"]
 n = scores.params["seq_len"]
 
-def second_copy_loss():
-    return model.token_losses(tokens)[:, n + 1:2 * n].mean().item()
+def second_copy_loss():  # the scan's own definition: targets N+2..2N
+    return hl.analyses.copy_losses(model.token_losses(tokens), n)["loss_second_copy"]
 
 before = second_copy_loss()
 ablated = {}

@@ -231,3 +231,25 @@ def test_capturing_records_a_decode_loop_and_forward_cached_matches_a_full_forwa
     with pytest.raises(hl.HeadIndexError):
         with llama.capturing(layers=[9]):
             pass
+
+
+def test_nested_output_edits_compose_in_nesting_order(llama):
+    """Inner Scale under an outer mean ablation scales the mean; an inner mean ablation wins over an outer Scale."""
+    ref = [[1, 5, 9, 2, 7, 5, 9, 2], [3, 4, 8, 8, 1, 2, 6, 7]]
+    ids = [[2, 4, 6, 8, 1, 3]]
+    head = hl.HeadRef(1, 2)
+    seen = {}
+    handle = llama.out_proj(1).register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0].detach().clone()))
+    try:
+        with hl.edit(llama, hl.Ablate(head, how="mean", reference=ref)):
+            llama.run(ids)
+            mean = seen["z"][..., 2 * 16:3 * 16].clone()
+            with hl.edit(llama, hl.Scale(head, factor=3.0)):
+                llama.run(ids)
+                assert torch.allclose(seen["z"][..., 2 * 16:3 * 16], 3.0 * mean)
+        with hl.edit(llama, hl.Scale(head, factor=3.0)):
+            with hl.edit(llama, hl.Ablate(head, how="mean", reference=ref)):
+                llama.run(ids)
+                assert torch.allclose(seen["z"][..., 2 * 16:3 * 16], mean)
+    finally:
+        handle.remove()

@@ -44,7 +44,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explorer():
-    return Explorer(ExplorerSettings(max_tokens=400, top_k=5, window=16))
+    return Explorer(ExplorerSettings(max_tokens=400, top_k=5, window=16, allow_folders=True))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_long_prompts_show_a_window(explorer, folder):
 
 
 def test_head_views_agree_with_and_without_cached_records(folder):
-    explorer = Explorer(ExplorerSettings(cached_prompts=1))
+    explorer = Explorer(ExplorerSettings(cached_prompts=1, allow_folders=True))
     first = explorer.analyse(folder, PROMPT, True, "induction")[3]
     cached = explorer.head_view(first, "L1H1", 3, 10)[1]
     explorer.analyse(folder, "the dog ran", True, "induction")  # evicts the first prompt's records
@@ -258,3 +258,51 @@ def test_app_builds_with_safe_defaults(explorer, folder):
     assert demo.analytics_enabled is False
     outputs = app.guarded(lambda: explorer.analyse(folder, "", True, "induction"), 3)()
     assert outputs[0].startswith("⚠️ empty prompt") and len(outputs) == 3
+
+
+def test_clients_load_only_served_models_and_the_cache_is_bounded(folder, tmp_path):
+    """By default a client cannot make the server load an arbitrary folder; at most max_models stay loaded."""
+    other = str(make_text_model(tmp_path / "other"))
+    locked = Explorer(ExplorerSettings(allowed=(folder,)))
+    assert locked.cache.get(folder).n_layers == 2  # the launch --model is served
+    with pytest.raises(hl.ModelNotFoundError, match="--allow-folders"):
+        locked.cache.get(other)
+    loads = []
+
+    def loader(name):
+        loads.append(name)
+        return hl.load(name, device="cpu")
+
+    cache = ModelCache(loader, max_models=1)
+    cache.get(folder)
+    cache.get(other)
+    assert len(cache.loaded()) == 1 and cache.loaded()[0].endswith("other")
+    cache.get(folder)  # evicted before: loaded again
+    assert len(loads) == 3
+
+
+def test_explore_command_warns_beyond_loopback(monkeypatch, capsys):
+    from headlab.cli import build_parser
+    from headlab.cli import explore as explore_cli
+
+    served = {}
+
+    class App:
+        @staticmethod
+        def build_app(explorer, model):
+            served["settings"] = explorer.settings
+            return None
+
+        @staticmethod
+        def launch(demo, host, port, block):
+            served["host"] = host
+
+    monkeypatch.setattr("headlab.explore.load_app_module", lambda: App)
+    monkeypatch.setattr("headlab.explore.Explorer.open_model", lambda self, *a: None)
+    args = build_parser().parse_args(["explore", "--model", "toy-induction", "--host", "0.0.0.0"])
+    assert explore_cli.cmd_explore(args) == 0
+    assert "beyond this machine" in capsys.readouterr().err and served["host"] == "0.0.0.0"
+    assert served["settings"].allowed == ("toy-induction",) and not served["settings"].allow_folders
+    args = build_parser().parse_args(["explore", "--model", "toy-induction"])
+    explore_cli.cmd_explore(args)
+    assert "beyond" not in capsys.readouterr().err

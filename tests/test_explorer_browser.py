@@ -46,7 +46,7 @@ def served(tmp_path_factory):
         name, prompt = "toy-induction", "0 " + " ".join(map(str, [9, 41, 3, 77, 12, 56, 90, 23] * 3))  # 25 tokens
     else:
         name, prompt = str(make_text_model(tmp_path_factory.mktemp("browser_model"))), PROMPT + " mat ."
-    explorer = Explorer(ExplorerSettings(max_tokens=200, window=24))
+    explorer = Explorer(ExplorerSettings(max_tokens=200, window=24, allow_folders=True))
     app = load_app_module()
     demo = app.build_app(explorer, model=name)
     url = app.launch(demo, port=_free_port(), block=False)

@@ -201,6 +201,8 @@ def test_dispatch_and_validation():
     auto = head_stats(q, k, scale=0.25, causal=True)  # CPU tensors: the reference
     ref = head_stats_reference(q, k, scale=0.25, causal=True)
     assert torch.equal(auto.lse, ref.lse)
+    # one vocabulary with headlab_kernels.linear_attention: "torch" names the torch reference here too
+    assert torch.equal(head_stats(q, k, scale=0.25, causal=True, impl="torch").lse, ref.lse)
     with pytest.raises(ValueError, match="impl"):
         head_stats(q, k, scale=0.25, causal=True, impl="cuda")
     with pytest.raises(ValueError, match="does not fit"):

@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import only its own layer and those below it):
 
     headlab_kernels (torch, triton; never headlab)
-    errors, heads, paths, version, sink_rule, losses  leaves
+    errors, heads, paths, version, sink_rule, losses, inputs  leaves
     capture (the seam), run, stats, models            the seam and model adapters
     edits                                             scoped head edits (never analyses)
     results, viz, tasks                               persistence; figures take data (never a model or a run)
@@ -28,7 +28,7 @@ PACKAGES = {"headlab": ROOT / "headlab", "headlab_kernels": ROOT / "kernels" / "
 RULES = [
     ("headlab_kernels", "headlab"),
     ("headlab.errors", "headlab"), ("headlab.heads", "headlab.models"), ("headlab.paths", "headlab"),
-    ("headlab.version", "headlab"), ("headlab.sink_rule", "headlab"), ("headlab.losses", "headlab"),
+    ("headlab.version", "headlab"), ("headlab.sink_rule", "headlab"), ("headlab.losses", "headlab"), ("headlab.inputs", "headlab"),
     ("headlab.capture", "headlab.models"), ("headlab.capture", "headlab.edits"),
     ("headlab.models", "headlab.prune"), ("headlab.models", "headlab.analyses"), ("headlab.models", "headlab.icl"),
     ("headlab.models", "headlab.edits"), ("headlab.models", "headlab.cli"), ("headlab.models", "headlab.explore"),
@@ -45,8 +45,6 @@ SEAM_PRIVATE = {"activate", "_STATE", "active_ops"}
 SEAM_OWNERS = ("headlab.capture", "headlab.models.head_model", "headlab.edits")
 
 KNOWN = {
-    # viz.figures.pattern takes a Run and computes the pattern itself (issue 15: viz takes data)
-    ("import", "headlab.viz.figures", "headlab.run"),
     # `python -m headlab.icl.report` delegates to the CLI under its __main__ guard
     ("import", "headlab.icl.report", "headlab.cli"),
 }

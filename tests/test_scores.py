@@ -87,9 +87,15 @@ def test_figures(gpt2):
     fig = scores.figure("prev_token")
     assert fig.data[0].z is not None and len(fig.data[0].z) == 2
     run = gpt2.run([5, 6, 5, 6, 7])
-    fig = hl.viz.pattern(run, hl.HeadRef(1, 0), window=(1, 4))
+    fig = run.figure(hl.HeadRef(1, 0), window=(1, 4))
     assert list(fig.layout.xaxis.ticktext) == ["1:'#6'", "2:'#5'", "3:'#6'"]
     assert list(fig.layout.xaxis.tickvals) == [1, 2, 3]
+    same = hl.viz.pattern(run.pattern(hl.HeadRef(1, 0))[0], run.tokens(), window=(1, 4))
+    assert same.data[0].z == fig.data[0].z and same.data[0].zmin == 0.0 and same.data[0].zmax == 1.0
+    signed = hl.viz.pattern(torch.tensor([[1.0, 0.0], [-2.0, 0.5]]), ["a", "b"])
+    assert (signed.data[0].zmin, signed.data[0].zmax, signed.data[0].zmid) == (-2.0, 2.0, 0.0)
+    with pytest.raises(ValueError, match=r"\[Q, S\]"):
+        hl.viz.pattern(run.pattern(hl.HeadRef(1, 0)), run.tokens())
     ticks, labels = token_ticks(["a", "a"])
     assert ticks == [0, 1] and labels[0] != labels[1]
 

@@ -153,7 +153,7 @@ def test_calibrate_command_parses_to_params():
     from headlab.cli.common import rule_from_args
 
     assert args.handler is cmd_calibrate
-    assert args.tasks == "antonyms" and args.layers == "3:7" and args.search == "independent"
+    assert args.tasks == "antonyms" and args.layers == (3, 7) and args.search == "independent"
     assert rule_from_args(args) == SinkRule(threshold="relative", alpha=4.0, min_visible=1)
     assert list(CalibrationParams(layers=(3, 7)).layer_range(30)) == [3, 4, 5, 6, 7]
     assert list(CalibrationParams().layer_range(30)) == list(range(2, 29))

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
 from headlab.run import Batch
+from headlab.viz.sinks import accuracy_figure  # noqa: F401  (re-exported: the figure lives in viz)
 from headlab.tasks import EncodedItems, build_tasks, correct, encode_items, option_logprobs, paired_bootstrap, wilson
 
 STATE_FILE = "state.json"
@@ -250,15 +250,3 @@ def table_lines(scores: HeadScores) -> list[str]:
     return lines
 
 
-def accuracy_figure(tables: dict[str, list[dict]], *, title: str = "ACT calibration") -> go.Figure:
-    """Grouped bars: accuracy per task before and after calibration (`meta["tables"]`), with Wilson 95% intervals."""
-    fig = go.Figure()
-    first = next(iter(tables.values()))
-    series = [("before", "baseline", first)] + [("after", n, rows) for n, rows in tables.items()]
-    for key, label, rows in series:
-        fig.add_bar(name=label, x=[r["task"] for r in rows], y=[r[key] for r in rows],
-                    error_y={"type": "data", "symmetric": False,
-                             "array": [r[f"{key}_ci"][1] - r[key] for r in rows],
-                             "arrayminus": [r[key] - r[f"{key}_ci"][0] for r in rows]})
-    fig.update_layout(barmode="group", yaxis={"title": "accuracy", "range": [0, 1]}, title=title, height=420)
-    return fig

@@ -14,6 +14,8 @@ at contexts where the full patterns would not fit.
 
 from __future__ import annotations
 
+from headlab.inputs import repeated_blocks
+
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +72,8 @@ def repeated_tokens(model: HeadModel, *, seq_len: int, batch: int, seed: int = 0
     if model.max_context is not None and total > model.max_context:
         raise PromptError(f"1 + 2×{seq_len} = {total} tokens exceed {model.name}'s context of {model.max_context}")
     bos = model.bos_id if model.bos_id is not None else model.pad_id
-    pool = content_token_ids(model)
-    gen = torch.Generator().manual_seed(seed)
-    block = pool[torch.randint(len(pool), (batch, seq_len), generator=gen)]
-    return torch.cat([torch.full((batch, 1), bos, dtype=torch.long), block, block], dim=1)
+    return repeated_blocks(content_token_ids(model), batch=batch, block=seq_len, repeats=2, bos=bos,
+                           generator=torch.Generator().manual_seed(seed))
 
 
 def _reduce(record: LayerRecord, stats: HeadStats, seq_len: int) -> dict[str, torch.Tensor]:

@@ -311,8 +311,18 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     a trial's prompt (default: `text_prompt` on the KJV needle sets).
     """
     start = time.perf_counter()
+    if not model.causal or not model.is_lm:
+        raise PromptError(f"{model.name} is not a causal LM: the needle test decodes a reply, so it needs one")
     if make_prompt is None:
+        if model.tokenizer is None:
+            raise PromptError(f"{model.name} has no tokenizer: the needle prompts are text")
         sets = needle_sets()
+        bad = [n for n in params.needles if not 0 <= n < len(sets)]
+        if bad:
+            raise PromptError(f"needle set(s) {bad} do not exist: data/haystacks/needles.json has 0..{len(sets) - 1}")
+        too_long = [n for n in params.lengths if model.max_context is not None and n > model.max_context]
+        if too_long:
+            raise PromptError(f"lengths {too_long} exceed {model.name}'s context of {model.max_context} tokens")
         make_prompt = lambda t: text_prompt(model, sets[t.needle], t.length, t.depth, chat=params.chat)  # noqa: E731
     out = Path(out) if out is not None else None
     razor_dir = out / "razor" if out is not None else None

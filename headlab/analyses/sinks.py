@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from headlab.heads import HeadRef
+from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel, Prompt
 from headlab.paths import SINKS_DIR
 from headlab.results import HeadScores, params_dict, run_meta
@@ -36,7 +35,7 @@ from headlab.sink_rule import (  # noqa: F401 (re-exported)
     qualifying,
     sink_mask,
 )
-from headlab.viz.figures import token_ticks
+from headlab.viz.sinks import column_figure  # noqa: F401  (re-exported: the figure lives in viz)
 
 DATA = SINKS_DIR
 MAPS = ("sink_share", "first_score", "first_sink", "later_any", "later_sinks", "later_share")
@@ -83,8 +82,10 @@ def sink_scan(model: HeadModel, prompts: Prompt | None = None, params: SinkParam
     start = time.perf_counter()
     rule = params.rule
     bos = params.prepend_bos and model.causal and model.bos_id is not None
-    batch = model.encode(kjv_prompts(params.n_prompts) if prompts is None else prompts, prepend_bos=bos)
-    ids, mask = _truncate(model, batch, params.max_tokens)
+    limit = min(params.max_tokens, model.max_context) if model.max_context else params.max_tokens
+    batch = model.encode(kjv_prompts(params.n_prompts) if prompts is None else prompts, prepend_bos=bos,
+                         truncate=limit)  # cut before the context check: long passages fit short models
+    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
     n_b, n_s, n_l, n_h = ids.shape[0], ids.shape[1], model.n_layers, model.n_heads
     received = torch.zeros(n_b, n_l, n_h, n_s)
     n_visible = torch.zeros(n_b, n_s)
@@ -124,17 +125,6 @@ def sink_scan(model: HeadModel, prompts: Prompt | None = None, params: SinkParam
                                "n_visible": n_visible})
     scores.meta["sink_tokens"] = sink_tokens(scores)
     return scores
-
-
-def _truncate(model: HeadModel, batch: Batch, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and mask `[B, ≤max_tokens]` on the CPU; a cut prompt keeps its closing special token (e.g. [SEP])."""
-    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
-    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-    out_ids, out_mask = ids[:, :max_tokens].clone(), mask[:, :max_tokens].clone()
-    for b, n in enumerate(batch.lengths):
-        if n > max_tokens and int(ids[b, n - 1]) in special:
-            out_ids[b, max_tokens - 1] = ids[b, n - 1]
-    return out_ids, out_mask
 
 
 def sink_tokens(scores: HeadScores, *, top: int = 12) -> list[dict]:
@@ -184,30 +174,27 @@ def summary_lines(scores: HeadScores, *, top: int = 8) -> list[str]:
     return lines
 
 
-def column_figure(scores: HeadScores, head: HeadRef, *, index: int = 0, title: str | None = None) -> go.Figure:
-    """Bar chart of one head's per-token column scores on prompt `index`; sinks in red, the threshold dashed."""
-    col = scores.items["column_score"][index, head.layer, head.head]  # [S]
-    sinks = scores.items["sink_mask"][index, head.layer, head.head].bool()
-    tokens = scores.meta["prompt_tokens"][index]
-    ticks, labels = token_ticks(tokens)
-    values = col[: len(tokens)].nan_to_num(0.0).tolist()
-    colors = ["crimson" if bool(s) else "steelblue" for s in sinks[: len(tokens)]]
-    fig = go.Figure(go.Bar(x=ticks, y=values, marker_color=colors, customdata=labels,
-                           hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"))
-    rule = scores.params["rule"]
-    cut = rule["tau"] if rule["threshold"] == "absolute" else rule["alpha"] / len(tokens)
-    fig.add_hline(y=cut, line_dash="dash", line_color="grey")
-    fig.update_layout(title=title or f"{head} column scores — {scores.model} (prompt {index}; sinks red; tail 0)",
-                      xaxis={"tickmode": "array", "tickvals": ticks[::max(1, len(ticks) // 60)],
-                             "ticktext": labels[::max(1, len(ticks) // 60)], "tickfont": {"size": 8}},
-                      yaxis_title="column score", height=420, width=max(700, 8 * len(ticks)))
-    return fig
-
-
-def read_prompts(path: Path | None, n: int) -> list[str]:
-    """Prompts from a .txt file (separated by blank lines) or a .json list of strings; the bundled KJV passages if None."""
+def read_prompts(path: Path | None, n: int) -> list:
+    """Prompts from a .txt file (separated by blank lines) or a .json list (of strings, or of token-id lists); the
+    bundled KJV passages if None. Anything else is a PromptError naming the file and the item."""
     if path is None:
         return kjv_prompts(n)
     text = path.read_text()
-    prompts = json.loads(text) if path.suffix == ".json" else [t.strip() for t in text.split("\n\n") if t.strip()]
+    if path.suffix != ".json":
+        prompts = [t.strip() for t in text.split("\n\n") if t.strip()]
+    else:
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(prompts, list) or not prompts:
+            raise PromptError(f"{path} must hold a non-empty JSON list of prompts")
+        for i, p in enumerate(prompts):
+            ok = (isinstance(p, str) and p.strip()) or (isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p))
+            if not ok:
+                raise PromptError(f"{path}: prompt {i} is {p!r}: each prompt is a non-empty string or a list of "
+                                  "token ids (a flat list of ids is one prompt: wrap it in a list)")
+    if not prompts:
+        raise PromptError(f"{path} holds no prompts")
     return prompts[:n]

@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except HeadlabError as err:
+    except (HeadlabError, ValueError) as err:  # what a user can get wrong: named by the library, never a traceback
         print(f"headlab: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # --out is a file, a read-only folder, a missing input file ...
+        print(f"headlab: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nheadlab: interrupted; rerun the same command to resume where results were written",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

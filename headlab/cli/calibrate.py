@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from headlab.cli.common import add_model_args, add_rule_args, load_model, rule_from_args, write_figure
+from headlab.cli.common import (add_model_args, add_rule_args, choose, count, finite, layer_range, load_model, natural,
+                                rule_from_args, write_figure)
 
 
 def register(sub) -> None:
@@ -17,19 +18,19 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, type=Path, help="run folder (state.json, scores, figures); rerun to resume")
     p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated task names")
-    p.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration items per task")
-    p.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation items per task")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--beta", type=float, default=d.beta)
+    p.add_argument("--n-calib", type=count, default=d.n_calib, help="calibration items per task")
+    p.add_argument("--n-eval", type=count, default=d.n_eval, help="evaluation items per task")
+    p.add_argument("--seed", type=natural, default=d.seed)
+    p.add_argument("--beta", type=finite, default=d.beta)
     add_rule_args(p, min_visible=d.rule.min_visible)
     p.add_argument("--no-first-exempt", action="store_true", help="calibrate the first sink too")
-    p.add_argument("--layers", default=None, help="inclusive layer range LO:HI (default 2:L-2)")
-    p.add_argument("--candidates", type=int, default=d.candidates, help="heads to try, by sink strength")
+    p.add_argument("--layers", type=layer_range, default=None, help="inclusive layer range LO:HI (default 2:L-2)")
+    p.add_argument("--candidates", type=count, default=d.candidates, help="heads to try, by sink strength")
     p.add_argument("--search", choices=("greedy", "independent"), default=d.search)
     p.add_argument("--no-control", action="store_true", help="skip evaluating all candidates at once")
     p.add_argument("--no-bos", action="store_true")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--batch", type=count, default=d.batch)
+    p.add_argument("--threads", type=count, default=1, help="torch CPU threads")
     p.set_defaults(handler=cmd_calibrate)
 
 
@@ -40,8 +41,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from headlab.analyses.calibration import CalibrationParams, accuracy_figure, calibration_search, table_lines
 
     torch.set_num_threads(args.threads)
-    layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
-    params = CalibrationParams(tasks=tuple(args.tasks.split(",")), n_calib=args.n_calib, n_eval=args.n_eval,
+    layers = args.layers
+    from headlab.tasks.choice import TASKS
+
+    params = CalibrationParams(tasks=tuple(choose(args.tasks, TASKS, "task")), n_calib=args.n_calib, n_eval=args.n_eval,
                                seed=args.seed, beta=args.beta, rule=rule_from_args(args),
                                first_exempt=not args.no_first_exempt, layers=layers, candidates=args.candidates,
                                search=args.search, control=not args.no_control, prepend_bos=not args.no_bos,

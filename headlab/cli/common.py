@@ -7,10 +7,100 @@ objects, never an `argparse.Namespace`.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 MODEL_HELP = "bundled name (smollm2-135m, minilm-l6, toy-induction, twin-...) or a local HF folder"
+
+
+# argparse types: every bad value is a one-line usage error naming the option
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def count(text: str) -> int:
+    """An integer >= 1 (sizes, lengths, steps, threads)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def natural(text: str) -> int:
+    """An integer >= 0 (seeds, indices)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0..65535 (0: the first free one)."""
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0..65535)")
+    return value
+
+
+def finite(text: str) -> float:
+    """A finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not finite")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be greater than 0")
+    return value
+
+
+def nonnegative(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be 0 or more")
+    return value
+
+
+def unit(text: str) -> float:
+    """A fraction in (0, 1]."""
+    value = finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} must lie in (0, 1]")
+    return value
+
+
+def percent(text: str) -> float:
+    """A percentage, 0..100."""
+    value = finite(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value:g} must lie in 0..100")
+    return value
+
+
+def layer_range(text: str) -> tuple[int, int]:
+    """LO:HI, an inclusive layer range with 0 <= LO <= HI."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI")
+    lo, hi = natural(parts[0]), natural(parts[1])
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"{text}: LO must not exceed HI")
+    return lo, hi
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default: str = "smollm2-135m", help: str = MODEL_HELP) -> None:
@@ -20,10 +110,35 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str = "smollm2-135m",
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+def check_out(path: Path) -> Path:
+    """Refuse an --out that cannot become a folder, before any work is done (nothing is created here)."""
+    from headlab.errors import HeadlabError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HeadlabError(f"--out {path} is a file, not a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise HeadlabError(f"--out {path}: {parent} is not writable")
+    return path
+
+
 def load_model(args: argparse.Namespace, *, show: bool = True):
     """The HeadModel the model arguments name (printed, with its note, unless show=False)."""
-    import headlab as hl
+    import torch
 
+    import headlab as hl
+    from headlab.errors import HeadlabError
+
+    if getattr(args, "out", None) is not None:
+        check_out(args.out)
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise HeadlabError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise HeadlabError(f"--device {args.device}: no CUDA device here (use cpu)")
     model = hl.load(args.model, device=args.device, dtype=args.dtype)
     if show:
         print(model)
@@ -55,10 +170,10 @@ def add_rule_args(p: argparse.ArgumentParser, *, min_visible: int) -> None:
     """The SinkRule options (scan sinks, calibrate)."""
     p.add_argument("--threshold", choices=("absolute", "relative"), default="absolute",
                    help="absolute: s_j > tau (ACT's code); relative: s_j > alpha/N")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=5.0,
+    p.add_argument("--tau", type=positive, default=0.1)
+    p.add_argument("--alpha", type=positive, default=5.0,
                    help="factor of the relative threshold (unconfirmed in the paper)")
-    p.add_argument("--min-visible", type=int, default=min_visible,
+    p.add_argument("--min-visible", type=count, default=min_visible,
                    help="tail rule: a sink must be seen by this many queries (1: off, as in ACT's code)")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from headlab.cli.common import MODEL_HELP
+from headlab.cli.common import MODEL_HELP, count, port
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -14,8 +14,13 @@ def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("explore", help="open the Gradio head explorer (local only, no share link)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: the first free one from 7860)")
-    p.add_argument("--max-tokens", type=int, default=ExplorerSettings.max_tokens, help="longest prompt analysed")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0: the first free one from 7860)")
+    p.add_argument("--max-tokens", type=count, default=ExplorerSettings.max_tokens, help="longest prompt analysed")
+    p.add_argument("--allow-folders", action="store_true",
+                   help="let clients load any local HF folder on this server by typing its path (default: only the "
+                        "bundled names and --model)")
+    p.add_argument("--max-models", type=count, default=ExplorerSettings.max_models,
+                   help="models kept loaded at once (least recently used dropped first)")
     p.set_defaults(handler=cmd_explore)
     return p
 
@@ -24,8 +29,20 @@ def cmd_explore(args: argparse.Namespace) -> int:
     """Load the model once and warm it up, then serve the explorer until interrupted."""
     from headlab.explore import Explorer, ExplorerSettings, load_app_module
 
+    import ipaddress
+    import sys
+
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        print(f"headlab: warning: binding {args.host} serves the explorer beyond this machine: anyone who can reach "
+              f"port {args.port} can run models here{'' if not args.allow_folders else ' and load any folder'}",
+              file=sys.stderr)
     app = load_app_module()
-    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens))
+    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens, allowed=(args.model,),
+                                         allow_folders=args.allow_folders, max_models=args.max_models))
     print(f"loading {args.model} ...", flush=True)
     explorer.open_model(args.model, "", True, "induction", -1, None)  # load and warm up before the first page
     demo = app.build_app(explorer, model=args.model)

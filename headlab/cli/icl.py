@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from headlab.cli.common import write_figure
+from headlab.cli.common import count, natural, nonnegative, positive, write_figure
 
 KINDS = ("softmax", "linear", "linear_mean", "lsa")
 
@@ -23,22 +23,22 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, run.json, figures)")
     p.add_argument("--model", choices=KINDS, default="softmax",
                    help="softmax / linear / linear_mean heads (He et al.) or lsa (Zhang–Frei–Bartlett)")
-    p.add_argument("--heads", type=int, default=2, help="H, the number of heads (lsa has one)")
+    p.add_argument("--heads", type=count, default=2, help="H, the number of heads (lsa has one)")
     p.add_argument("--preset", choices=("auto", "he", "zfb"), default="auto",
                    help="task: he (σ²=0.1, β~N(0,I/d)) or zfb (noiseless, w~N(0,I)); auto: zfb for lsa, else he")
-    p.add_argument("--d", type=int, default=5, help="covariate dimension d")
-    p.add_argument("--n", type=int, default=40, help="prompt length N")
-    p.add_argument("--noise-var", type=float, default=None, help="σ² (he preset only; default 0.1)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--d", type=count, default=5, help="covariate dimension d")
+    p.add_argument("--n", type=count, default=40, help="prompt length N")
+    p.add_argument("--noise-var", type=nonnegative, default=None, help="σ² (he preset only; default 0.1)")
+    p.add_argument("--steps", type=count, default=None)
+    p.add_argument("--batch", type=count, default=None)
+    p.add_argument("--lr", type=positive, default=None)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--sigma", type=float, default=0.5, help="LSA init scale σ")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data stream, eval set and probes")
-    p.add_argument("--model-seed", type=int, default=0, help="seed of the initial weights")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are tiny: 1 is fastest)")
+    p.add_argument("--checkpoint-every", type=count, default=None)
+    p.add_argument("--sigma", type=positive, default=0.5, help="LSA init scale σ")
+    p.add_argument("--seed", type=natural, default=0, help="seed of the data stream, eval set and probes")
+    p.add_argument("--model-seed", type=natural, default=0, help="seed of the initial weights")
+    p.add_argument("--threads", type=count, default=1, help="torch CPU threads (these models are tiny: 1 is fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-figures", action="store_true", help="skip the HTML figures")
     p.set_defaults(handler=cmd_icl_train)
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                                           "(trained runs are checkpointed under OUT/runs/ and reused)")
     r.add_argument("--out", type=Path, default=Path("runs/icl-report"))
     r.add_argument("--quick", action="store_true", help="fewer steps and prompts (a smoke run)")
-    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--threads", type=count, default=1)
     r.set_defaults(handler=cmd_icl_report)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headlab.cli.common import add_model_args, load_model, split_list
+from headlab.cli.common import add_model_args, count, load_model, natural, split_list
 
 
 def register(subparsers) -> None:
@@ -24,19 +24,19 @@ def register(subparsers) -> None:
     p.add_argument("--eval", action="append", required=True, metavar="SPEC",
                    help="ppl:FILE (held-out perplexity) or task:induction; comma-separated or repeated")
     p.add_argument("--out", required=True, type=Path, help="results folder (reused on a rerun)")
-    p.add_argument("--ctx", type=int, default=128, help="tokens per held-out text window")
-    p.add_argument("--windows", type=int, default=8, help="held-out text windows")
-    p.add_argument("--task-seed", type=int, default=1, help="token seed of task evals")
-    p.add_argument("--task-seq-len", type=int, default=32,
+    p.add_argument("--ctx", type=count, default=128, help="tokens per held-out text window")
+    p.add_argument("--windows", type=count, default=8, help="held-out text windows")
+    p.add_argument("--task-seed", type=natural, default=1, help="token seed of task evals")
+    p.add_argument("--task-seq-len", type=count, default=32,
                    help="block length N of task:induction ([BOS] r r, 1 + 2N tokens), eval and calibration")
     p.add_argument("--calib", default=None,
                    help="calibration eval for ablation/atp (default: ppl:data/text/kjv-genesis-1-15.txt, or "
                         "task:induction for models without a tokenizer)")
-    p.add_argument("--calib-ctx", type=int, default=64, help="tokens per calibration window")
-    p.add_argument("--calib-windows", type=int, default=4, help="calibration windows")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random ranker and the induction scan")
-    p.add_argument("--scan-seq-len", type=int, default=32, help="induction scan block length")
-    p.add_argument("--scan-batch", type=int, default=8, help="induction scan sequences")
+    p.add_argument("--calib-ctx", type=count, default=64, help="tokens per calibration window")
+    p.add_argument("--calib-windows", type=count, default=4, help="calibration windows")
+    p.add_argument("--seed", type=natural, default=0, help="seed of the random ranker and the induction scan")
+    p.add_argument("--scan-seq-len", type=count, default=32, help="induction scan block length")
+    p.add_argument("--scan-batch", type=count, default=8, help="induction scan sequences")
     p.add_argument("--save-model", default=None, metavar="RANKER:FRACTION",
                    help="also remove that ranker's heads at that fraction for real and save the smaller model "
                         "under OUT/pruned-RANKER-FRACTION/ (checked against the masked model)")
@@ -63,8 +63,15 @@ def cmd_prune(args) -> int:
     if args.save_model:
         ranker, _, fraction = args.save_model.rpartition(":")
         if ranker not in params.rankers:
-            raise HeadlabError(f"--save-model {args.save_model}: {ranker!r} is not among --rank-by")
-        save = (ranker, float(fraction))
+            raise HeadlabError(f"--save-model {args.save_model}: {ranker!r} is not among --rank-by (RANKER:FRACTION)")
+        try:
+            frac = float(fraction)
+        except ValueError:
+            raise HeadlabError(f"--save-model {args.save_model}: {fraction!r} is not a fraction (RANKER:FRACTION)") \
+                from None
+        if not 0 < frac <= 1:
+            raise HeadlabError(f"--save-model {args.save_model}: the fraction must lie in (0, 1]")
+        save = (ranker, frac)
     model = load_model(args)
     result = prune_experiment(model, params, args.out, progress=not args.no_progress)
     for spec in params.evals:

@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from headlab.cli.common import add_model_args, add_rule_args, load_model, rule_from_args, write_figure
+from headlab.cli.common import (add_model_args, add_rule_args, count, load_model, natural, percent, rule_from_args, unit,
+                                write_figure)
 
 
 def register(sub) -> None:
@@ -16,10 +17,10 @@ def register(sub) -> None:
     ind = scan_sub.add_parser("induction", help="previous-token, induction and first-token scores on [BOS] r r")
     add_model_args(ind)
     ind.add_argument("--out", required=True, type=Path, help="report folder to write")
-    ind.add_argument("--seq-len", type=int, default=50, help="length N of the random block")
-    ind.add_argument("--batch", type=int, default=16, help="number of random sequences")
-    ind.add_argument("--seed", type=int, default=0)
-    ind.add_argument("--top", type=int, default=10, help="how many top heads to print")
+    ind.add_argument("--seq-len", type=count, default=50, help="length N of the random block")
+    ind.add_argument("--batch", type=count, default=16, help="number of random sequences")
+    ind.add_argument("--seed", type=natural, default=0)
+    ind.add_argument("--top", type=count, default=10, help="how many top heads to print")
     ind.set_defaults(handler=cmd_scan_induction)
 
     sinks = scan_sub.add_parser("sinks", help="attention sinks of every head: column scores, first and later sinks")
@@ -28,8 +29,8 @@ def register(sub) -> None:
     sinks.add_argument("--prompts", type=Path, default=None,
                        help="a .txt file (prompts separated by blank lines) or a .json list; default: bundled KJV "
                             "passages")
-    sinks.add_argument("--n-prompts", type=int, default=8)
-    sinks.add_argument("--max-tokens", type=int, default=160)
+    sinks.add_argument("--n-prompts", type=count, default=8)
+    sinks.add_argument("--max-tokens", type=count, default=160)
     sinks.add_argument("--no-bos", action="store_true", help="do not prepend BOS on causal models")
     add_rule_args(sinks, min_visible=32)
     sinks.add_argument("--force", action="store_true", help="recompute even if --out holds this scan already")
@@ -43,24 +44,23 @@ def register(sub) -> None:
     add_model_args(ret, help="bundled name or a local HF folder (with a tokenizer)")
     ret.add_argument("--out", required=True, type=Path, help="report folder; its trials.jsonl makes a rerun resume")
     for name, kind, default, nargs, what in (
-            ("lengths", int, d.lengths, "*", "prompt lengths in tokens"),
-            ("depths", float, d.depths, "*", "needle depths in percent"),
-            ("needles", int, d.needles, "*", "needle sets of data/haystacks/needles.json"),
-            ("ks", int, d.ks, "*", "K heads masked, top-K vs random-K (none: no masking test)"),
-            ("mask-lengths", int, d.mask_lengths, "*", "lengths of the masking test (default: all)"),
-            ("windows", int, d.windows, "*", "RazorAttention recent windows S0 (none: no KV-cache test)"),
-            ("window-frac", float, d.window_frac, None, "1/C: the window is max(S0, frac × prompt length)"),
-            ("draws", int, d.draws, None, "random K-head draws per K"),
-            ("max-new-tokens", int, d.max_new_tokens, None, "greedy decoding budget per reply"),
-            ("razor-block", int, d.razor.block, None, "random tokens per repeat of the echo/induction input"),
-            ("seed", int, d.seed, None, "seed of the random-head draws")):
+            ("lengths", count, d.lengths, "*", "prompt lengths in tokens"),
+            ("depths", percent, d.depths, "*", "needle depths in percent"),
+            ("needles", natural, d.needles, "*", "needle sets of data/haystacks/needles.json"),
+            ("ks", count, d.ks, "*", "K heads masked, top-K vs random-K (none: no masking test)"),
+            ("mask-lengths", count, d.mask_lengths, "*", "lengths of the masking test (default: all)"),
+            ("windows", count, d.windows, "*", "RazorAttention recent windows S0 (none: no KV-cache test)"),
+            ("window-frac", unit, d.window_frac, None, "1/C: the window is max(S0, frac × prompt length)"),
+            ("draws", count, d.draws, None, "random K-head draws per K"),
+            ("max-new-tokens", count, d.max_new_tokens, None, "greedy decoding budget per reply"),
+            ("razor-block", count, d.razor.block, None, "random tokens per repeat of the echo/induction input"),
+            ("seed", natural, d.seed, None, "seed of the random-head draws")):
         ret.add_argument(f"--{name}", type=kind, nargs=nargs, default=list(default) if nargs else default, help=what)
     ret.add_argument("--mask-how", default=d.mask_how, choices=["uniform", "zero"])
     ret.set_defaults(handler=cmd_scan_retrieval)
 
 
 def cmd_scan_induction(args: argparse.Namespace) -> int:
-    from headlab import viz
     from headlab.analyses.induction import InductionParams, induction_scan
 
     model = load_model(args)
@@ -72,7 +72,7 @@ def cmd_scan_induction(args: argparse.Namespace) -> int:
         write_figure(scores.figure(key), out / f"heatmap_{key}.html")
     best = scores.top(1)[0][0]
     run = model.run(scores.items["tokens"][:1], heads=[best])
-    write_figure(viz.pattern(run, best, title=f"{best} on [BOS] r r — {model.name}"), out / f"pattern_{best}.html")
+    write_figure(run.figure(best, title=f"{best} on [BOS] r r — {model.name}"), out / f"pattern_{best}.html")
 
     print(f"\ntop {args.top} heads by induction score ({model.name}, N={args.seq_len}, {args.batch} sequences):")
     print(f"  {'head':>8}  {'induction':>9}  {'prev-token':>10}  {'first-token':>11}")

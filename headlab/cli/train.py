@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from headlab.cli.common import choose
+from headlab.cli.common import choose, count, natural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     twins.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks ({', '.join(TASKS)})")
     twins.add_argument("--kinds", default=",".join(STACKS), help=f"comma-separated kinds ({', '.join(STACKS)})")
     twins.add_argument("--out", type=Path, default=TWINS_DIR, help=f"output folder (default {TWINS_DIR})")
-    twins.add_argument("--steps", type=int, default=None, help="training steps (default: the task's recipe)")
-    twins.add_argument("--seed", type=int, default=0)
+    twins.add_argument("--steps", type=count, default=None, help="training steps (default: the task's recipe)")
+    twins.add_argument("--seed", type=natural, default=0)
     twins.add_argument("--force", action="store_true", help="retrain twins that are already there")
     twins.add_argument("--no-progress", action="store_true")
     twins.set_defaults(handler=cmd_train_twins)
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     toy = train_sub.add_parser("toy", help="the bundled toy-induction model (three phases, ~2 minutes on 2 cores)")
     toy.add_argument("--out", type=Path, default=TOY_INDUCTION_DIR, help=f"output folder (default {TOY_INDUCTION_DIR})")
-    toy.add_argument("--seed", type=int, default=0, help="seed for init and data (default 0)")
+    toy.add_argument("--seed", type=natural, default=0, help="seed for init and data (default 0)")
     toy.add_argument("--no-progress", action="store_true")
     toy.set_defaults(handler=cmd_train_toy)
 

@@ -15,9 +15,22 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 
 from headlab.capture import Capture, HeadOverride, LayerOps, activate, uniform_attention
-from headlab.errors import EditError
+from headlab.errors import EditError, HeadIndexError
 from headlab.heads import HeadRef, as_heads
 from headlab.models.head_model import HeadModel
+
+
+def _one_head(head: Any, what: str) -> HeadRef:
+    """A HeadRef from the forms the rest of the API accepts: HeadRef, a (layer, head) pair, or "L3H1"."""
+    if isinstance(head, HeadRef):
+        return head
+    try:
+        refs = as_heads([head] if isinstance(head, (tuple, str)) else head)
+    except (HeadIndexError, TypeError, ValueError) as err:
+        raise EditError(f"{what}: {err}") from None
+    if len(refs) != 1:
+        raise EditError(f"{what} takes one head, got {head!r}: use headlab.ablate(heads) for several")
+    return refs[0]
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,7 @@ class Ablate:
     reference: Any = field(default=None, kw_only=True, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "head", _one_head(self.head, "Ablate"))
         if self.how not in ("zero", "mean", "uniform"):
             raise EditError(f"Ablate(how={self.how!r}) is not an ablation: use 'zero', 'mean' or 'uniform'")
         if self.how == "mean" and self.reference is None:
@@ -55,6 +69,7 @@ class Scale:
     factor: float | torch.Tensor = field(kw_only=True)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "head", _one_head(self.head, "Scale"))
         f = self.factor
         if isinstance(f, torch.Tensor):
             if f.numel() != 1 or f.dim() != 0:
@@ -141,6 +156,8 @@ def edit(model: HeadModel, edits: Iterable[Any] | Any) -> Iterator[HeadModel]:
     """Apply head edits inside a `with` block; the model is exactly as before once the block exits."""
     if isinstance(edits, (Ablate, Scale)) or callable(getattr(edits, "layer_ops", None)):
         edits = [edits]
+    elif edits is None or isinstance(edits, (str, bytes)) or not isinstance(edits, Iterable):
+        raise EditError(f"hl.edit takes an edit or a list of edits (headlab.Ablate, headlab.Scale, ...), got {edits!r}")
     ops = compile_edits(model, edits)
     with activate(model.owner, ops=ops):
         yield model

@@ -24,6 +24,8 @@ a single `generate()` call; the needle harness gets the same by entering the edi
 
 from __future__ import annotations
 
+from headlab.heads import heads_per_group
+
 import math
 from dataclasses import dataclass, field
 
@@ -70,7 +72,7 @@ class RazorKV:
 
     def layer_ops(self, model) -> dict[int, LayerOps]:
         """One override per layer over the query heads whose KV group is compressed."""
-        per_group = model.n_heads // model.n_kv_heads
+        per_group = heads_per_group(model.n_heads, model.n_kv_heads)
         for layer, group in self.full:
             if not (0 <= layer < model.n_layers and 0 <= group < model.n_kv_heads):
                 raise EditError(f"RazorKV.full names KV head ({layer}, {group}) outside {model.name}'s "
@@ -101,7 +103,7 @@ class RazorKV:
         so keys and values are never expanded to query heads.
         """
         n_heads, n_groups = record.q.shape[1], record.k.shape[1]
-        per = n_heads // n_groups
+        per = heads_per_group(n_heads, n_groups)
         dev = record.q.device
         gsel = torch.unique(torch.as_tensor(heads, device=dev) // per)  # [g]
         every = gsel.numel() == n_groups

@@ -6,7 +6,7 @@ import inspect
 import itertools
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from headlab.capture import (
     ensure_registered,
 )
 from headlab.errors import HeadIndexError, PromptError, UnsupportedModelError
-from headlab.heads import HeadRef, as_heads
+from headlab.heads import HeadRef, as_heads, heads_per_group
 from headlab.losses import next_token_losses
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
 from headlab.run import Batch, Run
@@ -189,7 +189,7 @@ class HeadModel:
 
     def kv_group(self, head: HeadRef) -> int:
         """The KV group (key/value head) that a query head reads."""
-        return head.head // (self.n_heads // self.n_kv_heads)
+        return head.head // heads_per_group(self.n_heads, self.n_kv_heads)
 
     def attention_module(self, layer: int) -> nn.Module:
         self.check_layers([layer])
@@ -203,10 +203,23 @@ class HeadModel:
 
     # prompts
 
-    def encode(self, prompt: Prompt, *, prepend_bos: bool = False) -> Batch:
-        """Text, texts, token ids (flat, nested or a tensor) or a Batch → a right-padded Batch on the model's device."""
+    def encode(self, prompt: Prompt, *, prepend_bos: bool = False, truncate: int | None = None) -> Batch:
+        """Text, texts, token ids (flat, nested or a tensor), a Batch or a tokenizer's output (a mapping with
+        `input_ids` and `attention_mask`) → a right-padded Batch on the model's device.
+
+        A Batch or tokenizer output is validated: 2-D integer ids, a 0/1 mask of the same shape whose real tokens are
+        contiguous; left padding (`padding_side="left"`) is moved to the right (absolute positions then start at 0, as
+        for an unpadded prompt), and padded slots get the model's pad id.
+        """
         if isinstance(prompt, Batch):
-            batch = prompt
+            batch = self._normalise_batch(prompt.input_ids, prompt.attention_mask)
+        elif isinstance(prompt, Mapping) and "input_ids" in prompt:
+            ids = prompt["input_ids"]
+            mask = prompt.get("attention_mask")
+            ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+            mask = torch.ones_like(ids) if mask is None else (mask if isinstance(mask, torch.Tensor)
+                                                              else torch.as_tensor(mask))
+            batch = self._normalise_batch(ids, mask)
         elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                          and all(isinstance(p, str) for p in prompt)):
             batch = self._encode_text([prompt] if isinstance(prompt, str) else list(prompt))
@@ -214,8 +227,22 @@ class HeadModel:
             batch = self._encode_ids(prompt)
         if prepend_bos:
             batch = self._prepend_bos(batch)
+        if truncate is not None:
+            batch = self._truncate(batch, truncate)
         self._check_batch(batch)
         return batch.to(self.device)
+
+    def _truncate(self, batch: Batch, max_tokens: int) -> Batch:
+        """Each item cut to `max_tokens` (BOS included); a cut item keeps its closing special token (e.g. [SEP])."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise PromptError(f"truncate must be a positive number of tokens, got {max_tokens!r}")
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        ids, mask = batch.input_ids, batch.attention_mask
+        out_ids, out_mask = ids[:, :max_tokens].clone(), mask[:, :max_tokens].clone()
+        for b, n in enumerate(batch.lengths):
+            if n > max_tokens and int(ids[b, n - 1]) in special:
+                out_ids[b, max_tokens - 1] = ids[b, n - 1]
+        return Batch(out_ids, out_mask)
 
     def _encode_text(self, texts: list[str]) -> Batch:
         if self.tokenizer is None:
@@ -263,6 +290,35 @@ class HeadModel:
         seqs = [torch.cat([torch.tensor([bos]), ids[:n]]) if add else ids[:n]
                 for ids, n, add in zip(batch.input_ids.cpu(), batch.lengths, need.tolist())]
         return _pad(seqs, self.pad_id)
+
+    def _normalise_batch(self, ids: Any, mask: Any) -> Batch:
+        """A user-built batch, checked and right-padded (see `encode`)."""
+        if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor):
+            raise PromptError("a Batch holds two tensors, input_ids and attention_mask")
+        if ids.dim() == 1:
+            ids, mask = ids[None], mask[None] if mask.dim() == 1 else mask
+        if ids.dim() != 2 or mask.shape != ids.shape:
+            raise PromptError(f"Batch input_ids must be [B, T] with an attention_mask of the same shape; got "
+                              f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+            raise PromptError(f"Batch input_ids must be integers, got {ids.dtype}")
+        if mask.dtype.is_floating_point and not torch.isfinite(mask).all():
+            raise PromptError("Batch attention_mask holds NaN or inf: it must be 0/1")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise PromptError(f"Batch attention_mask must be 0/1, got values {sorted(set(mask.unique().tolist()))[:6]}")
+        ids, mask = ids.long().cpu(), mask.long().cpu()
+        rows_ids, rows_mask = [], []
+        for i in range(ids.shape[0]):
+            real = mask[i].nonzero().flatten()
+            if real.numel() and int(real[-1] - real[0] + 1) != real.numel():
+                raise PromptError(f"Batch item {i}: the attention mask has holes (real tokens at "
+                                  f"{real.tolist()[:8]}...): real tokens must be contiguous")
+            n, first = real.numel(), int(real[0]) if real.numel() else 0
+            row = torch.full_like(ids[i], self.pad_id)
+            row[:n] = ids[i, first:first + n]  # left padding (first > 0) moves to the right
+            rows_ids.append(row)
+            rows_mask.append((torch.arange(ids.shape[1]) < n).long())
+        return Batch(torch.stack(rows_ids), torch.stack(rows_mask))
 
     def _check_batch(self, batch: Batch) -> None:
         ids = batch.input_ids

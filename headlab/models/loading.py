@@ -11,7 +11,7 @@ import torch
 import transformers
 from torch import nn
 
-from headlab.errors import ModelNotFoundError, UnsupportedModelError
+from headlab.errors import ModelNotFoundError, UnsupportedModelError, WeightsError
 from headlab.models.arch import ARCHS
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
@@ -117,6 +117,18 @@ def _label(model: nn.Module) -> str:
     return getattr(model.config, "_name_or_path", "") or type(model).__name__
 
 
+def check_loading_info(folder: Path, info: dict) -> None:
+    """Refuse a folder whose weights do not fill the model exactly: transformers would fill the gaps with random
+    tensors and only log a table (logits then differ by ~10 with nothing to say so)."""
+    missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+    mismatched = [f"{k} (file {tuple(a)} vs model {tuple(b)})" for k, a, b in info.get("mismatched_keys", [])]
+    problems = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                if keys]
+    if problems:
+        raise WeightsError(f"{folder}: the weights do not match the model's config — " + "; ".join(problems))
+
+
 def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, tokenizer: Any = None,
                 attn_implementation: str = "sdpa", name: str | None = None) -> HeadModel:
     """Load a local HF folder (safetensors weights only: no unpickling of files from a path)."""
@@ -131,7 +143,12 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
                                  "from a path")
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{config_path} is not an HF config (a JSON object)")
     if "headlab_pruned" in config:  # structurally pruned (headlab.prune): per-layer head counts
         from headlab.models.pruned import load_pruned
 
@@ -150,7 +167,12 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
     impl = {} if own_attention else {"attn_implementation": attn_implementation}
     # use_kernels=False: transformers (>= 5.25) otherwise "kernelizes" layers (norms, rotary) with kernels from
     # the HF hub; headlab studies the computation transformers' own torch code defines, offline
-    hf_model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, use_kernels=False, **impl)
+    try:
+        hf_model, info = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, use_kernels=False,
+                                             output_loading_info=True, ignore_mismatched_sizes=True, **impl)
+    except Exception as err:  # a corrupt config or checkpoint: transformers and safetensors raise many types
+        raise ModelNotFoundError(f"{folder} could not be loaded as an HF model folder: {err}") from err
+    check_loading_info(folder, info)
     hf_model = hf_model.to(device)
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                   "vocab.txt")):

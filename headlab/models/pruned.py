@@ -20,6 +20,8 @@ writes empty `[B, 0, T, D]` entries to a KV cache so the cache's sequence length
 
 from __future__ import annotations
 
+from headlab.heads import heads_per_group
+
 import copy
 import json
 import types
@@ -82,7 +84,7 @@ class LayerLayout:
 def plan_layout(n_heads: int, n_kv_heads: int, removed: Iterable[int]) -> LayerLayout:
     """The layout of one layer after removing query heads `removed` (a KV group goes with its last head)."""
     removed = set(removed)
-    per_group = n_heads // n_kv_heads
+    per_group = heads_per_group(n_heads, n_kv_heads)
     heads = tuple(h for h in range(n_heads) if h not in removed)
     kv = tuple(dict.fromkeys(h // per_group for h in heads))
     return LayerLayout(heads=heads, kv=kv, kv_slot=tuple(kv.index(h // per_group) for h in heads))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from headlab.inputs import periodic, repeated_blocks
 from headlab.losses import next_token_losses
 
 from headlab.paths import TOY_INDUCTION_DIR  # noqa: E402,F401  (re-exported)
@@ -139,36 +140,15 @@ def make_attention_only(model) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def periodic_batch(
-    batch: int,
-    seq_len: int,
-    vocab: int,
-    *,
-    generator: torch.Generator,
-    period_range: tuple[int, int] = (4, 32),
-) -> torch.LongTensor:
-    """``[batch, 1 + seq_len]`` token ids: BOS followed by a periodic sequence.
-
-    For each row a period ``d`` is drawn uniformly from ``period_range``
-    (inclusive) and ``d`` random content tokens ``r`` from ``1..vocab-1``;
-    then ``x[0] = BOS`` and ``x[1 + j] = r[j % d]``.
-    """
-    lo, hi = period_range
-    if not 1 <= lo <= hi:
-        raise ValueError(f"bad period_range {period_range}")
-    d = torch.randint(lo, hi + 1, (batch, 1), generator=generator)
-    r = torch.randint(1, vocab, (batch, hi), generator=generator)
-    idx = torch.arange(seq_len).unsqueeze(0) % d  # [B, seq_len]
-    body = torch.gather(r, 1, idx)
-    bos = torch.full((batch, 1), BOS, dtype=torch.long)
-    return torch.cat([bos, body], dim=1)
+def periodic_batch(batch: int, seq_len: int, vocab: int, *, generator: torch.Generator,
+                   period_range: tuple[int, int] = (4, 32)) -> torch.LongTensor:
+    """``[batch, 1 + seq_len]``: BOS followed by a periodic sequence (``headlab.inputs.periodic`` with BOS = 0)."""
+    return periodic(batch, seq_len, vocab, generator=generator, period_range=period_range, bos=BOS)
 
 
 def repeated_batch(batch: int, rep_len: int, vocab: int, *, generator: torch.Generator) -> torch.LongTensor:
-    """``[batch, 1 + 2*rep_len]``: ``[BOS] + r + r`` with ``r`` random content tokens."""
-    r = torch.randint(1, vocab, (batch, rep_len), generator=generator)
-    bos = torch.full((batch, 1), BOS, dtype=torch.long)
-    return torch.cat([bos, r, r], dim=1)
+    """``[batch, 1 + 2*rep_len]``: ``[BOS] + r + r`` with ``r`` random content tokens (``headlab.inputs``)."""
+    return repeated_blocks(torch.arange(1, vocab), batch=batch, block=rep_len, repeats=2, bos=BOS, generator=generator)
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ calibration loss that the ablation and AtP rankers measure (`loss(model, grad=Tr
 
 from __future__ import annotations
 
+from headlab.inputs import windows
+
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,9 +84,8 @@ class TextEval:
         need = self.ctx * self.windows
         if len(ids) < need:
             raise HeadlabError(f"{path} has {len(ids)} tokens, fewer than {self.windows} windows × {self.ctx}")
-        body = torch.tensor(ids[:need], dtype=torch.long).view(self.windows, self.ctx)
         bos = model.bos_id if model.bos_id is not None else model.pad_id
-        return torch.cat([torch.full((self.windows, 1), bos, dtype=torch.long), body], 1)
+        return windows(torch.tensor(ids[:need], dtype=torch.long), self.ctx, count=self.windows, bos=bos)
 
     def loss(self, model: HeadModel, *, grad: bool = False) -> torch.Tensor:
         """Mean next-token loss over all windows (a scalar; differentiable when `grad`)."""

@@ -24,8 +24,8 @@ from headlab.edits.heads import ablate, edit
 from headlab.errors import HeadlabError
 from headlab.models.head_model import HeadModel
 from headlab.prune.evals import parse_eval
-from headlab.prune.figures import curves
-from headlab.prune.rankers import RankParams, compare_atp, n_to_remove, prune_order, rank
+from headlab.viz.prune import curves
+from headlab.prune.rankers import RankParams, check_ranker, compare_atp, n_to_remove, prune_order, rank
 from headlab.results import HeadScores, append_jsonl, read_json, read_jsonl, write_json, params_dict
 
 RESULTS_FILE = "results.jsonl"
@@ -145,6 +145,10 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     evals = {spec: parse_eval(spec, ctx=params.ctx, windows=params.windows, seed=params.task_seed,
                               seq_len=params.task_seq_len)
              for spec in params.evals}
+    for name in params.rankers:
+        check_ranker(name)
+    if not params.rankers or not params.fractions or not params.evals:
+        raise HeadlabError("a pruning experiment needs at least one ranker, fraction and eval")
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, model, params)
     cache: dict[str, Any] = {"progress": progress}

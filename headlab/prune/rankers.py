@@ -35,6 +35,7 @@ from headlab.results import HeadScores, params_dict, run_meta
 
 DIRECTION = "ascending: the lowest-scoring heads are pruned first"
 
+
 @dataclass(frozen=True, kw_only=True)
 class RankParams:
     """Settings of the rankers.
@@ -63,8 +64,10 @@ class RankParams:
         return parse_eval(self.calib or default_calibration(model), ctx=self.ctx, windows=self.windows,
                           seed=self.calib_seed, seq_len=self.calib_seq_len)
 
+
 RankerFn = Callable[[HeadModel, RankParams, dict], HeadScores]
 RANKERS: dict[str, RankerFn] = {}
+
 
 def register_ranker(name: str, fn: RankerFn) -> None:
     """Add a ranker `fn(model, params, cache) -> HeadScores` (primary map: importance `[L, H]`).
@@ -74,11 +77,13 @@ def register_ranker(name: str, fn: RankerFn) -> None:
     """
     RANKERS[name] = fn
 
+
 def _ranking(model: HeadModel, name: str, maps: dict[str, torch.Tensor], params: RankParams,
              **meta) -> HeadScores:
     return HeadScores(analysis=f"prune_rank:{name}", model=model.name, maps=maps, primary="score",
                       params={"ranker": name, **params_dict(params)},
                       meta=run_meta(model, direction=DIRECTION, **meta))
+
 
 def _scan(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     if "induction_scan" not in cache:
@@ -86,19 +91,23 @@ def _scan(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
         cache["induction_scan"] = induction_scan(model, scan_params, progress=False)
     return cache["induction_scan"]
 
+
 def _induction(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     return _ranking(model, "induction", {"score": _scan(model, params, cache).maps["induction"]}, params,
                     source="induction scan, map induction")
 
+
 def _sink(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     return _ranking(model, "sink", {"score": _scan(model, params, cache).maps["first_token"]}, params,
                     source="induction scan, map first_token (mean attention on position 0)")
+
 
 def _random(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     gen = torch.Generator().manual_seed(params.seed)
     scores = torch.randperm(model.n_layers * model.n_heads, generator=gen).float()
     return _ranking(model, "random", {"score": scores.view(model.n_layers, model.n_heads)}, params,
                     seed=params.seed)
+
 
 def ablation_scores(model: HeadModel, calib: Eval, *, heads: Iterable[HeadRef] | None = None,
                     progress: bool = True) -> dict[str, torch.Tensor | float]:
@@ -115,6 +124,7 @@ def ablation_scores(model: HeadModel, calib: Eval, *, heads: Iterable[HeadRef] |
             delta[ref.layer, ref.head] = float(calib.loss(model)) - clean
     return {"delta": delta, "clean_loss": clean}
 
+
 def atp_scores(model: HeadModel, calib: Eval) -> dict[str, torch.Tensor | float]:
     """Attribution patching: `estimate` `[L, H]` ≈ loss(head zeroed) − clean loss, from one forward + backward.
 
@@ -128,6 +138,7 @@ def atp_scores(model: HeadModel, calib: Eval) -> dict[str, torch.Tensor | float]
     (grad,) = torch.autograd.grad(loss, alpha)
     return {"estimate": -grad.detach(), "clean_loss": float(loss.detach())}
 
+
 def _ablation(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     calib = params.calibration(model)
     start = time.perf_counter()
@@ -135,6 +146,7 @@ def _ablation(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     return _ranking(model, "ablation", {"score": out["delta"]}, params, calibration=calib.spec,
                     clean_loss=out["clean_loss"], seconds=round(time.perf_counter() - start, 3),
                     forwards=model.n_layers * model.n_heads + 1)
+
 
 def _atp(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
     calib = params.calibration(model)
@@ -144,9 +156,11 @@ def _atp(model: HeadModel, params: RankParams, cache: dict) -> HeadScores:
                     clean_loss=out["clean_loss"], seconds=round(time.perf_counter() - start, 3), forwards=1,
                     backwards=1)
 
+
 for _name, _fn in {"induction": _induction, "sink": _sink, "ablation": _ablation, "atp": _atp,
                    "random": _random}.items():
     register_ranker(_name, _fn)
+
 
 def from_saved(model: HeadModel, spec: str) -> HeadScores:
     """A ranking from `scores:PATH[:MAP]` (a saved HeadScores folder; its primary map unless MAP is given)."""
@@ -167,6 +181,21 @@ def from_saved(model: HeadModel, spec: str) -> HeadScores:
     return _ranking(model, spec, {"score": scores}, RankParams(), source=f"{path} map {key} ({saved.analysis})",
                     source_model=saved.model)
 
+
+def check_ranker(name: str) -> None:
+    """A HeadlabError naming the problem if `name` is no registered ranker and no saved scores folder."""
+    if name.startswith("scores:"):
+        rest = name.removeprefix("scores:")
+        path = rest if Path(rest).exists() or ":" not in rest else rest.rsplit(":", 1)[0]
+        if not HeadScores.saved(path):
+            raise HeadlabError(f"{name}: {path} is not a saved HeadScores folder (no readable scores.json)")
+        return
+    if name not in RANKERS:
+        hint = (" No retrieval analysis is registered in this checkout: save its HeadScores and pass "
+                "scores:PATH:retrieval." if name == "retrieval" else "")
+        raise HeadlabError(f"unknown ranker {name!r}: use one of {', '.join(RANKERS)} or scores:PATH[:MAP].{hint}")
+
+
 def rank(model: HeadModel, name: str, params: RankParams = RankParams(), *, cache: dict | None = None) -> HeadScores:
     """Rank every head of `model` with the named ranker (or `scores:PATH[:MAP]`); see the module doc."""
     if name.startswith("scores:"):
@@ -180,6 +209,7 @@ def rank(model: HeadModel, name: str, params: RankParams = RankParams(), *, cach
     result.meta.setdefault("seconds", round(time.perf_counter() - start, 3))
     return result
 
+
 def prune_order(scores: torch.Tensor) -> list[HeadRef]:
     """Every head of a `[L, H]` importance map, least important first (ties by (layer, head), NaN last)."""
     n_heads = scores.shape[1]
@@ -187,17 +217,20 @@ def prune_order(scores: torch.Tensor) -> list[HeadRef]:
     keys = [(bool(torch.isnan(v)), float(v) if not torch.isnan(v) else 0.0, i) for i, v in enumerate(flat)]
     return [HeadRef(i // n_heads, i % n_heads) for _, _, i in sorted(keys)]
 
+
 def n_to_remove(fraction: float, n_total: int) -> int:
     """How many heads a fraction removes: round(fraction × n_total) (round half to even)."""
     if not 0.0 <= fraction <= 1.0:
         raise HeadlabError(f"fraction {fraction} is outside [0, 1]")
     return int(round(fraction * n_total))
 
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two same-shaped tensors (average ranks for ties)."""
     ra, rb = _ranks(a.flatten().double()), _ranks(b.flatten().double())
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     order = x.argsort()
@@ -206,6 +239,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     _, inverse = torch.unique(x, return_inverse=True)
     sums = torch.zeros(int(inverse.max()) + 1, dtype=x.dtype).index_add_(0, inverse, ranks)
     return (sums / torch.bincount(inverse).to(x.dtype))[inverse]
+
 
 def compare_atp(atp: HeadScores, ablation: HeadScores, *, k: int = 10) -> dict[str, float]:
     """How well AtP's estimate tracks exhaustive ablation: Spearman, top-k overlap, and the speed-up.

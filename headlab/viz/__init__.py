@@ -1,6 +1,16 @@
-"""Plotly figures: pure functions, data in, figure out."""
+"""Plotly figures: pure functions, data in (tensors, tokens, result objects), figure out — never a model or a run.
 
-from headlab.viz.figures import heatmap, pattern, token_ticks
+`figures`: layer × head heatmaps, one head's pattern (signed colour scale where weights are negative); `kinds`: head
+comparisons across attention kinds; `sinks`: column scores and ACT accuracy; `retrieval`: needle grids, masking and
+KV-cache curves; `prune`: pruning curves and AtP-vs-ablation. (The ICL figures still live in `headlab.icl.figures`:
+they compute theory measures as they plot.)
+"""
+
+from headlab.viz.figures import heatmap, pattern, pattern_colors, token_ticks
 from headlab.viz.kinds import metric_by_model, pattern_grid
+from headlab.viz.prune import atp_scatter, curves
+from headlab.viz.retrieval import accuracy_grid, kv_figure, masking_figure
+from headlab.viz.sinks import accuracy_figure, column_figure
 
-__all__ = ["heatmap", "metric_by_model", "pattern", "pattern_grid", "token_ticks"]
+__all__ = ["accuracy_figure", "accuracy_grid", "atp_scatter", "column_figure", "curves", "heatmap", "kv_figure",
+           "masking_figure", "metric_by_model", "pattern", "pattern_colors", "pattern_grid", "token_ticks"]

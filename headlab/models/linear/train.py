@@ -3,7 +3,7 @@
 Two tasks, the same geometry for every kind (2 layers × 4 heads, width 64, learned positions):
 
 - "recall": periodic random tokens with a period drawn per sequence (toy-induction's data,
-  `headlab.models.toy.periodic_batch`), attention-only; scored by next-token accuracy on the second
+  `headlab.inputs.periodic`), attention-only; scored by next-token accuracy on the second
   copy of `[BOS] r r` (the positions an induction / recall mechanism can predict) at several periods.
 - "text": next-byte prediction on public-domain text under data/text (trained on the Gospel of John,
   held-out loss on Genesis 1–15), with a byte tokenizer and an MLP per layer.
@@ -14,6 +14,8 @@ those already finished, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
+
+from headlab.inputs import periodic, windows, with_bos
 
 from headlab.results import read_json, write_atomic, write_json
 
@@ -106,9 +108,7 @@ def twin_name(task: str, kind: str) -> str:
 def recall_batch(batch: int, seq_len: int, *, generator: torch.Generator,
                  period_range: tuple[int, int]) -> torch.Tensor:
     """`[B, 1 + seq_len]`: BOS then a periodic random sequence (toy-induction's training data)."""
-    from headlab.models.toy import periodic_batch
-
-    return periodic_batch(batch, seq_len, RECALL_VOCAB, generator=generator, period_range=period_range)
+    return periodic(batch, seq_len, RECALL_VOCAB, generator=generator, period_range=period_range)
 
 
 def recall_eval_batch(batch: int, period: int, *, seed: int, seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +117,8 @@ def recall_eval_batch(batch: int, period: int, *, seed: int, seq_len: int = 64) 
     Returns ids `[B, 1 + seq_len]` and a bool `[B, seq_len]` over next-token targets: True where the target
     lies in a later copy (target position > period + 1, i.e. its predecessor occurred before).
     """
-    from headlab.models.toy import periodic_batch
-
     gen = torch.Generator().manual_seed(seed)
-    ids = periodic_batch(batch, seq_len, RECALL_VOCAB, generator=gen, period_range=(period, period))
+    ids = periodic(batch, seq_len, RECALL_VOCAB, generator=gen, period_range=(period, period))
     target_pos = torch.arange(1, seq_len + 1)
     return ids, (target_pos > period + 1)[None].expand(batch, -1)
 
@@ -132,15 +130,12 @@ def text_bytes(path: Path) -> torch.Tensor:
 def text_batch(data: torch.Tensor, batch: int, seq_len: int, *, generator: torch.Generator) -> torch.Tensor:
     """`[B, seq_len]`: BOS (256) then `seq_len − 1` bytes from a random offset."""
     starts = torch.randint(0, len(data) - seq_len, (batch,), generator=generator)
-    body = torch.stack([data[s:s + seq_len - 1] for s in starts.tolist()])
-    return torch.cat([torch.full((batch, 1), 256, dtype=torch.long), body], dim=1)
+    return with_bos(torch.stack([data[s:s + seq_len - 1] for s in starts.tolist()]), 256)
 
 
 def text_eval_windows(data: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Every non-overlapping window of `seq_len − 1` bytes, each after a BOS: `[N, seq_len]`."""
-    n = (len(data) - 1) // (seq_len - 1)
-    body = data[: n * (seq_len - 1)].view(n, seq_len - 1)
-    return torch.cat([torch.full((n, 1), 256, dtype=torch.long), body], dim=1)
+    return windows(data[: len(data) - 1], seq_len - 1, bos=256)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

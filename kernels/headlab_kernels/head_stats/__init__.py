@@ -25,7 +25,7 @@ __all__ = ["HeadStats", "head_stats", "head_stats_reference", "head_stats_materi
 def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None = None,
                key_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
                key_sets: torch.Tensor | Mapping[str, torch.Tensor] | None = None, topk: int = 1,
-               impl: Literal["auto", "triton", "reference"] = "auto") -> HeadStats:
+               impl: Literal["auto", "triton", "torch", "reference"] = "auto") -> HeadStats:
     """Per-query, per-set and per-key statistics of softmax(scale · q kᵀ) over the visible keys.
 
     Args:
@@ -42,14 +42,16 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
             to `received` or `n_visible`. Defaults to `key_mask[:, S - T:]` when S >= T.
         key_sets: bool `[K, B|1, S]`, or a dict name -> bool `[B, S]` (then `set_names` follows its order).
         topk: how many top keys to report per query.
-        impl: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" (on CPU tensors it
-            needs TRITON_INTERPRET=1 set before triton is first imported) or "reference".
+        impl: "auto" (Triton on CUDA tensors, the torch reference elsewhere), "triton" (on CPU tensors it
+            needs TRITON_INTERPRET=1 set before triton is first imported) or "torch" (the chunked torch
+            reference; "reference" is accepted too: the vocabulary of `headlab_kernels.linear_attention`).
     Returns:
         HeadStats: topk_idx / topk_weight `[B, Hq, T, topk]`, lse / entropy `[B, Hq, T]`,
         set_mass `[B, Hq, T, K]`, received `[B, Hq, S]`, n_visible `[B, S]`.
     """
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference'; got {impl!r}")
+    if impl not in ("auto", "triton", "torch", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch' ('reference'); got {impl!r}")
+    impl = "reference" if impl == "torch" else impl
     if impl == "auto":
         impl = "triton" if q.is_cuda and _triton_available() else "reference"
     kwargs = dict(scale=scale, causal=causal, mask=mask, key_mask=key_mask, query_mask=query_mask,

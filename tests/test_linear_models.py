@@ -206,3 +206,20 @@ def test_train_twins_cli_writes_a_card_and_resumes(tmp_path, capsys):
     assert "recall-gla" in capsys.readouterr().out
     assert hl.load(folder, device="cpu").layer_kinds == ["gla", "gla"]
     assert main(["train", "twins", "--kinds", "mamba", "--out", str(tmp_path)]) == 2
+
+
+def test_deltanet_state_is_the_closed_form():
+    """LinearMixer.state (the chunked kernel's final state) = Kᵀ U, U = (I + strict_tril(diag(β) K Kᵀ))⁻¹ diag(β) V —
+    what fla's DeltaNet cache holds (the adapter writes mixer.state)."""
+    from headlab.models.linear.mixer import LinearMixer
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, K, V = 2, 3, 37, 8, 5
+    fk = torch.nn.functional.normalize(torch.randn(B, H, T, K, generator=g), dim=-1)
+    beta = torch.rand(B, H, T, generator=g)
+    v = torch.randn(B, H, T, V, generator=g)
+    a = torch.tril(beta[..., None] * (fk @ fk.transpose(-1, -2)), diagonal=-1)
+    u = torch.linalg.solve(torch.eye(T) + a, beta[..., None] * v)
+    expected = fk.transpose(-1, -2) @ u
+    got = LinearMixer(kind="deltanet", fq=fk, fk=fk, beta=beta).state(v)
+    assert got.shape == (B, H, K, V) and torch.allclose(got, expected, atol=1e-4)

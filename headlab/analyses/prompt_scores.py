@@ -8,7 +8,8 @@ pattern A (rows = queries, columns = keys) that each head puts on the prompt at 
   mass on the positions j+1 that followed those earlier occurrences, averaged over such
   queries; NaN when no token of the prompt repeats;
 - first_token: mean of A[i, 0] over queries i = 1 .. T-1 (the sink);
-- entropy: mean over queries of the row entropy -Σ_s A[i, s] log A[i, s], in nats.
+- entropy: mean over queries of the row entropy -Σ_s A[i, s] log A[i, s], in nats (of |A| rows normalised, as
+  analyses.metrics.row_entropy: the same for softmax heads, defined for signed linear-attention patterns).
 Patterns are computed per layer from q and k and discarded after reduction, so memory is
 one layer's `[H, T, T]` pattern at a time.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlab.analyses.metrics import row_entropy
 from headlab.capture import LayerRecord
 from headlab.losses import next_token_losses
 from headlab.errors import PromptError
@@ -70,7 +72,8 @@ def pattern_scores(pattern: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.
         induction = mass[:, rows].mean(-1)
     else:
         induction = nan
-    entropy = torch.special.entr(pattern).sum(-1).mean(-1)  # entr(0) = 0: masked keys add nothing
+    # of |weights| normalised per row, as analyses.kinds: the plain entropy for softmax rows, defined for signed ones
+    entropy = row_entropy(pattern, torch.ones_like(pattern, dtype=torch.bool)).nanmean(-1)
     return {"prev_token": prev.cpu(), "induction": induction.cpu(), "first_token": first.cpu(),
             "entropy": entropy.cpu()}
 

@@ -393,22 +393,12 @@ def _write_cache(module: nn.Module, cache: Any, mixer: LinearMixer, v: torch.Ten
             if not fused_chunk:
                 state = state.transpose(-1, -2).contiguous()  # fla's GLA layer keeps [N, H, V, K]
         else:
-            state = _delta_state(mixer, v)
+            state = mixer.state(v)  # [N, H, K, V], the layout fla's DeltaNet keeps
         conv_state = None
         if module.use_short_conv:
             W = module.q_conv1d.kernel_size[0]
             conv_state = tuple(_last_inputs(t, key_mask, W) for t in conv_in)
     update_layer_cache(module, cache, recurrent_state=state, conv_state=conv_state, offset=T)
-
-
-def _delta_state(mixer: LinearMixer, v: torch.Tensor) -> torch.Tensor:
-    """The delta rule's final state `[B, H, K, V]` = Kᵀ U, U = (I + strict_tril(diag(β) K Kᵀ))⁻¹ diag(β) V."""
-    k, beta, v = mixer.fk.float(), mixer.beta.float(), v.float()
-    T = k.shape[2]
-    a = torch.tril(beta[..., None] * (k @ k.transpose(-1, -2)), diagonal=-1)
-    eye = torch.eye(T, device=k.device, dtype=torch.float32)
-    u = torch.linalg.solve_triangular(eye + a, beta[..., None] * v, upper=False, unitriangular=True)
-    return k.transpose(-1, -2) @ u
 
 
 # CPU fallbacks for fla's other Triton modules

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.analyses.induction import InductionParams, induction_scan
+from headlab.analyses.metrics import spearman
 
 from headlab.edits.heads import Ablate, Scale, edit
 from headlab.errors import HeadlabError
@@ -200,10 +201,7 @@ def rank(model: HeadModel, name: str, params: RankParams = RankParams(), *, cach
     """Rank every head of `model` with the named ranker (or `scores:PATH[:MAP]`); see the module doc."""
     if name.startswith("scores:"):
         return from_saved(model, name)
-    if name not in RANKERS:
-        hint = (" No retrieval analysis is registered in this checkout: save its HeadScores and pass "
-                "scores:PATH:retrieval." if name == "retrieval" else "")
-        raise HeadlabError(f"unknown ranker {name!r}: use one of {', '.join(RANKERS)} or scores:PATH[:MAP].{hint}")
+    check_ranker(name)
     start = time.perf_counter()
     result = RANKERS[name](model, params, cache if cache is not None else {})
     result.meta.setdefault("seconds", round(time.perf_counter() - start, 3))
@@ -223,22 +221,6 @@ def n_to_remove(fraction: float, n_total: int) -> int:
     if not 0.0 <= fraction <= 1.0:
         raise HeadlabError(f"fraction {fraction} is outside [0, 1]")
     return int(round(fraction * n_total))
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two same-shaped tensors (average ranks for ties)."""
-    ra, rb = _ranks(a.flatten().double()), _ranks(b.flatten().double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    _, inverse = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(int(inverse.max()) + 1, dtype=x.dtype).index_add_(0, inverse, ranks)
-    return (sums / torch.bincount(inverse).to(x.dtype))[inverse]
 
 
 def compare_atp(atp: HeadScores, ablation: HeadScores, *, k: int = 10) -> dict[str, float]:

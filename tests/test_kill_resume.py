@@ -1,0 +1,91 @@
+"""SIGKILL in the middle of a result write, then rerun the same command: the results equal an uninterrupted run.
+
+Every result file is written through `headlab.results` (temp file, fsync, `os.replace`), so the child process is
+killed at its k-th `os.replace` — after the new file is fully written but before it replaces the old one, the worst
+moment for a writer that trusts what it finds. (The pruning command's mid-line kill is in test_prune_experiment.)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from headlab.results import HeadScores
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    real, count, at = os.replace, [0], int(sys.argv[1])
+    def replace(*args, **kwargs):
+        count[0] += 1
+        if count[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    os.replace = replace
+    from headlab.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _killed(argv: list[str], at: int) -> None:
+    out = subprocess.run([sys.executable, "-c", KILLER, str(at), *argv], capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr[-2000:])
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit-identical, NaN where NaN."""
+    return x.shape == y.shape and x.dtype == y.dtype and bool(((x == y) | (x.isnan() & y.isnan())).all()) \
+        if x.is_floating_point() else torch.equal(x, y)
+
+
+def _run(argv: list[str]) -> None:
+    from headlab.cli import main
+
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_scan_sinks(tmp_path, at):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([list(range(1, 41)), list(range(41, 81))]))
+    common = ["scan", "sinks", "--model", "toy-induction", "--device", "cpu", "--prompts", str(prompts),
+              "--n-prompts", "2", "--max-tokens", "40", "--min-visible", "4"]
+    _killed(common + ["--out", str(tmp_path / "a")], at)  # 1: items' temp file written; 2: items done, no scores.json
+    assert not HeadScores.saved(tmp_path / "a")
+    _run(common + ["--out", str(tmp_path / "a")])
+    _run(common + ["--out", str(tmp_path / "b")])
+    a, b = HeadScores.load(tmp_path / "a"), HeadScores.load(tmp_path / "b")
+    assert all(_same(a.maps[k], b.maps[k]) for k in b.maps)
+    assert all(_same(a.items[k], b.items[k]) for k in b.items)
+
+
+def test_icl_train(tmp_path):
+    from headlab.icl.training import ICLRun
+
+    common = ["icl", "train", "--steps", "150", "--checkpoint-every", "50", "--batch", "64", "--no-progress",
+              "--no-figures"]
+    _killed(common + ["--out", str(tmp_path / "a")], 3)  # the second checkpoint's tensors are written, not renamed
+    _run(common + ["--out", str(tmp_path / "a")])
+    _run(common + ["--out", str(tmp_path / "b")])
+    a, b = ICLRun.load(tmp_path / "a"), ICLRun.load(tmp_path / "b")
+    assert a.step == b.step == 150
+    bad = [k for k in b.history if not _same(a.history[k], b.history[k])]
+    assert not bad, bad
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_train_twins(tmp_path):
+    common = ["train", "twins", "--tasks", "recall", "--kinds", "gla,linear", "--steps", "3", "--no-progress"]
+    _killed(common + ["--out", str(tmp_path / "a")], 2)  # the first twin's card written, its run.json not
+    assert not (tmp_path / "a" / "recall-gla" / "run.json").exists()
+    _run(common + ["--out", str(tmp_path / "a")])
+    _run(common + ["--out", str(tmp_path / "b")])
+    for twin in ("recall-gla", "recall-linear"):
+        a = json.loads((tmp_path / "a" / twin / "run.json").read_text())
+        b = json.loads((tmp_path / "b" / twin / "run.json").read_text())
+        assert a["eval"] == b["eval"] and a["curve"] == b["curve"]

@@ -20,7 +20,7 @@ layer of H softmax heads and find per-head patterns: KQ ≈ ω_h·I, OV reading 
 about a minute; `python -m headlab.icl.report` runs every check at the papers' sizes."""),
     ("code", """import torch
 from headlab import icl
-from headlab.icl import figures
+from headlab.viz import icl as figures
 
 torch.set_num_threads(1)  # these models are tiny: one thread is the fastest"""),
     ("md", """## 1. LSA: the trained product against Γ⁻¹

@@ -284,7 +284,7 @@ def test_cli_train_writes_and_resumes(tmp_path, capsys):
 
 
 def test_figures_have_a_frame_per_checkpoint():
-    from headlab.icl import figures
+    from headlab.viz import icl as figures
 
     run = train(TaskParams.he(), ModelParams(kind="softmax", heads=3),
                 TrainParams.for_kind("softmax", steps=60, checkpoint_every=20), progress=False)

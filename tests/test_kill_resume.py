@@ -89,3 +89,16 @@ def test_train_twins(tmp_path):
         a = json.loads((tmp_path / "a" / twin / "run.json").read_text())
         b = json.loads((tmp_path / "b" / twin / "run.json").read_text())
         assert a["eval"] == b["eval"] and a["curve"] == b["curve"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [2, 4])
+def test_calibrate(tmp_path, at):
+    common = ["calibrate", "--model", "smollm2-135m", "--device", "cpu", "--tasks", "antonyms", "--n-calib", "4",
+              "--n-eval", "4", "--candidates", "2", "--layers", "2:3"]
+    _killed(common + ["--out", str(tmp_path / "a")], at)  # mid-search: the state file's next version not renamed in
+    _run(common + ["--out", str(tmp_path / "a")])
+    _run(common + ["--out", str(tmp_path / "b")])
+    a, b = HeadScores.load(tmp_path / "a"), HeadScores.load(tmp_path / "b")
+    assert all(_same(a.maps[k], b.maps[k]) for k in b.maps)
+    assert a.meta["tables"] == b.meta["tables"] and a.meta["candidates"] == b.meta["candidates"]

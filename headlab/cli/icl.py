@@ -80,7 +80,7 @@ def cmd_icl_train(args: argparse.Namespace) -> int:
     """Train (or continue) the run in `args.out`, write its figures and print what it found."""
     import torch
 
-    from headlab.icl import figures
+    from headlab.viz import icl as figures
     from headlab.icl.theory import lsa_check, pattern_summary
     from headlab.icl.training import train
 

@@ -1,4 +1,4 @@
-"""In-context linear regression: tasks, one-layer attention models, training, theory checks, figures.
+"""In-context linear regression: tasks, one-layer attention models, training, theory checks (figures: headlab.viz.icl).
 
 Zhang, Frei & Bartlett's linear self-attention (and Theorem 4.1's closed form) beside He et al.'s
 multi-head softmax attention (and its diagonal/last-entry/zero-sum head patterns); see

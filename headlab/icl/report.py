@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.icl import figures
+from headlab.viz import icl as figures
 from headlab.icl.evals import covariate_shift, dgd_agreement, errors_vs_n
 from headlab.icl.models import ModelParams, build, predict
 from headlab.icl.tasks import TaskParams, sample

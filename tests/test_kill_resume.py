@@ -102,3 +102,44 @@ def test_calibrate(tmp_path, at):
     a, b = HeadScores.load(tmp_path / "a"), HeadScores.load(tmp_path / "b")
     assert all(_same(a.maps[k], b.maps[k]) for k in b.maps)
     assert a.meta["tables"] == b.meta["tables"] and a.meta["candidates"] == b.meta["candidates"]
+
+
+@pytest.mark.slow
+def test_scan_retrieval(tmp_path):
+    """Killed while writing the final report (after the trial was decoded and appended): the rerun decodes nothing
+    again and writes the same report."""
+    from headlab.analyses.razor import RetrievalReport
+
+    common = ["scan", "retrieval", "--model", "smollm2-135m", "--device", "cpu", "--lengths", "256", "--depths", "50",
+              "--needles", "0", "--ks", "--windows", "--razor-block", "64", "--max-new-tokens", "32"]
+    _killed(common + ["--out", str(tmp_path / "a")], 3)  # razor/ saved (2 renames), trials appended, report not
+    trials = (tmp_path / "a" / "trials.jsonl").read_text()
+    assert trials and not HeadScores.saved(tmp_path / "a")
+    _run(common + ["--out", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "trials.jsonl").read_text() == trials  # nothing decoded again
+    _run(common + ["--out", str(tmp_path / "b")])
+    a, b = RetrievalReport.load(tmp_path / "a"), RetrievalReport.load(tmp_path / "b")
+    assert _same(a.scores.scores, b.scores.scores) and a.summary == b.summary
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in a.records]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in b.records]
+
+
+def test_scan_sinks_cuts_prompts_to_a_short_context_before_encoding(tmp_path):
+    """The default KJV passages are longer than a 64-position model: they are cut, not refused."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import headlab as hl
+    from headlab.analyses.sinks import SinkParams, kjv_prompts, sink_scan
+
+    words = sorted({w for p in kjv_prompts(2) for w in p.split()})[:500]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<bos>", "<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>", pad_token="<bos>")
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(words) + 2, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    model = hl.load(tmp_path, device="cpu")
+    scores = sink_scan(model, params=SinkParams(n_prompts=2, max_tokens=160), progress=False)
+    assert scores.items["tokens"].shape == (2, 64)

@@ -23,9 +23,11 @@ class Batch:
 
     @property
     def lengths(self) -> list[int]:
+        """The number of real (unpadded) tokens of each item."""
         return self.attention_mask.sum(-1).tolist()
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch on another device."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
 
 

@@ -153,7 +153,19 @@ def compile_edits(model: HeadModel, edits: Iterable[Any]) -> dict[int, LayerOps]
 
 @contextmanager
 def edit(model: HeadModel, edits: Iterable[Any] | Any) -> Iterator[HeadModel]:
-    """Apply head edits inside a `with` block; the model is exactly as before once the block exits."""
+    """Apply head edits inside a `with` block; the model is exactly as before once the block exits.
+
+    The edits are private to this thread / asyncio task and end with the block, also when it raises. Nested
+    blocks compose: attention-level overrides first, then output edits in nesting order (`LayerOps.merged`).
+
+    Args:
+        model: the HeadModel to edit.
+        edits: an edit or a list of them: `Ablate`, `Scale`, or any object with `layer_ops(model)`.
+
+    Raises:
+        EditError: not an edit, a mean ablation without a reference.
+        HeadIndexError: a head or layer out of range.
+    """
     if isinstance(edits, (Ablate, Scale)) or callable(getattr(edits, "layer_ops", None)):
         edits = [edits]
     elif edits is None or isinstance(edits, (str, bytes)) or not isinstance(edits, Iterable):

@@ -64,6 +64,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """float32 unless given; names "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" or a torch.dtype."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -156,10 +157,12 @@ class HeadModel:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.hf.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters."""
         return next(self.hf.parameters()).dtype
 
     @property
@@ -176,11 +179,13 @@ class HeadModel:
         return [HeadRef(layer, head) for layer in layers for head in range(self.n_heads)]
 
     def check_layers(self, layers: Iterable[int]) -> None:
+        """Raise HeadIndexError naming the first layer index that is not an int in 0..n_layers-1."""
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
                 raise HeadIndexError(f"layer {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
 
     def check_heads(self, heads: Iterable[HeadRef]) -> None:
+        """Raise HeadIndexError naming the first head whose layer or head index is out of range."""
         for ref in heads:
             self.check_layers([ref.layer])
             if not 0 <= ref.head < self.n_heads:
@@ -192,6 +197,7 @@ class HeadModel:
         return head.head // heads_per_group(self.n_heads, self.n_kv_heads)
 
     def attention_module(self, layer: int) -> nn.Module:
+        """The HF attention module of a layer (the one that calls headlab's seam)."""
         self.check_layers([layer])
         return self._attn[layer][1]
 
@@ -210,6 +216,19 @@ class HeadModel:
         A Batch or tokenizer output is validated: 2-D integer ids, a 0/1 mask of the same shape whose real tokens are
         contiguous; left padding (`padding_side="left"`) is moved to the right (absolute positions then start at 0, as
         for an unpadded prompt), and padded slots get the model's pad id.
+
+        Args:
+            prompt: the prompt, in any of the forms above.
+            prepend_bos: put the model's BOS first (before `truncate`).
+            truncate: cut each item to this many tokens (BOS included) before the context check; a cut item keeps
+                its closing special token.
+
+        Returns:
+            A right-padded Batch on the model's device.
+
+        Raises:
+            PromptError: empty, malformed (float ids, a non-0/1 or holed mask, wrong shapes), out-of-vocabulary or
+                longer than the model's context.
         """
         if isinstance(prompt, Batch):
             batch = self._normalise_batch(prompt.input_ids, prompt.attention_mask)
@@ -334,6 +353,7 @@ class HeadModel:
 
     @property
     def bos_id(self) -> int | None:
+        """The BOS token id (the tokenizer's, else the config's), or None when the model has none."""
         tok_bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
         return tok_bos if tok_bos is not None else getattr(self.hf.config, "bos_token_id", None)
 
@@ -357,7 +377,19 @@ class HeadModel:
     # running
 
     def forward(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> Any:
-        """Run the wrapped model on a prompt; returns the HF output."""
+        """Run the wrapped model on a prompt, with whatever edits are active in this context.
+
+        Args:
+            prompt: anything `encode` reads (text, texts, token ids, a Batch, a tokenizer's output).
+            prepend_bos: put the model's BOS first.
+            grad: keep the autograd graph (for gradients through edits, e.g. attribution patching).
+
+        Returns:
+            The HF model output (logits for LMs).
+
+        Raises:
+            PromptError: an empty, malformed or too long prompt.
+        """
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with torch.set_grad_enabled(grad):
             return self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -365,11 +397,20 @@ class HeadModel:
     @contextmanager
     def capturing(self, *, layers: Iterable[int] | None = None, with_z: bool = False, keep: bool = True,
                   callback: Callable[[LayerRecord], None] | None = None) -> Iterator[Capture]:
-        """Record the given layers (all when None) of every forward inside the block; yields the Capture.
+        """Record the given layers of every forward inside the block; yields the Capture.
 
         For loops that make their own forwards (a decode loop over a KV cache, `forward_cached`): each layer's
         latest LayerRecord lands in `capture.records` (keep=True), and/or `callback(record)` runs as the forward
         reaches the layer (reductions that drop the record). `run` and `stats` are this plus one forward.
+
+        Args:
+            layers: layer indices to record (None: all).
+            with_z: also record each layer's per-head output z `[B, Q, H, D]`.
+            keep: keep each layer's latest record in `capture.records`.
+            callback: called with each LayerRecord as it is made.
+
+        Raises:
+            HeadIndexError: a layer out of range.
         """
         wanted = None if layers is None else frozenset(layers)
         if wanted is not None:
@@ -392,7 +433,25 @@ class HeadModel:
 
     def run(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
             prepend_bos: bool = False, with_z: bool = False) -> Run:
-        """Run and capture q, k, v (and z) of the layers holding `heads` (or `layers`; all when neither)."""
+        """Run a prompt and capture q, k, v (and z) of the layers holding `heads` (or `layers`; all when neither).
+
+        Patterns are computed later, on demand, from the captured post-RoPE q and k (`Run.pattern`), so any
+        backend works. Edits active in this context apply.
+
+        Args:
+            prompt: anything `encode` reads (text, texts, token ids, a Batch, a tokenizer's output).
+            heads: heads whose layers to capture (HeadRefs, (layer, head) pairs or "L3H1" strings).
+            layers: further layers to capture.
+            prepend_bos: put the model's BOS first.
+            with_z: also capture each layer's per-head output z.
+
+        Returns:
+            A Run: `pattern(head)` `[B, Q, S]`, `q / k / v(head)`, `tokens(i)`, `logits`, `figure(head)`.
+
+        Raises:
+            HeadIndexError: a head or layer out of range.
+            PromptError: an empty, malformed or too long prompt.
+        """
         refs = as_heads(heads) if heads is not None else []
         self.check_heads(refs)
         wanted = {r.layer for r in refs} | set(layers or [])
@@ -412,8 +471,20 @@ class HeadModel:
         `impl` overrides) as the forward reaches it and then dropped: memory stays O(T) per head.
 
         Args:
+            prompt: anything `encode` reads.
+            heads: heads whose layers to reduce; layers: further layers (all when neither).
+            topk: how many top keys per query to keep.
             key_sets: bool `[K, B, S]` or {name: bool `[B, S]`}: the attention mass on each set per query.
+            impl: "auto", "triton" or "torch" (the chunked torch reference).
+            prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
+
+        Returns:
+            A StatsRun: per-layer HeadStats (top-k keys, log-sum-exp, entropy, key-set mass, received attention).
+
+        Raises:
+            HeadIndexError: a head or layer out of range.
+            PromptError: an empty, malformed or too long prompt.
         """
         from headlab.stats import StatsRun, layer_stats
 
@@ -436,7 +507,16 @@ class HeadModel:
         return result
 
     def token_losses(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
-        """Next-token cross-entropy `[B, T-1]` (position t predicts token t+1); NaN where the target is padding."""
+        """Next-token cross-entropy `[B, T-1]` (position t predicts token t+1); NaN where the target is padding.
+
+        Args:
+            prompt: anything `encode` reads.
+            prepend_bos: put the model's BOS first.
+            grad: keep the autograd graph.
+
+        Raises:
+            PromptError: the model has no LM head, or a bad prompt.
+        """
         self._require_lm("token_losses")
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with torch.set_grad_enabled(grad):
@@ -444,7 +524,7 @@ class HeadModel:
         return _batch_losses(logits, batch)
 
     def loss(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
-        """Mean next-token cross-entropy over the real (unpadded) targets."""
+        """Mean next-token cross-entropy over the real (unpadded) targets (a scalar; see `token_losses`)."""
         losses = self.token_losses(prompt, prepend_bos=prepend_bos, grad=grad)
         return losses.nanmean()
 

@@ -27,6 +27,15 @@ def load(source: Any, *, device: str | torch.device | None = None, dtype: str | 
         dtype: float32 (default) or bfloat16 for names and folders; objects keep theirs unless given.
         tokenizer: a tokenizer for model objects that carry none.
         attn_implementation: the backend headlab calls under its seam, "sdpa" or "eager" (folders and names).
+
+    Returns:
+        A HeadModel whose attention runs through headlab's seam (hub kernels off: transformers' own torch layers).
+
+    Raises:
+        ModelNotFoundError: an unknown name, a path that is no HF folder, no safetensors weights (pickles are never
+            loaded), or a corrupt config or checkpoint.
+        WeightsError: weights missing, unexpected or wrongly shaped for the folder's config.
+        UnsupportedModelError: a model family headlab has no adapter for.
     """
     dev = resolve_device(device)
     if isinstance(source, (str, Path)):

@@ -2,6 +2,8 @@
 
 Methods, each in its own subprocess so that its peak memory is its own:
   plain      HF forward with sdpa, no analysis (the floor)
+  lse        headlab `HeadModel.stats(statistics="lse")`: every head's row log-sum-exp, returned with the output
+             by the fused CPU kernel the model's sdpa runs anyway (the induction scan's statistics)
   stats      headlab `HeadModel.stats` for every head (top-1, lse, entropy, received per key)
   eager      HF eager forward with `output_attentions=True`
   bridge     TransformerBridge `run_with_cache`, patterns only
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("plain", "stats", "eager", "bridge")
+METHODS = ("plain", "lse", "stats", "eager", "bridge")
 LAYER7B = dict(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768)
 
@@ -79,6 +81,11 @@ def _one(method: str, model: str, length: int, repeats: int, device: str) -> dic
 
         def call():
             m.stats(ids, topk=1)
+    elif method == "lse":
+        m = hl.load(hf, device=device)
+
+        def call():
+            m.stats(ids, statistics="lse")
     elif method == "eager":
         def call():
             with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "headlab"
@@ -44,6 +44,8 @@ class LayerRecord:
         z: the per-head output that enters the output projection, `[B, Q, H, D]`, after edits.
         mixer: for a linear-attention layer, what it mixes with (feature-mapped q/k, decays, β: a
             `headlab.models.linear.LinearMixer`); its implicit pattern replaces softmax(q·k). None for softmax.
+        lse: `[B, H, Q]` float32 row log-sum-exp of the scaled scores, when a capture asked for it (`with_lse`) and
+            the layer's output came from the fused CPU kernel that returns it (`headlab_kernels.head_stats.fused`).
     """
 
     layer: int
@@ -55,6 +57,7 @@ class LayerRecord:
     scale: float
     z: torch.Tensor | None = None
     mixer: Any = None
+    lse: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -98,12 +101,16 @@ class Capture:
         keep: keep each layer's latest LayerRecord in `records`.
         callback: called with each LayerRecord as it is made (for reductions that discard it).
         with_z: also record the per-head output z.
+        with_lse: ask for each row's log-sum-exp from the attention call itself: where the backend is sdpa and the
+            fused CPU kernel applies, the seam computes the layer's output with that kernel (the kernel sdpa runs,
+            so the same output) and records its lse; elsewhere `record.lse` stays None.
     """
 
     layers: frozenset[int] | None = None
     keep: bool = True
     callback: Callable[[LayerRecord], None] | None = None
     with_z: bool = False
+    with_lse: bool = False
     records: dict[int, LayerRecord] = field(default_factory=dict)
 
     def wants(self, layer: int) -> bool:
@@ -301,7 +308,16 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         base_mask = _additive(attention_mask, causal=causal, query=query, key=key)
     state = _STATE.get().get(slot.owner) if slot is not None else None
     mixer = kwargs.get("mixer")  # a linear layer's feature maps / decays (its backend mixes with them)
-    out, weights = base(module, query, key, value, base_mask, **kwargs)
+    fused = None
+    if (state is not None and mixer is None and base is sdpa_attention_forward
+            and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
+        fused = _sdpa_with_lse(module, query, key, value, attention_mask, kwargs)
+    lse = None
+    if fused is not None:  # the output and the rows' lse from one kernel call
+        out, lse = fused
+        weights = None
+    else:
+        out, weights = base(module, query, key, value, base_mask, **kwargs)
     if state is None:
         return out, weights
 
@@ -339,13 +355,38 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         record = LayerRecord(
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
-            mixer=_detached(mixer),
+            mixer=_detached(mixer), lse=lse if cap.with_lse else None,
         )
         if cap.keep:
             cap.records[layer] = record
         if cap.callback is not None:
             cap.callback(record)
     return out, weights
+
+
+def _sdpa_with_lse(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """transformers' sdpa attention (`sdpa_attention_forward`) through the fused CPU kernel that also returns each
+    row's lse: (output `[B, Q, H, D]`, lse `[B, H, Q]`), or None where that route does not apply."""
+    from headlab_kernels.head_stats.fused import attention_with_lse
+
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or module.training:
+        return None
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and kv_len > q_len:  # sdpa_attention_forward cuts the keys here: leave it to the backend
+        return None
+    res = attention_with_lse(query, key, value, mask=attention_mask, causal=is_causal, scale=kwargs.get("scaling"),
+                             dropout=float(kwargs.get("dropout", 0.0) or 0.0))
+    if res is None:
+        return None
+    out, lse = res
+    return out.transpose(1, 2).contiguous(), lse
 
 
 def _detached(mixer: Any) -> Any:

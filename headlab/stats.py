@@ -38,6 +38,9 @@ class StatsRun:
         output: the HF output (logits for a causal LM).
         layers: per reduced layer, its HeadStats (`[B, H, ...]`, all query heads of the layer).
         extra: per layer, what a custom reducer returned (see `layer_stats`).
+        paths: per layer, how its statistics were computed: "fused-lse" (the lse came with the layer's output from
+            the fused CPU kernel; the other statistics were not asked for and are NaN / empty), or the head-stats
+            implementation that ran ("reference" / "triton" / "implicit" for linear layers).
     """
 
     model: "HeadModel"
@@ -45,6 +48,7 @@ class StatsRun:
     output: Any
     layers: dict[int, HeadStats]
     extra: dict[int, Any] = field(default_factory=dict)
+    paths: dict[int, str] = field(default_factory=dict)
 
     def head(self, ref: HeadRef) -> dict[str, torch.Tensor]:
         """One head's statistics, with the head axis removed."""
@@ -56,6 +60,21 @@ class StatsRun:
                 "lse": st.lse[:, ref.head], "entropy": st.entropy[:, ref.head],
                 "set_mass": st.set_mass[:, ref.head], "received": st.received[:, ref.head],
                 "n_visible": st.n_visible}
+
+
+def lse_only_stats(record: LayerRecord, batch: Batch) -> HeadStats:
+    """HeadStats holding only the lse the fused kernel returned with the layer's output (padded queries: -inf, as
+    `head_stats` gives them); top-k keys and key sets are empty, entropy / received / n_visible NaN (not asked for)."""
+    lse = record.lse.float()
+    B, H, Q = lse.shape
+    S = record.k.shape[2]
+    query_mask = batch.attention_mask.bool()[:, -Q:].to(lse.device)
+    lse = lse.masked_fill(~query_mask[:, None], float("-inf"))
+    nan = float("nan")
+    empty = torch.zeros(B, H, Q, 0, device=lse.device)
+    return HeadStats(topk_idx=empty.long(), topk_weight=empty, lse=lse, entropy=torch.full_like(lse, nan),
+                     set_mass=empty.clone(), received=torch.full((B, H, S), nan, device=lse.device),
+                     n_visible=torch.full((B, S), nan, device=lse.device))
 
 
 def layer_stats(model: "HeadModel", record: LayerRecord, batch: Batch, *, topk: int = 1,

@@ -6,9 +6,9 @@ head with pattern A (rows = queries, columns = keys; position 0 is BOS):
 - induction: mean of A[i, i-N+1] over the second copy i = N+1 .. 2N (the token after
   the earlier occurrence of the current token);
 - first-token: mean of A[i, 0] over queries i = 1 .. 2N.
-Nothing of size T×T is built: each layer's q and k are reduced to the row log-sum-exp by
-the streaming head-statistics kernel (`HeadModel.stats`), and the three scores are exact
-weights of chosen (query, key) pairs (`headlab.stats.pair_weights`). The scan therefore runs
+Nothing of size T×T is built: each layer's row log-sum-exp comes with its output from the fused CPU
+attention kernel (`HeadModel.stats(statistics="lse")`; the streaming head-statistics kernel elsewhere),
+and the three scores are exact weights of chosen (query, key) pairs (`headlab.stats.pair_weights`). The scan therefore runs
 at contexts where the full patterns would not fit.
 """
 
@@ -101,7 +101,8 @@ def induction_scan(model: HeadModel, params: InductionParams = InductionParams()
     losses = []
     chunks = list(tokens.split(params.minibatch))
     for chunk in tqdm(chunks, desc=f"induction scan {model.name}", disable=not progress, leave=False):
-        run = model.stats(chunk, impl=params.impl,
+        # only the row lse is needed: it rides on the attention call itself where the fused CPU kernel applies
+        run = model.stats(chunk, impl=params.impl, statistics="lse",
                           reducer=lambda record, stats: _reduce(record, stats, params.seq_len))
         for layer, scores in run.extra.items():
             per_layer[layer].append(scores)

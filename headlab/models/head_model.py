@@ -464,7 +464,7 @@ class HeadModel:
 
     def stats(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
               topk: int = 1, key_sets: Any = None, impl: str = "auto", prepend_bos: bool = False,
-              reducer: Any = None) -> "StatsRun":
+              reducer: Any = None, statistics: str = "all") -> "StatsRun":
         """Streaming per-head statistics of the layers holding `heads` (or `layers`; all when neither).
 
         Each layer's q and k are reduced to HeadStats (Triton on CUDA, the torch reference elsewhere;
@@ -478,6 +478,10 @@ class HeadModel:
             impl: "auto", "triton" or "torch" (the chunked torch reference).
             prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
+            statistics: "all" (every statistic, from q and k after the layer ran) or "lse" (only each row's
+                log-sum-exp, which then rides on the attention call itself where the fused CPU kernel applies: no
+                second sweep over the query-key pairs; elsewhere everything is computed as for "all").
+                `StatsRun.paths` says which route each layer took.
 
         Returns:
             A StatsRun: per-layer HeadStats (top-k keys, log-sum-exp, entropy, key-set mass, received attention).
@@ -486,7 +490,10 @@ class HeadModel:
             HeadIndexError: a head or layer out of range.
             PromptError: an empty, malformed or too long prompt.
         """
-        from headlab.stats import StatsRun, layer_stats
+        from headlab.stats import StatsRun, layer_stats, lse_only_stats
+
+        if statistics not in ("all", "lse"):
+            raise ValueError(f"statistics must be 'all' or 'lse', got {statistics!r}")
 
         refs = as_heads(heads) if heads is not None else []
         self.check_heads(refs)
@@ -496,12 +503,19 @@ class HeadModel:
         result = StatsRun(model=self, batch=batch, output=None, layers={})
 
         def reduce(record) -> None:
-            st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
+            if statistics == "lse" and record.lse is not None and key_sets is None:
+                st, path = lse_only_stats(record, batch), "fused-lse"
+            else:
+                st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
+                path = "implicit" if record.linear else ("triton" if impl == "triton" or (
+                    impl == "auto" and record.q.is_cuda) else "reference")
             result.layers[record.layer] = st
+            result.paths[record.layer] = path
             if reducer is not None:
                 result.extra[record.layer] = reducer(record, st)
 
-        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce)
+        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce,
+                          with_lse=statistics == "lse")
         with activate(self._owner, capture=capture), torch.no_grad():
             result.output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return result

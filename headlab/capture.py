@@ -12,8 +12,6 @@ other's edits, and nothing outlives its `with` block.
 
 from __future__ import annotations
 
-from headlab.heads import heads_per_group
-
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,6 +22,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from headlab.heads import heads_per_group
+from headlab_kernels.head_stats.fused import attention_with_lse
 
 IMPLEMENTATION = "headlab"
 
@@ -368,8 +369,6 @@ def _sdpa_with_lse(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """transformers' sdpa attention (`sdpa_attention_forward`) through the fused CPU kernel that also returns each
     row's lse: (output `[B, Q, H, D]`, lse `[B, H, Q]`), or None where that route does not apply."""
-    from headlab_kernels.head_stats.fused import attention_with_lse
-
     if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or module.training:
         return None
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)

@@ -48,6 +48,7 @@ def _ids(toy, n=12, seed=0):
 
 API = [
     ("unknown model", lambda toy, b: hl.load("no-such-model"), hl.ModelNotFoundError, "unknown model"),
+    ("bad device", lambda toy, b: hl.load("toy-induction", device="bogus"), hl.HeadlabError, "not a device"),
     ("missing weight", lambda toy, b: hl.load(b["missing"], device="cpu"), hl.WeightsError, "c_attn.weight"),
     ("corrupt config", lambda toy, b: hl.load(b["config"], device="cpu"), hl.ModelNotFoundError, "not valid JSON"),
     ("torn checkpoint", lambda toy, b: hl.load(b["torn"], device="cpu"), hl.ModelNotFoundError, "could not be loaded"),

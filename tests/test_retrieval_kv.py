@@ -10,7 +10,6 @@ import torch
 
 import headlab as hl
 from conftest import VOCAB
-from headlab.analyses.retrieval import forward_cached
 from headlab.capture import LayerRecord
 from headlab.edits.kv_policy import DecodeOnly, RazorKV
 
@@ -84,12 +83,12 @@ def test_one_dropped_token_is_recovered_exactly_by_the_compensation_token(llama)
     ids = _ids()
     prefill = ids.shape[1] - 1
     with torch.no_grad():
-        _, cache = forward_cached(llama, ids[:, :-1])
-        clean, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+        _, cache = llama.forward_cached(ids[:, :-1])
+        clean, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
         with hl.edit(llama, RazorKV(sinks=2, window=prefill - 3, compress_at=prefill)):
-            exact, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+            exact, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
         with hl.edit(llama, RazorKV(sinks=2, window=prefill - 6, compress_at=prefill)):
-            lossy, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+            lossy, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
     assert (exact - clean).abs().max() < 1e-5
     assert (lossy - clean).abs().max() > 1e-4
 
@@ -134,13 +133,13 @@ def test_decode_only_edits_leave_prefill_alone_and_act_on_decode_steps(llama):
              hl.Scale(hl.HeadRef(0, 3), factor=0.5)]
     with torch.no_grad():
         clean_prefill = llama.hf(ids[:, :-1]).logits
-        _, cache = forward_cached(llama, ids[:, :-1])
-        clean, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+        _, cache = llama.forward_cached(ids[:, :-1])
+        clean, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
         with hl.edit(llama, edits):
-            edited, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+            edited, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
         with hl.edit(llama, DecodeOnly(tuple(edits))):
             prefill = llama.hf(ids[:, :-1]).logits
-            decoded, _ = forward_cached(llama, ids[:, -1:], copy.deepcopy(cache))
+            decoded, _ = llama.forward_cached(ids[:, -1:], copy.deepcopy(cache))
     assert (prefill - clean_prefill).abs().max() < 1e-5
     assert (decoded - edited).abs().max() < 1e-5
     assert (decoded - clean).abs().max() > 1e-4

@@ -12,8 +12,6 @@ A run folder makes it resumable: `state.json` is rewritten after every step.
 
 from __future__ import annotations
 
-from headlab.results import read_json, write_json
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from headlab.edits.calibrate import Calibrate
 from headlab.edits.heads import edit
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
-from headlab.results import HeadScores, params_dict, run_meta
+from headlab.results import HeadScores, params_dict, read_json, run_meta, write_json
 from headlab.run import Batch
 from headlab.viz.sinks import accuracy_figure  # noqa: F401  (re-exported: the figure lives in viz)
 from headlab.tasks import EncodedItems, build_tasks, correct, encode_items, option_logprobs, paired_bootstrap, wilson

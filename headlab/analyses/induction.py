@@ -14,8 +14,6 @@ at contexts where the full patterns would not fit.
 
 from __future__ import annotations
 
-from headlab.inputs import repeated_blocks
-
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +26,7 @@ from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, run_meta
 from headlab.stats import pair_weights
 from headlab_kernels.head_stats import HeadStats
+from headlab.inputs import repeated_blocks
 
 MAPS = ("induction", "prev_token", "first_token")
 

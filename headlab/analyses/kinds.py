@@ -33,8 +33,6 @@ their entropy is that of |A| renormalised per row, a shape measure that ignores 
 
 from __future__ import annotations
 
-from headlab.results import read_json, write_json
-
 import dataclasses
 import math
 import re
@@ -53,7 +51,7 @@ from headlab.capture import LayerRecord
 from headlab.errors import PromptError, UnsupportedModelError
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel, Prompt
-from headlab.results import HeadScores, params_dict, run_meta
+from headlab.results import HeadScores, params_dict, read_json, run_meta, write_json
 from headlab.run import Batch
 
 #: Metrics measured on the prompts (per prompt in `items`), then those of the `[BOS] r r` sequences.

@@ -25,12 +25,6 @@ here K is a parameter (256 by default, for CPU) drawn from the model's non-speci
 
 from __future__ import annotations
 
-
-from headlab.inputs import repeated_blocks
-
-from headlab.results import read_json, write_json
-from headlab.viz.retrieval import accuracy_grid, kv_figure, masking_figure
-
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +39,10 @@ from headlab.edits.kv_policy import RazorKV
 from headlab.errors import PromptError
 from headlab.heads import HeadRef, heads_per_group
 from headlab.models.head_model import HeadModel
-from headlab.results import HeadScores, params_dict, run_meta
+from headlab.results import HeadScores, params_dict, read_json, run_meta, write_json
 from headlab.stats import pair_weights
+from headlab.inputs import repeated_blocks
+from headlab.viz.retrieval import accuracy_grid, kv_figure, masking_figure
 
 MAPS = ("echo", "induction")
 

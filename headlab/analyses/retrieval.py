@@ -21,8 +21,6 @@ by all conditions of a trial and its cache is copied for each. That is the paper
 
 from __future__ import annotations
 
-from headlab.results import append_jsonl, read_jsonl
-
 import contextlib
 import copy
 import json
@@ -34,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from headlab_kernels.head_stats import head_stats
 from tqdm.auto import tqdm
 
 from headlab.analyses.razor import (
@@ -51,7 +48,8 @@ from headlab.edits.heads import edit
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel
 from headlab.paths import HAYSTACKS_DIR
-from headlab.results import HeadScores, params_dict, run_meta
+from headlab.results import append_jsonl, HeadScores, params_dict, read_jsonl, run_meta
+from headlab_kernels.head_stats import head_stats
 
 HAYSTACKS = HAYSTACKS_DIR
 
@@ -141,17 +139,12 @@ def text_prompt(model: HeadModel, needle: NeedleSet, length: int, depth: float, 
     return NeedlePrompt(tuple(ids), find_span(ids, answers), tuple(words(needle.answer)))
 
 
-def forward_cached(model: HeadModel, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
-    """One forward of ids `[1, T]` on a KV cache (None: a fresh one): `HeadModel.forward_cached`."""
-    return model.forward_cached(ids, cache)
-
-
 def greedy_decode(model: HeadModel, cache: Any, first: int, *, max_new_tokens: int, stop: set[int],
                   on_step: Callable[[int], None] = lambda token: None) -> list[int]:
     """Greedy decoding from a prefilled cache, feeding `first`; `on_step(token)` runs after each step."""
     out, token = [], first
     for _ in range(max_new_tokens):
-        logits, cache = forward_cached(model, torch.tensor([[token]], device=model.device), cache)
+        logits, cache = model.forward_cached(torch.tensor([[token]], device=model.device), cache)
         token = int(logits.argmax())
         on_step(token)
         if token in stop:
@@ -175,7 +168,7 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
     eos = [getattr(model.hf.config, "eos_token_id", None), getattr(model.tokenizer, "eos_token_id", None)]
     stop = {i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)}
     with torch.no_grad():
-        _, cache = forward_cached(model, torch.tensor([ids[:-1]], device=model.device))
+        _, cache = model.forward_cached(torch.tensor([ids[:-1]], device=model.device))
     prompt_ids = torch.tensor(ids)
     records = []
     for cond in conditions:

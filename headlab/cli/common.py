@@ -124,21 +124,11 @@ def check_out(path: Path) -> Path:
 
 
 def load_model(args: argparse.Namespace, *, show: bool = True):
-    """The HeadModel the model arguments name (printed, with its note, unless show=False)."""
-    import torch
-
+    """The HeadModel the model arguments name (printed, with its note, unless show=False); --out is checked first."""
     import headlab as hl
-    from headlab.errors import HeadlabError
 
     if getattr(args, "out", None) is not None:
         check_out(args.out)
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise HeadlabError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise HeadlabError(f"--device {args.device}: no CUDA device here (use cpu)")
     model = hl.load(args.model, device=args.device, dtype=args.dtype)
     if show:
         print(model)

@@ -24,8 +24,6 @@ a single `generate()` call; the needle harness gets the same by entering the edi
 
 from __future__ import annotations
 
-from headlab.heads import heads_per_group
-
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +31,7 @@ import torch
 
 from headlab.capture import HeadOverride, LayerOps, LayerRecord, attend
 from headlab.errors import EditError
+from headlab.heads import heads_per_group
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,8 +7,6 @@ reuses (or resumes) them; delete that folder to retrain. d = 5, N = 40 throughou
 
 from __future__ import annotations
 
-from headlab.results import write_json
-
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from headlab.icl.theory import (
     rel_dist,
 )
 from headlab.icl.training import TrainParams, train
+from headlab.results import write_json
 
 
 class Report:

@@ -12,8 +12,6 @@ to an uninterrupted one.
 
 from __future__ import annotations
 
-from headlab.results import save_tensors, write_json
-
 import dataclasses
 import datetime as _dt
 import json
@@ -31,6 +29,7 @@ from tqdm import tqdm
 from headlab.errors import HeadlabError
 from headlab.icl.models import Kind, ModelParams, build, predict
 from headlab.icl.tasks import Prompts, TaskParams, sample
+from headlab.results import save_tensors, write_json
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 RUN_FILE = "run.json"

@@ -20,7 +20,7 @@ from headlab.capture import (
     eager_function_for,
     ensure_registered,
 )
-from headlab.errors import HeadIndexError, PromptError, UnsupportedModelError
+from headlab.errors import HeadIndexError, HeadlabError, PromptError, UnsupportedModelError
 from headlab.heads import HeadRef, as_heads, heads_per_group
 from headlab.losses import next_token_losses
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
@@ -57,10 +57,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """CUDA when present, else CPU, unless a device is given."""
+    """CUDA when present, else CPU, unless a device is given (a HeadlabError names a bad or absent one)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HeadlabError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HeadlabError(f"device {device}: no CUDA device here (use cpu)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -319,6 +325,8 @@ class HeadModel:
         if ids.dim() != 2 or mask.shape != ids.shape:
             raise PromptError(f"Batch input_ids must be [B, T] with an attention_mask of the same shape; got "
                               f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        if ids.shape[0] == 0:
+            raise PromptError("empty prompt: the Batch has no items")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
             raise PromptError(f"Batch input_ids must be integers, got {ids.dtype}")
         if mask.dtype.is_floating_point and not torch.isfinite(mask).all():
@@ -326,18 +334,15 @@ class HeadModel:
         if not ((mask == 0) | (mask == 1)).all():
             raise PromptError(f"Batch attention_mask must be 0/1, got values {sorted(set(mask.unique().tolist()))[:6]}")
         ids, mask = ids.long().cpu(), mask.long().cpu()
-        rows_ids, rows_mask = [], []
+        seqs = []
         for i in range(ids.shape[0]):
             real = mask[i].nonzero().flatten()
             if real.numel() and int(real[-1] - real[0] + 1) != real.numel():
                 raise PromptError(f"Batch item {i}: the attention mask has holes (real tokens at "
                                   f"{real.tolist()[:8]}...): real tokens must be contiguous")
-            n, first = real.numel(), int(real[0]) if real.numel() else 0
-            row = torch.full_like(ids[i], self.pad_id)
-            row[:n] = ids[i, first:first + n]  # left padding (first > 0) moves to the right
-            rows_ids.append(row)
-            rows_mask.append((torch.arange(ids.shape[1]) < n).long())
-        return Batch(torch.stack(rows_ids), torch.stack(rows_mask))
+            first = int(real[0]) if real.numel() else 0
+            seqs.append(ids[i, first:first + real.numel()])  # left padding (first > 0) moves to the right
+        return _pad(seqs, self.pad_id)
 
     def _check_batch(self, batch: Batch) -> None:
         ids = batch.input_ids
@@ -491,6 +496,7 @@ class HeadModel:
             PromptError: an empty, malformed or too long prompt.
         """
         from headlab.stats import StatsRun, layer_stats, lse_only_stats
+        from headlab_kernels.head_stats import resolve_impl
 
         if statistics not in ("all", "lse"):
             raise ValueError(f"statistics must be 'all' or 'lse', got {statistics!r}")
@@ -507,8 +513,7 @@ class HeadModel:
                 st, path = lse_only_stats(record, batch), "fused-lse"
             else:
                 st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
-                path = "implicit" if record.linear else ("triton" if impl == "triton" or (
-                    impl == "auto" and record.q.is_cuda) else "reference")
+                path = "implicit" if record.linear else resolve_impl(impl, record.q)
             result.layers[record.layer] = st
             result.paths[record.layer] = path
             if reducer is not None:
@@ -535,7 +540,7 @@ class HeadModel:
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with torch.set_grad_enabled(grad):
             logits = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return _batch_losses(logits, batch)
+        return next_token_losses(logits, batch.input_ids, batch.attention_mask)
 
     def loss(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy over the real (unpadded) targets (a scalar; see `token_losses`)."""
@@ -556,8 +561,3 @@ def _pad(seqs: list[torch.Tensor], pad_id: int) -> Batch:
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return Batch(ids, mask)
-
-
-def _batch_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Per-position cross-entropy `[B, T-1]`, NaN where the target token is padding."""
-    return next_token_losses(logits, batch.input_ids, batch.attention_mask)

@@ -20,8 +20,6 @@ writes empty `[B, 0, T, D]` entries to a KV cache so the cache's sequence length
 
 from __future__ import annotations
 
-from headlab.heads import heads_per_group
-
 import copy
 import json
 import types
@@ -40,8 +38,9 @@ from transformers.pytorch_utils import Conv1D
 
 from headlab.capture import eager_function_for
 from headlab.errors import HeadlabError, UnsupportedModelError
-from headlab.models.arch import Projections
+from headlab.models.arch import ARCHS, Projections
 from headlab.models.head_model import HeadModel, resolve_device, resolve_dtype
+from headlab.heads import heads_per_group
 
 
 CONFIG_KEY = "headlab_pruned"
@@ -112,15 +111,9 @@ def projections_of(model: HeadModel) -> Projections:
     """The family's projection layout, or a clear error where structural pruning cannot resize its heads."""
     proj = model.spec.projections
     if proj is None:
-        supported = sorted(f for f, spec in _archs().items() if spec.projections is not None)
+        supported = sorted(f for f, spec in ARCHS.items() if spec.projections is not None)
         raise UnsupportedModelError(f"structural pruning supports {', '.join(supported)}, not {model.spec.family}")
     return proj
-
-
-def _archs():
-    from headlab.models.arch import ARCHS
-
-    return ARCHS
 
 
 def _rows(weight: torch.Tensor, slots: tuple[int, ...], dim: int, axis: int) -> torch.Tensor:
@@ -214,7 +207,8 @@ def _apply_layer(module: nn.Module, proj: Projections, layout: LayerLayout, head
         module.forward = types.MethodType(_empty_forward, module)
 
 
-def _apply_layouts(model: HeadModel, layouts: list[LayerLayout], copy_from: HeadModel | None) -> None:
+def apply_layouts(model: HeadModel, layouts: list[LayerLayout], copy_from: HeadModel | None) -> None:
+    """Resize every attention module of `model` to its layer's layout, copying weights from `copy_from` if given."""
     proj = projections_of(model)
     for layer, layout in enumerate(layouts):
         source = copy_from.attention_module(layer) if copy_from is not None else None
@@ -249,7 +243,7 @@ def load_pruned(folder: str | Path, *, device: str | torch.device | None = None,
     hf = cls(config).to(torch_dtype).eval()
     layouts = [LayerLayout.from_json(x) for x in config.headlab_pruned["layers"]]
     shell = HeadModel(hf, None)  # only to find the attention modules; rewrapped below
-    _apply_layouts(shell, layouts, copy_from=None)
+    apply_layouts(shell, layouts, copy_from=None)
     state: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(path)))

@@ -7,8 +7,6 @@ calibration loss that the ablation and AtP rankers measure (`loss(model, grad=Tr
 
 from __future__ import annotations
 
-from headlab.inputs import windows
-
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +20,7 @@ from headlab.errors import HeadlabError
 from headlab.models.head_model import HeadModel
 from headlab.losses import next_token_losses
 from headlab.paths import TEXT_DIR
+from headlab.inputs import windows
 
 DATA_TEXT = TEXT_DIR
 CALIB_TEXT = DATA_TEXT / "kjv-genesis-1-15.txt"

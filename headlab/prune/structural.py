@@ -10,8 +10,6 @@ q/k/v/o and GPT-2's fused Conv1D). The per-layer layout is saved in `config.json
 
 from __future__ import annotations
 
-from headlab.results import write_json
-
 import copy
 from pathlib import Path
 from typing import Iterable
@@ -24,13 +22,14 @@ from headlab.models.head_model import HeadModel
 from headlab.models.pruned import (  # noqa: F401  (re-exported: the pruning API in one place)
     CONFIG_KEY,
     LayerLayout,
-    _apply_layouts,
+    apply_layouts,
     is_pruned_folder,
     load_pruned,
     plan_layout,
     projections_of,
     pruned_layouts,
 )
+from headlab.results import write_json
 
 
 def layouts_for(model: HeadModel, heads: Iterable[HeadRef]) -> list[LayerLayout]:
@@ -51,7 +50,7 @@ def remove_heads(model: HeadModel, heads: Iterable[HeadRef] | HeadRef) -> HeadMo
     hf = copy.deepcopy(model.hf)
     pruned = HeadModel(hf, model.tokenizer, name=f"{model.name} (pruned: -{len(refs)} heads)",
                        source=model.source, note=model.note)
-    _apply_layouts(pruned, layouts, copy_from=model)
+    apply_layouts(pruned, layouts, copy_from=model)
     setattr(hf.config, CONFIG_KEY, {
         "family": model.spec.family, "source": model.source, "note": model.note, "removed": [str(r) for r in refs],
         "layers": [lay.to_json() for lay in layouts],

@@ -15,10 +15,6 @@ those already finished, so an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
-from headlab.inputs import periodic, windows, with_bos
-
-from headlab.results import read_json, write_atomic, write_json
-
 import json
 import math
 import time
@@ -33,6 +29,8 @@ from tqdm.auto import tqdm
 from headlab.models.linear.config import STACKS, HeadlabLinearConfig
 from headlab.models.linear.modeling import HeadlabLinearForCausalLM
 from headlab.paths import KJV_GENESIS, KJV_JOHN, TWINS_DIR  # noqa: F401 (TWINS_DIR re-exported)
+from headlab.inputs import periodic, windows, with_bos
+from headlab.results import read_json, write_atomic, write_json
 
 TEXT_TRAIN = KJV_JOHN
 TEXT_HELDOUT = KJV_GENESIS

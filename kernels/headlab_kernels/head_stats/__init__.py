@@ -19,7 +19,7 @@ from .common import HeadStats
 from .reference import head_stats_reference
 from .spec import head_stats_materialised
 
-__all__ = ["HeadStats", "head_stats", "head_stats_reference", "head_stats_materialised"]
+__all__ = ["HeadStats", "head_stats", "head_stats_reference", "head_stats_materialised", "resolve_impl"]
 
 
 def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None = None,
@@ -49,11 +49,7 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
         HeadStats: topk_idx / topk_weight `[B, Hq, T, topk]`, lse / entropy `[B, Hq, T]`,
         set_mass `[B, Hq, T, K]`, received `[B, Hq, S]`, n_visible `[B, S]`.
     """
-    if impl not in ("auto", "triton", "torch", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch' ('reference'); got {impl!r}")
-    impl = "reference" if impl == "torch" else impl
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "reference"
+    impl = resolve_impl(impl, q)
     kwargs = dict(scale=scale, causal=causal, mask=mask, key_mask=key_mask, query_mask=query_mask,
                   key_sets=key_sets, topk=topk)
     if impl == "reference":
@@ -63,6 +59,15 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
     from .triton import head_stats_triton
 
     return head_stats_triton(q, k, **kwargs)
+
+
+def resolve_impl(impl: str, q: torch.Tensor) -> Literal["triton", "reference"]:
+    """The implementation `head_stats(..., impl=impl)` runs for queries `q`: "triton" or "reference"."""
+    if impl not in ("auto", "triton", "torch", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch' ('reference'); got {impl!r}")
+    if impl == "auto":
+        return "triton" if q.is_cuda and _triton_available() else "reference"
+    return "reference" if impl == "torch" else impl
 
 
 def _triton_available() -> bool:

@@ -47,46 +47,64 @@ def guarded(action: Callable, n_outputs: int) -> Callable:
             return action(*args)
         except HeadlabError as err:
             gr.Warning(str(err))
-            return (f"⚠️ {err}",) + (gr.skip(),) * (n_outputs - 1)
+            out = (f"⚠️ {err}",) + (gr.skip(),) * (n_outputs - 1)
+            return out if n_outputs > 1 else out[0]
     return call
 
 
-def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL) -> gr.Blocks:
-    """The explorer's Blocks for one shared Explorer (settings and model cache); no per-session state outside it."""
+def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, circuit=None) -> gr.Blocks:
+    """The explorer's Blocks for one shared Explorer (settings and model cache); no per-session state outside it.
+
+    `circuit`: a `headlab.circuits.view.CircuitView` for the Circuit tab (the graph, a head's pattern on a task
+    prompt, the head patched live), or None."""
     ex = explorer or Explorer()
     with gr.Blocks(title="headlab head explorer", analytics_enabled=False) as demo:
         session = gr.State(None)
         gr.Markdown("# headlab head explorer")
-        with gr.Row():
-            model_box = gr.Dropdown(list(dict.fromkeys([model, *BUNDLED])), value=model, allow_custom_value=True,
-                                    label="model: a bundled name or a local HF folder", elem_id="model", scale=3)
-            bos = gr.Checkbox(True, label="prepend BOS", scale=1)
-        prompt = gr.Textbox(label="prompt", lines=3, elem_id="prompt")
-        analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
-        status = gr.Markdown(elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=3):
-                score_map = gr.Radio([(MAP_LABELS[k], k) for k in MAP_LABELS], value="induction", label="head score")
-                grid = gr.Plot(elem_id="score-grid", show_label=False)
-            with gr.Column(scale=2):
-                gr.Markdown("### Next-token predictions")
-                preds = gr.Markdown(elem_id="predictions")
-        with gr.Row():
-            head_box = gr.Textbox(label="head (click a grid cell, or type L1H2)", elem_id="head-box")
-            start = gr.Number(-1, label="window start (-1: end of prompt)", precision=0, elem_id="start")
-            size = gr.Slider(4, 128, value=ex.settings.window, step=1, label="window size")
-            show_btn = gr.Button("Show head", elem_id="show-head")
-        pattern = gr.Plot(elem_id="pattern", show_label=False)
-        head_info = gr.Markdown(elem_id="head-info")
-        gr.Markdown("### Edit heads and compare")
-        with gr.Row():
-            edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
-            add_btn = gr.Button("+ selected head", elem_id="add-head", scale=1)
-            how = gr.Radio(list(HOW), value="zero", label="edit", elem_id="how", scale=2)
-            factor = gr.Number(0.5, label="scale factor", elem_id="factor", scale=1)
-            apply_btn = gr.Button("Apply edit", variant="primary", elem_id="apply-edit", scale=1)
-        comparison = gr.Markdown(elem_id="comparison")
+        with gr.Tab("Heads", elem_id="tab-heads"):
+            with gr.Row():
+                model_box = gr.Dropdown(list(dict.fromkeys([model, *BUNDLED])), value=model, allow_custom_value=True,
+                                        label="model: a bundled name or a local HF folder", elem_id="model", scale=3)
+                bos = gr.Checkbox(True, label="prepend BOS", scale=1)
+            prompt = gr.Textbox(label="prompt", lines=3, elem_id="prompt")
+            analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
+            status = gr.Markdown(elem_id="status")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    score_map = gr.Radio([(MAP_LABELS[k], k) for k in MAP_LABELS], value="induction",
+                                         label="head score")
+                    grid = gr.Plot(elem_id="score-grid", show_label=False)
+                with gr.Column(scale=2):
+                    gr.Markdown("### Next-token predictions")
+                    preds = gr.Markdown(elem_id="predictions")
+            with gr.Row():
+                head_box = gr.Textbox(label="head (click a grid cell, or type L1H2)", elem_id="head-box")
+                start = gr.Number(-1, label="window start (-1: end of prompt)", precision=0, elem_id="start")
+                size = gr.Slider(4, 128, value=ex.settings.window, step=1, label="window size")
+                show_btn = gr.Button("Show head", elem_id="show-head")
+            pattern = gr.Plot(elem_id="pattern", show_label=False)
+            head_info = gr.Markdown(elem_id="head-info")
+            gr.Markdown("### Edit heads and compare")
+            with gr.Row():
+                edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
+                add_btn = gr.Button("+ selected head", elem_id="add-head", scale=1)
+                how = gr.Radio(list(HOW), value="zero", label="edit", elem_id="how", scale=2)
+                factor = gr.Number(0.5, label="scale factor", elem_id="factor", scale=1)
+                apply_btn = gr.Button("Apply edit", variant="primary", elem_id="apply-edit", scale=1)
+            comparison = gr.Markdown(elem_id="comparison")
 
+        with gr.Tab("Circuit", elem_id="tab-circuit"):
+            circuit_summary = gr.Markdown(elem_id="circuit-summary")
+            circuit_graph = gr.Plot(elem_id="circuit-graph", show_label=False)
+            with gr.Row():
+                circuit_head = gr.Dropdown([], label="circuit head", allow_custom_value=True, elem_id="circuit-head")
+                circuit_index = gr.Number(0, label="task prompt", precision=0, elem_id="circuit-prompt")
+                circuit_show = gr.Button("Show head on the prompt", elem_id="circuit-show")
+                circuit_patch = gr.Button("Patch it from the corrupted prompt", variant="primary",
+                                          elem_id="circuit-patch")
+            circuit_prompt = gr.Markdown(elem_id="circuit-prompt-text")
+            circuit_pattern = gr.Plot(elem_id="circuit-pattern", show_label=False)
+            circuit_result = gr.Markdown(elem_id="circuit-result")
         view = [status, grid, preds, session, head_box, pattern, head_info, comparison]
         settings = [model_box, prompt, bos, score_map, start, size]
         show_head = dict(fn=guarded(ex.head_view, 3), inputs=[session, head_box, start, size],
@@ -101,6 +119,21 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL) -
         add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
         gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],
               [status, comparison])
+        if circuit is None:
+            demo.load(lambda: ("No circuit opened: start the explorer with `headlab explore --circuit DIR` (a folder "
+                               "written by `headlab circuit discover`).", gr.skip(), gr.skip()),
+                      outputs=[circuit_summary, circuit_graph, circuit_head])
+        else:
+            demo.load(lambda: (circuit.summary_md(), circuit.figure(),
+                               gr.update(choices=circuit.head_choices(), value=circuit.head_choices()[0])),
+                      outputs=[circuit_summary, circuit_graph, circuit_head])
+
+            def show(head_text, index):
+                info, fig = circuit.head_pattern(head_text, index)
+                return info + "\n\n" + circuit.prompt_md(index), fig
+
+            circuit_show.click(guarded(show, 2), [circuit_head, circuit_index], [circuit_prompt, circuit_pattern])
+            circuit_patch.click(guarded(circuit.patch, 1), [circuit_head, circuit_index], circuit_result)
     return demo
 
 

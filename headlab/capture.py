@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from headlab.errors import EditError
 from headlab.heads import heads_per_group
 from headlab_kernels.head_stats.fused import attention_with_lse
 
@@ -138,28 +139,42 @@ class HeadOverride:
 
 @dataclass(frozen=True)
 class LayerOps:
-    """The merged head edits of one layer: attention overrides, then output scale, then output replacement."""
+    """The merged head edits of one layer: attention overrides, then output scales, additions and replacements.
+
+    `add` entries are `(head, delta)`: `delta` (`[D]` or `[B|1, Q, D]`) is added to the head's output `[B, Q, D]`
+    (a steering vector; attribution patching adds a zero tensor that requires grad, so ∂metric/∂z flows to it while
+    the head's own output keeps its graph). `replace` entries are `(head, value, where)`: the head's output becomes
+    `value` (broadcast to it: a `[D]` mean, or `[B|1, Q, D]` values from another run) where the bool `where`
+    `[B|1, Q]` is True (everywhere when None); later entries act on what earlier ones left.
+    """
 
     overrides: tuple[HeadOverride, ...] = ()
     scale: tuple[tuple[int, float], ...] = ()
-    replace: tuple[tuple[int, torch.Tensor], ...] = ()
+    replace: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...] = ()
+    add: tuple[tuple[int, torch.Tensor], ...] = ()
 
     def merged(self, other: "LayerOps") -> "LayerOps":
         """These ops (outer) followed by `other` (an inner scope's): attention-level overrides act first, then the
         output-level edits compose in nesting order — an inner scale multiplies an outer replacement (e.g. a mean
-        ablation), an inner replacement wins over outer scales and replacements of the same head."""
+        ablation) and an outer addition, an inner addition adds to an outer replacement too, an inner replacement
+        wins over outer scales, additions and replacements of the same head where it applies."""
         scales = dict(self.scale)
-        replace = dict(self.replace)
+        replace = list(self.replace)
+        add = list(self.add)
         for head, factor in other.scale:
-            if head in replace:
-                replace[head] = replace[head] * factor
-            else:
-                scales[head] = scales.get(head, 1.0) * factor
-        for head, vec in other.replace:
-            replace[head] = vec
-            scales.pop(head, None)
-        return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())),
-                        tuple(sorted(replace.items(), key=lambda kv: kv[0])))
+            scales[head] = scales.get(head, 1.0) * factor
+            replace = [(h, v * factor if h == head else v, w) for h, v, w in replace]
+            add = [(h, d * factor if h == head else d) for h, d in add]
+        for head, delta in other.add:
+            replace = [(h, v + delta if h == head else v, w) for h, v, w in replace]
+            add.append((head, delta))
+        for head, vec, where in other.replace:
+            if where is None:  # covers every position: what came before for this head no longer shows
+                replace = [r for r in replace if r[0] != head]
+                add = [a for a in add if a[0] != head]
+                scales.pop(head, None)
+            replace.append((head, vec, where))
+        return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())), tuple(replace), tuple(add))
 
 
 @dataclass(frozen=True)
@@ -215,6 +230,20 @@ def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, Layer
         yield
     finally:
         _STATE.reset(token)
+
+
+def fit_positions(where: torch.Tensor, batch: int, length: int, what: str) -> torch.Tensor:
+    """A bool positions mask `[B|1, T']` widened with False (or cut, when nothing is set past the end) to
+    `[B|1, length]`; EditError when it does not fit the forward."""
+    if where.shape[0] not in (1, batch):
+        raise EditError(f"a positions mask for {where.shape[0]} prompts on a batch of {batch}")
+    if where.shape[1] < length:
+        return torch.cat([where, where.new_zeros(where.shape[0], length - where.shape[1])], dim=1)
+    if where.shape[1] > length:
+        if bool(where[:, length:].any()):
+            raise EditError(f"positions past the {length} {what} of this forward")
+        return where[:, :length]
+    return where
 
 
 def is_active(owner: int) -> bool:
@@ -345,10 +374,26 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             for head, factor in ops.scale:
                 mult[head] = factor
             out = out * mult[None, None, :, None]
+        if ops.add:
+            out = out.clone()
+            for head, delta in ops.add:
+                delta = delta.to(device=out.device, dtype=out.dtype)
+                if delta.dim() == 3 and (delta.shape[0] not in (1, out.shape[0]) or delta.shape[1:] != out.shape[1::2]):
+                    raise EditError(f"adding to L{layer}H{head}: a delta of shape {tuple(delta.shape)} does not fit "
+                                    f"this forward's head output {(out.shape[0], out.shape[1], out.shape[3])}")
+                out[:, :, head] = out[:, :, head] + delta
         if ops.replace:
             out = out.clone()
-            for head, vec in ops.replace:
-                out[:, :, head] = vec.to(device=out.device, dtype=out.dtype)
+            for head, vec, where in ops.replace:
+                vec = vec.to(device=out.device, dtype=out.dtype)
+                if vec.dim() == 3 and (vec.shape[0] not in (1, out.shape[0]) or vec.shape[1:] != out.shape[1::2]):
+                    raise EditError(f"patching L{layer}H{head}: values of shape {tuple(vec.shape)} do not fit this "
+                                    f"forward's head output {(out.shape[0], out.shape[1], out.shape[3])} ([B, T, D])")
+                if where is None:
+                    out[:, :, head] = vec
+                else:
+                    where = fit_positions(where, out.shape[0], out.shape[1], "queries").to(out.device)
+                    out[:, :, head] = torch.where(where[..., None], vec, out[:, :, head])
 
     for cap in state.captures:
         if not cap.wants(layer):

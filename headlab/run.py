@@ -82,6 +82,13 @@ class Run:
         """Values `[B, S, D]` of the KV group that the head reads."""
         return self._record(head).v[:, self.model.kv_group(head)]
 
+    def z(self, head: HeadRef) -> torch.Tensor:
+        """The head's output `[B, Q, D]` (its slice of the output-projection input); needs `run(..., with_z=True)`."""
+        record = self._record(head)
+        if record.z is None:
+            raise KeyError("this run did not keep head outputs: pass with_z=True to HeadModel.run")
+        return record.z[:, :, head.head]
+
     def figure(self, head: HeadRef, *, index: int = 0, window: tuple[int, int] | None = None,
                title: str | None = None):
         """`viz.pattern` of one head's pattern on batch item `index` (plotly; signed colour scale where needed)."""

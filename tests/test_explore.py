@@ -289,7 +289,7 @@ def test_explore_command_warns_beyond_loopback(monkeypatch, capsys):
 
     class App:
         @staticmethod
-        def build_app(explorer, model):
+        def build_app(explorer, model, circuit=None):
             served["settings"] = explorer.settings
             return None
 

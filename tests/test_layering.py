@@ -7,7 +7,7 @@ Layers, lowest first (a module may import only its own layer and those below it)
     capture (the seam), run, stats, models            the seam and model adapters
     edits                                             scoped head edits (never analyses)
     results, viz, tasks                               persistence; figures take data (never a model or a run)
-    analyses, icl, prune, explore                     analyses and their experiments
+    analyses, icl, prune, circuits, explore           analyses and their experiments
     cli                                               the only place with argparse
 
 Known departures are listed with their reason below; the test fails when a new one appears *and* when a listed one
@@ -38,7 +38,10 @@ RULES = [
     ("headlab.viz", "headlab.stats"), ("headlab.viz", "headlab.analyses"),
     ("headlab.results", "headlab.analyses"), ("headlab.results", "headlab.prune"),
     ("headlab.analyses", "headlab.cli"), ("headlab.prune", "headlab.cli"), ("headlab.icl", "headlab.cli"),
-    ("headlab.explore", "headlab.cli"),
+    ("headlab.explore", "headlab.cli"), ("headlab.circuits", "headlab.cli"), ("headlab.circuits", "headlab.prune"),
+    ("headlab.models", "headlab.circuits"), ("headlab.edits", "headlab.circuits"), ("headlab.viz", "headlab.circuits"),
+    ("headlab.results", "headlab.circuits"), ("headlab.tasks.circuits", "headlab.models"),
+    ("headlab.tasks", "headlab.circuits"),
 ]
 # private names of the seam: only capture itself, HeadModel and edits may use them
 SEAM_PRIVATE = {"activate", "_STATE", "active_ops"}
@@ -134,6 +137,7 @@ def test_import_headlab_loads_no_training_or_cli_code():
     assert out.returncode == 0, out.stderr
     loaded = out.stdout.split()
     heavy = [m for m in loaded if _under(m, "headlab.icl") or _under(m, "headlab.prune") or _under(m, "headlab.cli")
+             or _under(m, "headlab.circuits")
              or m in ("headlab.models.linear.train", "headlab.models.toy", "headlab.explore")]
     assert not heavy, heavy
     assert "headlab.models.head_model" in loaded  # and the core is there

@@ -16,11 +16,11 @@ from headlab.errors import HeadlabError
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `headlab` parser; each subcommand sets its `handler`."""
-    from headlab.cli import calibrate, explore, icl, info, prune, scan, train
+    from headlab.cli import calibrate, circuit, explore, icl, info, prune, scan, train
 
     parser = argparse.ArgumentParser(prog="headlab", description="Study, score and edit attention heads.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (info, scan, explore, calibrate, icl, prune, train):
+    for group in (info, scan, explore, calibrate, circuit, icl, prune, train):
         group.register(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from headlab.cli.common import MODEL_HELP, count, port
 
@@ -19,6 +20,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--allow-folders", action="store_true",
                    help="let clients load any local HF folder on this server by typing its path (default: only the "
                         "bundled names and --model)")
+    p.add_argument("--circuit", type=Path, default=None,
+                   help="a folder written by `headlab circuit discover`: shown in the Circuit tab (its model is loaded "
+                        "on demand)")
     p.add_argument("--max-models", type=count, default=ExplorerSettings.max_models,
                    help="models kept loaded at once (least recently used dropped first)")
     p.set_defaults(handler=cmd_explore)
@@ -41,10 +45,20 @@ def cmd_explore(args: argparse.Namespace) -> int:
               f"port {args.port} can run models here{'' if not args.allow_folders else ' and load any folder'}",
               file=sys.stderr)
     app = load_app_module()
-    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens, allowed=(args.model,),
+    circuit = None
+    allowed = [args.model]
+    if args.circuit is not None:
+        from headlab.circuits.circuit import Circuit
+
+        allowed.append(Circuit.load(args.circuit).model)  # checked before anything is served
+    explorer = Explorer(ExplorerSettings(max_tokens=args.max_tokens, allowed=tuple(allowed),
                                          allow_folders=args.allow_folders, max_models=args.max_models))
+    if args.circuit is not None:
+        from headlab.circuits.view import CircuitView
+
+        circuit = CircuitView.open(args.circuit, explorer.cache.get)
     print(f"loading {args.model} ...", flush=True)
     explorer.open_model(args.model, "", True, "induction", -1, None)  # load and warm up before the first page
-    demo = app.build_app(explorer, model=args.model)
+    demo = app.build_app(explorer, model=args.model, circuit=circuit)
     app.launch(demo, host=args.host, port=args.port or None, block=True)
     return 0

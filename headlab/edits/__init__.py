@@ -2,5 +2,7 @@
 
 from headlab.edits.heads import Ablate, Scale, ablate, compile_edits, edit, mean_head_outputs
 from headlab.edits.kv_policy import DecodeOnly, RazorKV
+from headlab.edits.patch import Add, Attend, Patch
 
-__all__ = ["Ablate", "DecodeOnly", "RazorKV", "Scale", "ablate", "compile_edits", "edit", "mean_head_outputs"]
+__all__ = ["Ablate", "Add", "Attend", "DecodeOnly", "Patch", "RazorKV", "Scale", "ablate", "compile_edits", "edit",
+           "mean_head_outputs"]

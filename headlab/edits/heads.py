@@ -146,8 +146,14 @@ def compile_edits(model: HeadModel, edits: Iterable[Any]) -> dict[int, LayerOps]
         elif e.how == "uniform":
             new = LayerOps(overrides=(HeadOverride((head,), uniform_attention, name="uniform"),))
         else:
-            new = LayerOps(replace=((head, means[id(e)]),))
+            new = LayerOps(replace=((head, means[id(e)], None),))
         add(layer, new)
+    for layer, layer_ops in ops.items():  # one head's inputs patched twice: the later override would hide the first
+        patched = [h for o in layer_ops.overrides if o.name == "patch" for h in o.heads]
+        twice = sorted({h for h in patched if patched.count(h) > 1})
+        if twice:
+            raise EditError(f"head(s) {', '.join(f'L{layer}H{h}' for h in twice)} have their q/k/v patched by two "
+                            "Patch edits: give the inputs in one Patch(head, q=..., k=..., v=...)")
     return ops
 
 

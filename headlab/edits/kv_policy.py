@@ -201,7 +201,12 @@ class DecodeOnly:
             new = [HeadOverride(o.heads, _when_decoding(o.fn), name=f"decode-only {o.name}") for o in ops.overrides]
             for head, factor in ops.scale:
                 new.append(HeadOverride((head,), _when_decoding(_scaled(factor)), name="decode-only scale"))
-            for head, vec in ops.replace:
+            if ops.add:
+                raise EditError("DecodeOnly cannot hold an Add: give the steering delta to the decode forwards directly")
+            for head, vec, where in ops.replace:
+                if where is not None or vec.dim() > 1:
+                    raise EditError("DecodeOnly cannot hold a Patch: its values and positions belong to the prompt's "
+                                    "own forward, not to decode steps")
                 new.append(HeadOverride((head,), _when_decoding(_constant(vec)), name="decode-only replace"))
             out[layer] = LayerOps(overrides=tuple(new))
         return out

@@ -24,6 +24,7 @@ from headlab.errors import HeadIndexError, HeadlabError, PromptError, Unsupporte
 from headlab.heads import HeadRef, as_heads, heads_per_group
 from headlab.losses import next_token_losses
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
+from headlab.models.layers import LayerInputs, record_layer_inputs
 from headlab.run import Batch, Run
 
 if TYPE_CHECKING:
@@ -435,6 +436,18 @@ class HeadModel:
             kwargs["cache" if "cache" in params else "past_key_values"] = cache
         out = self.hf(input_ids=ids, **kwargs)
         return out.logits[0, -1], output_cache(out)
+
+    def layer_inputs(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> LayerInputs:
+        """One forward recording the residual stream entering each layer and the layer's call, so that
+        `LayerInputs.resume(start, copies=n)` reruns only the layers from `start` on (exact patching of a head
+        reruns what is downstream of it). Edits active in this context apply to the recording forward.
+
+        Raises:
+            PromptError: an empty, malformed or too long prompt.
+            UnsupportedModelError: a model whose layers cannot be found (not ModuleList entries) or that has no
+                final norm headlab knows.
+        """
+        return record_layer_inputs(self, self.encode(prompt, prepend_bos=prepend_bos), grad=grad)
 
     def run(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
             prepend_bos: bool = False, with_z: bool = False) -> Run:

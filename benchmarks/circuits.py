@@ -34,8 +34,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = hl.load(args.model)
     task = make_task(args.task, model.tokenizer, args.n, seed=0)
-    lines = [f"# {model.name}, task {args.task}, {args.n} prompt pairs, fp32, {args.threads} threads, "
-             f"{platform.processor() or platform.machine()}, torch {torch.__version__}"]
+    lines = [f"# python benchmarks/circuits.py --task {args.task} --n {args.n} --threads {args.threads}",
+             f"# {model.name}, task {args.task}, {args.n} prompt pairs, fp32, {args.threads} threads, "
+             f"{platform.processor() or platform.machine()}, torch {torch.__version__}; times are wall clock on a "
+             "shared 2-core machine (ratios are side by side in one run)"]
 
     t = time.perf_counter()
     prep = prepare(model, task)

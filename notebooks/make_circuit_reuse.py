@@ -60,20 +60,22 @@ the effect."""),
     ("code", """edges = path_patching(model, prep, model.heads([0]), model.heads([1]), progress=False)
 for e in sorted(edges, key=lambda e: -abs(e.effect)):
     print(f"{e.sender} → {e.receiver} ({e.channel}): {e.effect:+.3f}")"""),
-    ("md", """## 3. Attribution patching misses the previous-token head
+    ("md", """## 3. Attribution patching gets the previous-token head wrong
 
-AtP estimates every effect from one forward and one backward: Σ (z_corrupt − z_clean) · ∂LD/∂z. The induction head's
-softmax is saturated (it puts ~all its weight on one key), so the gradient through its keys is ~0 and AtP gives the
-previous-token head no effect at all, while exact patching gives it the full effect. AtP*'s correction recomputes the
-softmax exactly for a head's *own* query and key terms; the saturation here is one layer downstream, so it does not
-reach it, and GradDrop (which bounds effects that cancel across paths) does not either. This is the known false
-negative of attribution patching, and why `headlab circuit discover` decides with exact patching."""),
+AtP estimates every effect from one forward and one backward: Σ (z_corrupt − z_clean) · ∂LD/∂z, with the gradient
+taken through every path (a zero added to each head's output, `hl.edits.Add`, so downstream heads keep their graph).
+The induction head's softmax is saturated (it puts ~all its weight on one key): linearising through it gives the
+previous-token head an estimate of the **wrong sign**, while exact patching gives it the full effect — the failure
+the pruning issue saw on SmolLM2's previous-token head. AtP*'s correction recomputes the softmax exactly for a head's
+*own* query and key terms; the saturation here is one layer downstream, so it does not fix the sign. Its GradDrop
+magnitude does flag the head, so the screen `max(|AtP*|, GradDrop)` keeps it among the heads to verify exactly —
+and `headlab circuit discover` decides with exact patching."""),
     ("code", """plain, star = atp(model, prep), atp_star(model, prep, progress=False)
-print("exact ", exact.maps["effect"].flatten().tolist())
+print("exact ", [round(v, 3) for v in exact.maps["effect"].flatten().tolist()])
 print("AtP   ", [round(v, 3) for v in plain.maps["effect"].flatten().tolist()])
 print("AtP*  ", [round(v, 3) for v in star.maps["effect"].flatten().tolist()])
-print("GradDrop bound", [round(v, 3) for v in star.maps["grad_drop"].flatten().tolist()])
-agreement(exact, plain, k=2)"""),
+print("screen", [round(v, 3) for v in star.maps["screen"].flatten().tolist()])
+agreement(exact, star, k=2, map="screen")"""),
     ("md", """## 4. Weights predict wiring
 
 Composition scores (Elhage et al.) from the weights alone: the K-composition of L0H0's OV into L1H0's QK ranks

@@ -378,6 +378,56 @@ def reproductions_page() -> str:
     out += _source("benchmarks/results/linear_report/report.json",
                    "TRITON_INTERPRET=1 python scripts/linear_report.py --out runs/linear-report   # ~2 min on 2 cores")
 
+    # ---- circuits (issue 17)
+    base = _read("benchmarks/results/circuit_tasks_smollm2.json")
+    out += ["## Circuits across tasks (SmolLM2-135M)", "",
+            "**Claim** (feasibility study in issue 17; Wang et al.; Merullo et al.): SmolLM2 performs IOI (~98%), "
+            "fails Colored Objects in the paper's one-shot format (~31–39%); circuit heads are shared across tasks "
+            "beyond chance.", "",
+            f"Baselines ({base['meta']['weights_note']}; n = {base['meta']['n']} pairs per task): accuracy is "
+            "logit(answer) > logit(wrong), with its 95% Wilson interval; argmax: the answer is the top token.", ""]
+    rows = [[f"`{t['task']}`", f"{_num(t['acc'])} ({_num(t['acc_ci95'][0])}–{_num(t['acc_ci95'][1])})",
+             _num(t["argmax_acc"]), _num(t["ld_clean"]), _num(t["ld_corrupt"]), _num(t["mean_tokens"])]
+            for t in base["tasks"]]
+    out += _table(["task", "accuracy (95% CI)", "argmax accuracy", "LD clean", "LD corrupted", "tokens"], rows)
+    out += _source("benchmarks/results/circuit_tasks_smollm2.json", "python scripts/circuit_tasks_baseline.py")
+    summary_path = ROOT / "benchmarks/results/circuits_smollm2/summary.json"
+    if summary_path.exists():
+        summ = json.loads(summary_path.read_text())
+        out += ["Each task's circuit (the top 5% of heads by |exact patching effect|; roles from headlab's own "
+                "measurements; effect 1 = patching that head alone moves the logit difference all the way to the "
+                "corrupted run's), the path-patching edges among them, and the K/Q/V composition scores' precision "
+                "against those edges (k = the number of edges with |effect| ≥ 0.02; chance = k / all later pairs × 3):",
+                ""]
+        rows = []
+        for name, t in summ["tasks"].items():
+            heads = ", ".join(f"{h['head']} {h['effect']:+.2f} ({h['role']})" for h in t["heads"][:8])
+            prec = t.get("composition_precision_at_k")
+            chance = t.get("composition_random_precision")
+            rows.append([f"`{name}`", str(t["n"]), heads, str(t["n_edges"]),
+                         "–" if prec is None else f"{_num(prec)} (chance {_num(chance)})"])
+        out += _table(["task", "n", "strongest heads (effect, role)", "edges", "composition precision@k"], rows)
+        for frac, table in summ.get("reuse", {}).items():
+            out += [f"Overlap of the circuits at the top {float(frac):.0%} of heads, against random head sets "
+                    "(`null`) and random sets with each circuit's per-layer profile (`layer null`); p: the share of "
+                    "null draws at least as large:", ""]
+            out += _table(["tasks", "heads", "shared", "IoU", "null IoU", "p", "layer-null IoU", "p (layer)",
+                           "sign agreement"],
+                          [[f"{r['a']} / {r['b']}", str(r["heads"]), str(r["shared"]), _num(r["iou"]),
+                            _num(r["null_iou"]), _num(r["p"]), _num(r["layer_null_iou"]), _num(r["p_layer"]),
+                            "–" if r["sign_agree"] is None else _num(r["sign_agree"])] for r in table])
+        rep = summ.get("repair")
+        if rep:
+            acc = rep["accuracy"]
+            out += [f"The repair (Merullo et al.: 49.6% → 93.7% on GPT-2 medium): IOI's heads {', '.join(rep['heads'])} "
+                    f"attend uniformly over the other listed colours at the last position of Colored Objects "
+                    f"(n = {rep['n']}; control: {', '.join(rep['control_heads'])}, random heads of the same layers):",
+                    ""]
+            out += _table(["condition", "answer over wrong colour (95% CI)", "answer is top-1 (95% CI)"],
+                          [[cond, *(f"{_num(a[m]['accuracy'])} ({_num(a[m]['ci95'][0])}–{_num(a[m]['ci95'][1])})"
+                                    for m in ("vs_wrong", "top1"))] for cond, a in acc.items()])
+        out += _source("benchmarks/results/circuits_smollm2/summary.json", "\n".join(summ["commands"]))
+
     # ---- benchmarks (the committed text files, verbatim: each starts with the command that wrote it)
     out += ["## Benchmarks", "",
             "The committed benchmark outputs, verbatim. Each file's `#` lines give the command, the machine and "
@@ -386,6 +436,9 @@ def reproductions_page() -> str:
                        "Streaming head statistics against plain sdpa, HF eager and TransformerBridge "
                        "(`benchmarks/head_stats.py`): time and peak memory; eager and the bridge materialise T×T "
                        "patterns."),
+                      ("benchmarks/results/circuits_cpu.txt",
+                       "Patching cost (`benchmarks/circuits.py`): exact patching of every head against one full "
+                       "forward per head, and the AtP / AtP* screens with their agreement with exact patching."),
                       ("benchmarks/results/linear_attention_cpu.txt",
                        "Linear-attention kernels (`benchmarks/linear_attention.py`): chunked, parallel and Triton "
                        "forms, with their error against the reference.")):

@@ -34,8 +34,22 @@ CLICK_JS = """
       setTimeout(() => document.querySelector('#show-head')?.click(), 100);
     });
   });
-  new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
+  // the Circuit tab's graph: clicking a head's node fills the circuit head box and shows that head
+  const hookCircuit = () => document.querySelectorAll('#circuit-graph .js-plotly-plot').forEach((plot) => {
+    if (plot.__headlabClick || typeof plot.on !== 'function') return;
+    plot.__headlabClick = true;
+    plot.on('plotly_click', (event) => {
+      const point = (event.points || []).find((p) => /^L\d+H\d+$/.test(p.text || ''));  // a node, not an edge
+      const box = document.querySelector('#circuit-head-box textarea, #circuit-head-box input');
+      if (!point || !box) return;
+      box.value = point.text;
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+      setTimeout(() => document.querySelector('#circuit-show')?.click(), 100);
+    });
+  });
+  new MutationObserver(() => { hook(); hookCircuit(); }).observe(document.body, {childList: true, subtree: true});
   hook();
+  hookCircuit();
 }
 """
 
@@ -98,6 +112,8 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
             circuit_graph = gr.Plot(elem_id="circuit-graph", show_label=False)
             with gr.Row():
                 circuit_head = gr.Dropdown([], label="circuit head", allow_custom_value=True, elem_id="circuit-head")
+                circuit_box = gr.Textbox(label="head (click a node, pick one, or type L12H3)",
+                                         elem_id="circuit-head-box")
                 circuit_index = gr.Number(0, label="task prompt", precision=0, elem_id="circuit-prompt")
                 circuit_show = gr.Button("Show head on the prompt", elem_id="circuit-show")
                 circuit_patch = gr.Button("Patch it from the corrupted prompt", variant="primary",
@@ -125,15 +141,18 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
                       outputs=[circuit_summary, circuit_graph, circuit_head])
         else:
             demo.load(lambda: (circuit.summary_md(), circuit.figure(),
-                               gr.update(choices=circuit.head_choices(), value=circuit.head_choices()[0])),
-                      outputs=[circuit_summary, circuit_graph, circuit_head])
+                               gr.update(choices=circuit.head_choices(), value=circuit.head_choices()[0]),
+                               circuit.head_choices()[0]),
+                      outputs=[circuit_summary, circuit_graph, circuit_head, circuit_box])
+            circuit_head.input(lambda head: head, circuit_head, circuit_box)
 
             def show(head_text, index):
                 info, fig = circuit.head_pattern(head_text, index)
                 return info + "\n\n" + circuit.prompt_md(index), fig
 
-            circuit_show.click(guarded(show, 2), [circuit_head, circuit_index], [circuit_prompt, circuit_pattern])
-            circuit_patch.click(guarded(circuit.patch, 1), [circuit_head, circuit_index], circuit_result)
+            gr.on([circuit_show.click, circuit_box.submit], guarded(show, 2), [circuit_box, circuit_index],
+                  [circuit_prompt, circuit_pattern])
+            circuit_patch.click(guarded(circuit.patch, 1), [circuit_box, circuit_index], circuit_result)
     return demo
 
 

@@ -66,6 +66,18 @@ def test_circuit_tab_graph_pattern_and_live_patch(served):
         for line in lib.splitlines()[2:]:  # each row's logit difference as the library computes it
             assert line.split("|")[2].strip() in shown
         page.screenshot(path=ARTIFACTS / "10-circuit-tab.png", full_page=True)
+        # click the node of L0H0 (layer 0 at the bottom, head 0): it fills the head box and shows that head
+        point = page.evaluate(
+            "() => { const p = document.querySelector('#circuit-graph .js-plotly-plot');"
+            " const tr = p._fullData.findIndex(t => t.mode === 'markers+text' && t.text.includes('L0H0'));"
+            " const i = p._fullData[tr].text.indexOf('L0H0');"
+            " const xa = p._fullLayout.xaxis, ya = p._fullLayout.yaxis, r = p.getBoundingClientRect();"
+            " return [r.left + xa._offset + xa.l2p(p._fullData[tr].x[i]),"
+            "         r.top + ya._offset + ya.l2p(p._fullData[tr].y[i])]; }")
+        page.mouse.click(point[0] + 12, point[1])  # on the node, beside the edge line through its centre
+        expect(page.locator("#circuit-head-box textarea")).to_have_value("L0H0")
+        expect(page.locator("#circuit-prompt-text")).to_contain_text("L0H0: previous-token")
+        page.screenshot(path=ARTIFACTS / "11-circuit-node-clicked.png", full_page=True)
         page.fill("#circuit-prompt input", "99")
         page.click("#circuit-patch")
         expect(page.locator("#circuit-result")).to_contain_text("out of range")

@@ -26,6 +26,7 @@ the head pushes the other way.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -330,21 +331,13 @@ def _head_grads(model: HeadModel, prep: Prepared, *, drop_layer: int | None = No
     # and v included), which replacing the outputs by constants would cut
     edits = [Add(HeadRef(layer, h), delta=deltas[layer][:, :, h])
              for layer in range(model.n_layers) for h in range(model.n_heads)]
-    scope = gradient_dropped(model, drop_layer) if drop_layer is not None else _null()
+    scope = gradient_dropped(model, drop_layer) if drop_layer is not None else nullcontext()
     with torch.enable_grad(), edit(model, edits), scope:
         hidden = model.hf.base_model(input_ids=prep.clean.input_ids, attention_mask=prep.clean.attention_mask,
                                      use_cache=False).last_hidden_state
         ld = _ld(prep.inputs.unembed(hidden, prep.end, prep.tokens))
         ld.sum().backward()
     return {layer: d.grad if d.grad is not None else torch.zeros_like(d) for layer, d in deltas.items()}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _atp_from_grads(model: HeadModel, prep: Prepared, grads: dict[int, torch.Tensor]) -> torch.Tensor:

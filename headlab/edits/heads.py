@@ -29,7 +29,8 @@ def _one_head(head: Any, what: str) -> HeadRef:
     except (HeadIndexError, TypeError, ValueError) as err:
         raise EditError(f"{what}: {err}") from None
     if len(refs) != 1:
-        raise EditError(f"{what} takes one head, got {head!r}: use headlab.ablate(heads) for several")
+        hint = ": use headlab.ablate(heads) for several" if what == "Ablate" else ": give one edit per head"
+        raise EditError(f"{what} takes one head, got {head!r}{hint}")
     return refs[0]
 
 

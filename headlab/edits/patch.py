@@ -19,20 +19,11 @@ from typing import Any
 import torch
 
 from headlab.capture import HeadOverride, LayerOps, LayerRecord, fit_positions
+from headlab.edits.heads import _one_head
 from headlab.errors import EditError
-from headlab.heads import HeadRef, as_heads
+from headlab.heads import HeadRef
 
 _INPUTS = ("q", "k", "v")
-
-
-def _head(head: Any) -> HeadRef:
-    try:
-        refs = as_heads([head] if isinstance(head, (tuple, str)) else head)
-    except (TypeError, ValueError) as err:
-        raise EditError(f"Patch: {err}") from None
-    if len(refs) != 1:
-        raise EditError(f"Patch takes one head, got {head!r}")
-    return refs[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +52,7 @@ class Patch:
     positions: Any = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head", _head(self.head))
+        object.__setattr__(self, "head", _one_head(self.head, "Patch"))
         given = {name: getattr(self, name) for name in ("z", *_INPUTS) if getattr(self, name) is not None}
         if not given:
             raise EditError(f"Patch({self.head}) needs values: z= (its output) or q= / k= / v= (its inputs)")
@@ -169,7 +160,7 @@ class Attend:
     queries: torch.Tensor | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head", _head(self.head))
+        object.__setattr__(self, "head", _one_head(self.head, "Attend"))
         for name in ("keys", "queries"):
             mask = getattr(self, name)
             if mask is None:
@@ -216,7 +207,7 @@ class Add:
     delta: torch.Tensor = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head", _head(self.head))
+        object.__setattr__(self, "head", _one_head(self.head, "Add"))
         d = self.delta
         if not isinstance(d, torch.Tensor) or d.dim() not in (1, 3):
             shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__

@@ -48,6 +48,11 @@ class LayerRecord:
             `headlab.models.linear.LinearMixer`); its implicit pattern replaces softmax(q·k). None for softmax.
         lse: `[B, H, Q]` float32 row log-sum-exp of the scaled scores, when a capture asked for it (`with_lse`) and
             the layer's output came from the fused CPU kernel that returns it (`headlab_kernels.head_stats.fused`).
+        gates: `[B, Q, H]` the mixture-of-head routing gates of this forward (0 = the head is off for that token):
+            a MoH layer's own gates (it multiplies its heads' outputs by them after the seam, so `z` is before
+            them) times those of `Gate` edits (applied in the seam, so `z` is after them); None when nothing routes.
+        x: the attention module's input hidden states `[B, Q, C]`, given to `Gate` functions that ask for it
+            (`Gate.needs_input`); None in captures.
     """
 
     layer: int
@@ -60,6 +65,8 @@ class LayerRecord:
     z: torch.Tensor | None = None
     mixer: Any = None
     lse: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    x: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -137,9 +144,23 @@ class HeadOverride:
     name: str = "override"
 
 
+GateFn = Callable[["LayerRecord"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Per-token head gates of one layer (mixture-of-head routing as an edit): `fn(record)` gets the layer's
+    LayerRecord (q, k, v, mask, scale and, when `needs_input`, `x`: the module's input hidden states) and returns
+    gates `[B, Q, H]` that multiply every head's output (1 keeps it exactly, 0 turns it off for that token)."""
+
+    fn: GateFn
+    needs_input: bool = False
+    name: str = "gate"
+
+
 @dataclass(frozen=True)
 class LayerOps:
-    """The merged head edits of one layer: attention overrides, then output scales, additions and replacements.
+    """The merged head edits of one layer: attention overrides, then gates, output scales, additions and replacements.
 
     `add` entries are `(head, delta)`: `delta` (`[D]` or `[B|1, Q, D]`) is added to the head's output `[B, Q, D]`
     (a steering vector; attribution patching adds a zero tensor that requires grad, so ∂metric/∂z flows to it while
@@ -152,6 +173,7 @@ class LayerOps:
     scale: tuple[tuple[int, float], ...] = ()
     replace: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...] = ()
     add: tuple[tuple[int, torch.Tensor], ...] = ()
+    gates: tuple[Gate, ...] = ()
 
     def merged(self, other: "LayerOps") -> "LayerOps":
         """These ops (outer) followed by `other` (an inner scope's): attention-level overrides act first, then the
@@ -174,13 +196,15 @@ class LayerOps:
                 add = [a for a in add if a[0] != head]
                 scales.pop(head, None)
             replace.append((head, vec, where))
-        return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())), tuple(replace), tuple(add))
+        return LayerOps(self.overrides + other.overrides, tuple(sorted(scales.items())), tuple(replace), tuple(add),
+                        self.gates + other.gates)
 
 
 @dataclass(frozen=True)
 class _Active:
     captures: tuple[Capture, ...] = ()
     ops: tuple[tuple[int, LayerOps], ...] = ()
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → its module's input, for Gate edits
 
     def ops_for(self, layer: int) -> LayerOps | None:
         for idx, ops in self.ops:
@@ -230,6 +254,24 @@ def activate(owner: int, *, capture: Capture | None = None, ops: dict[int, Layer
         yield
     finally:
         _STATE.reset(token)
+
+
+def input_hook(owner: int, layer: int) -> Callable:
+    """A forward pre-hook (with kwargs) for layer `layer`'s attention module: when an active `Gate` of that layer
+    asks for the module's input, it keeps the hidden states for the seam (in this context's scope only)."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        state = _STATE.get().get(owner)
+        if state is None:
+            return
+        ops = state.ops_for(layer)
+        if ops is None or not any(g.needs_input for g in ops.gates):
+            return
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(x, torch.Tensor):
+            state.inputs[layer] = x
+
+    return hook
 
 
 def fit_positions(where: torch.Tensor, batch: int, length: int, what: str) -> torch.Tensor:
@@ -338,6 +380,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         base_mask = _additive(attention_mask, causal=causal, query=query, key=key)
     state = _STATE.get().get(slot.owner) if slot is not None else None
     mixer = kwargs.get("mixer")  # a linear layer's feature maps / decays (its backend mixes with them)
+    gates = kwargs.pop("gates", None)  # a MoH layer's own routing gates [B, Q, H] (it applies them itself)
     fused = None
     if (state is not None and mixer is None and base is sdpa_attention_forward
             and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
@@ -369,6 +412,20 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                     weights = weights.clone()
                     weights[:, heads] = (new_weights.to(weights.dtype) if new_weights is not None
                                          else float("nan"))
+        if ops.gates:
+            x = state.inputs.pop(layer, None)
+            inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale,
+                                 mixer=mixer, x=x)
+            for gate in ops.gates:
+                if gate.needs_input and x is None:
+                    raise EditError(f"{gate.name} on layer {layer} routes from the attention module's input, which "
+                                    f"{type(module).__name__} was not called with (no hidden_states argument)")
+                g = gate.fn(inputs)
+                if g.shape != (out.shape[0], out.shape[1], n_heads):
+                    raise EditError(f"{gate.name} on layer {layer} gave gates of shape {tuple(g.shape)}, not "
+                                    f"{(out.shape[0], out.shape[1], n_heads)} ([B, Q, H])")
+                gates = g if gates is None else gates * g
+                out = out * g.to(out.dtype)[..., None]
         if ops.scale:
             mult = torch.ones(n_heads, dtype=out.dtype, device=out.device)
             for head, factor in ops.scale:
@@ -402,6 +459,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
             mixer=_detached(mixer), lse=lse if cap.with_lse else None,
+            gates=gates.detach() if gates is not None else None,
         )
         if cap.keep:
             cap.records[layer] = record

@@ -19,6 +19,7 @@ from headlab.capture import (
     activate,
     eager_function_for,
     ensure_registered,
+    input_hook,
 )
 from headlab.errors import HeadIndexError, HeadlabError, PromptError, UnsupportedModelError
 from headlab.heads import HeadRef, as_heads, heads_per_group
@@ -143,6 +144,8 @@ class HeadModel:
             base = own or (eager_function_for(module) if self.backend == "eager" else sdpa_attention_forward)
             module._headlab_slot = LayerSlot(owner=self._owner, layer=layer, base=base, base_name=self.backend,
                                              module_id=id(module))
+            # hands the module's input to a Gate edit (MoH routing) that asks for it; a no-op otherwise
+            module.register_forward_pre_hook(input_hook(self._owner, layer), with_kwargs=True)
         if self.spec.attach is None:
             self._use_seam(model)
 

@@ -1,6 +1,6 @@
 """headlab: a workbench for the mechanistic study of attention heads."""
 
-from headlab.edits import Ablate, Patch, Scale, ablate, edit
+from headlab.edits import Ablate, MoH, Patch, Scale, ablate, edit
 from headlab.errors import (
     EditError,
     HeadIndexError,
@@ -17,7 +17,7 @@ from headlab import analyses, results, scan, viz
 
 # `hl.icl` (training one-layer models), `hl.prune` and `hl.circuits` (experiments) load on first use: `import headlab` loads no
 # training code
-_LAZY = ("circuits", "icl", "prune")
+_LAZY = ("circuits", "icl", "moh", "prune")
 
 
 def __getattr__(name: str):
@@ -33,7 +33,7 @@ from headlab.version import __version__  # noqa: E402
 
 __all__ = [
     "Ablate", "BUNDLED", "Batch", "EditError", "HeadIndexError", "HeadModel", "HeadRef", "HeadlabError",
-    "ModelNotFoundError", "Patch", "PromptError", "Run", "Scale", "UnsupportedModelError", "WeightsError", "ablate", "as_heads",
+    "ModelNotFoundError", "MoH", "Patch", "PromptError", "Run", "Scale", "UnsupportedModelError", "WeightsError", "ablate", "as_heads",
     "edit",
     "load",
 ]

@@ -201,6 +201,9 @@ class DecodeOnly:
             new = [HeadOverride(o.heads, _when_decoding(o.fn), name=f"decode-only {o.name}") for o in ops.overrides]
             for head, factor in ops.scale:
                 new.append(HeadOverride((head,), _when_decoding(_scaled(factor)), name="decode-only scale"))
+            if ops.gates:
+                raise EditError("DecodeOnly cannot hold a MoH edit: give MoH to hl.edit directly (it routes decode "
+                                "steps token by token as it routes the prompt)")
             if ops.add:
                 raise EditError("DecodeOnly cannot hold an Add: give the steering delta to the decode forwards directly")
             for head, vec, where in ops.replace:

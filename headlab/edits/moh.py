@@ -1,0 +1,202 @@
+"""Mixture-of-Head routing of a pretrained model's heads, as a scoped head edit (MoH, Jin et al. 2024).
+
+In each routed layer the first `shared` heads stay on for every token; the other ("routed") heads are scored per
+token by a router and only the top-k of them keep their output (binary gates: a head's output is multiplied by 1 or
+0). With every routed head active the edit is the identity, bit for bit.
+
+Routers:
+- `QueryNormRouter` (training-free, MoH's LLaMA3 conversion): a routed head's score is the ℓ2 norm of its query at
+  that token, standardised over the layer's routed heads.
+- `LearnedRouter`: that same score plus a learned linear function of the attention module's input (W x + b, zero at
+  the start, so training starts from the training-free router); trained with only its own parameters
+  (`headlab.moh.train_router`), through straight-through gates: hard top-k forward, the router's softmax backward.
+
+GQA: a query head off for a token saves its rows of QKᵀ and AV; a KV group's cache read is saved only when every
+query head of the group is off for the token (`headlab.moh.routing` reports both).
+
+    with hl.edit(model, hl.MoH(active=0.6)):          # 3 of the 5 routed heads per token (smollm2: 9 heads, 4 shared)
+        loss = model.loss(text)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from headlab.capture import Gate, LayerOps, LayerRecord
+from headlab.errors import EditError
+from headlab.models.head_model import HeadModel
+
+#: called by a MoH edit with (layer, router scores `[B, Q, h_r]`, gates `[B, Q, H]`) as each layer routes
+RouteHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class Router(Protocol):
+    """Scores the routed heads of a layer per token (higher = more wanted)."""
+
+    needs_input: bool
+
+    def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        """Scores `[B, Q, h_r]` of the routed query heads `routed` at each token of the layer's record."""
+
+
+def query_norm_scores(q: torch.Tensor, routed: list[int]) -> torch.Tensor:
+    """MoH's training-free router: ‖q_h‖₂ of each routed head at each token, standardised over the routed heads
+    (zero mean, unit std per token). q: post-RoPE queries `[B, H, Q, D]` (RoPE keeps norms); returns `[B, Q, h_r]`."""
+    norms = q[:, routed].float().norm(dim=-1).transpose(1, 2)  # [B, Q, h_r]
+    mean = norms.mean(-1, keepdim=True)
+    std = norms.std(-1, keepdim=True, unbiased=False) if len(routed) > 1 else torch.ones_like(mean)
+    return (norms - mean) / std.clamp_min(1e-6)
+
+
+@dataclass(frozen=True)
+class QueryNormRouter:
+    """The training-free router: standardised query norms (see `query_norm_scores`)."""
+
+    needs_input: bool = field(default=False, init=False)
+
+    def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        return query_norm_scores(record.q, routed)
+
+
+class LearnedRouter(nn.Module):
+    """Standardised query norms plus a learned linear score of the attention module's input, per routed layer.
+
+    Attributes:
+        weight: `[L, h_r, C]` (zero at the start), bias `[L, h_r]`; `layers` the model layers they route.
+    """
+
+    needs_input = True
+
+    def __init__(self, layers: Iterable[int], n_routed: int, hidden_size: int) -> None:
+        super().__init__()
+        self.layers = tuple(int(layer) for layer in layers)
+        self.n_routed = int(n_routed)
+        self.hidden_size = int(hidden_size)
+        self.weight = nn.Parameter(torch.zeros(len(self.layers), self.n_routed, self.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(len(self.layers), self.n_routed))
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, n_routed={self.n_routed}, hidden_size={self.hidden_size}"
+
+    def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        i = self._index.get(record.layer)
+        if i is None:
+            raise EditError(f"this LearnedRouter routes layers {list(self.layers)}, not layer {record.layer}")
+        if len(routed) != self.n_routed:
+            raise EditError(f"this LearnedRouter scores {self.n_routed} routed heads, the edit routes {len(routed)}")
+        x = record.x
+        if x.shape[-1] != self.hidden_size:
+            raise EditError(f"layer {record.layer}'s attention input has width {x.shape[-1]}, the router "
+                            f"{self.hidden_size}: a router trained for another model")
+        w, b = self.weight[i], self.bias[i]
+        learned = torch.nn.functional.linear(x.to(w.dtype), w, b)  # [B, Q, h_r]
+        return query_norm_scores(record.q, routed).to(learned.dtype) + learned
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoH:
+    """Mixture-of-Head routing as an edit: shared heads always on, the top-k routed heads per token on, the rest off.
+
+    Attributes:
+        active: routed heads kept per token: a fraction of the routed heads in (0, 1] (rounded to the nearest count,
+            at least 1) or a count ≥ 1.
+        shared: the first `shared` heads of each routed layer are always on (None: half the KV groups, rounded down,
+            with all their query heads — half the heads for multi-head attention, as MoH's conversion of LLaMA3-8B
+            shares 16 of 32; whole groups, so that routing can leave a group's cache unread).
+        router: None (the training-free `QueryNormRouter`) or a `LearnedRouter`.
+        layers: the layers to route (None: all).
+        straight_through: gates carry the router's gradient (hard top-k forward, softmax backward) when grad is on;
+            only for training a router (the forward values are the same binary gates).
+        on_route: called per layer with (layer, scores, gates) — how `headlab.moh.routing` records the routing.
+    """
+
+    active: float | int
+    shared: int | None = None
+    router: Any = None
+    layers: tuple[int, ...] | None = None
+    straight_through: bool = False
+    on_route: RouteHook | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        a = self.active
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise EditError(f"MoH(active={a!r}): give a fraction of the routed heads in (0, 1] or a count >= 1")
+        if isinstance(a, float) and not 0.0 < a <= 1.0:
+            raise EditError(f"MoH(active={a}): a fraction of the routed heads must lie in (0, 1] (a count is an int)")
+        if isinstance(a, int) and a < 1:
+            raise EditError(f"MoH(active={a}): at least one routed head must stay on per token")
+        if self.shared is not None and (isinstance(self.shared, bool) or not isinstance(self.shared, int)
+                                        or self.shared < 0):
+            raise EditError(f"MoH(shared={self.shared!r}) must be a count of heads >= 0")
+        if self.router is not None and not callable(getattr(self.router, "scores", None)):
+            raise EditError(f"MoH(router={self.router!r}) is not a router (it needs a scores(record, routed) method)")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+
+    def n_shared(self, model: HeadModel) -> int:
+        per_group = model.n_heads // model.n_kv_heads
+        shared = (model.n_kv_heads // 2) * per_group if self.shared is None else self.shared
+        if shared >= model.n_heads:
+            raise EditError(f"MoH(shared={shared}) leaves no routed head: {model.name} has {model.n_heads} heads per "
+                            "layer")
+        return shared
+
+    def routed_heads(self, model: HeadModel) -> list[int]:
+        return list(range(self.n_shared(model), model.n_heads))
+
+    def k(self, model: HeadModel) -> int:
+        """Routed heads kept per token."""
+        n_routed = model.n_heads - self.n_shared(model)
+        a = self.active
+        if isinstance(a, float):  # a fraction, rounded half up
+            return max(1, min(n_routed, math.floor(a * n_routed + 0.5)))
+        if a > n_routed:
+            raise EditError(f"MoH(active={a}) asks for more routed heads per token than the {n_routed} there are")
+        return a
+
+    def routed_layers(self, model: HeadModel) -> list[int]:
+        layers = list(range(model.n_layers)) if self.layers is None else list(self.layers)
+        model.check_layers(layers)
+        return layers
+
+    # -- the edit -------------------------------------------------------------------------------------------------
+
+    def gates(self, scores: torch.Tensor, k: int, n_shared: int) -> torch.Tensor:
+        """Gates `[B, Q, H]` from routed scores `[B, Q, h_r]`: 1 for shared heads and the top-k routed ones."""
+        n_routed = scores.shape[-1]
+        if k >= n_routed:
+            hard = torch.ones_like(scores)
+        else:
+            hard = torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+        routed = hard
+        if self.straight_through and torch.is_grad_enabled() and scores.requires_grad:
+            p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+            routed = hard + p - p.detach()
+        shared = torch.ones(*scores.shape[:-1], n_shared, dtype=routed.dtype, device=routed.device)
+        return torch.cat([shared, routed], dim=-1)
+
+    def layer_ops(self, model: HeadModel) -> dict[int, LayerOps]:
+        if model.layer_kinds and any(kind != "softmax" for kind in model.layer_kinds):
+            raise EditError(f"MoH routes softmax heads; {model.name} has {sorted(set(model.layer_kinds))} layers")
+        router = self.router if self.router is not None else QueryNormRouter()
+        n_shared, routed, k = self.n_shared(model), self.routed_heads(model), self.k(model)
+        needs_input = bool(getattr(router, "needs_input", False))
+        ops = {}
+        for layer in self.routed_layers(model):
+            def fn(record: LayerRecord, layer: int = layer) -> torch.Tensor:
+                scores = router.scores(record, routed)
+                gates = self.gates(scores, k, n_shared)
+                if self.on_route is not None:
+                    self.on_route(layer, scores.detach(), gates.detach())
+                return gates
+
+            ops[layer] = LayerOps(gates=(Gate(fn, needs_input=needs_input, name="MoH"),))
+        return ops

@@ -121,6 +121,19 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
             circuit_prompt = gr.Markdown(elem_id="circuit-prompt-text")
             circuit_pattern = gr.Plot(elem_id="circuit-pattern", show_label=False)
             circuit_result = gr.Markdown(elem_id="circuit-result")
+        with gr.Tab("MoH routing", elem_id="tab-moh"):
+            gr.Markdown("Mixture-of-head routing of the prompt analysed in the Heads tab (MoH's training-free "
+                        "query-norm router): which routed heads each token keeps, and what the edit does to the "
+                        "predictions.")
+            with gr.Row():
+                moh_active = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="share of routed heads kept per token",
+                                       elem_id="moh-active")
+                moh_layer = gr.Number(0, label="layer", precision=0, elem_id="moh-layer")
+                moh_on = gr.Checkbox(True, label="apply the MoH edit to the predictions", elem_id="moh-on")
+                moh_btn = gr.Button("Route", variant="primary", elem_id="moh-route")
+            moh_status = gr.Markdown(elem_id="moh-status")
+            moh_plot = gr.Plot(elem_id="moh-plot", show_label=False)
+            moh_info = gr.Markdown(elem_id="moh-info")
         view = [status, grid, preds, session, head_box, pattern, head_info, comparison]
         settings = [model_box, prompt, bos, score_map, start, size]
         show_head = dict(fn=guarded(ex.head_view, 3), inputs=[session, head_box, start, size],
@@ -135,6 +148,8 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
         add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
         gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],
               [status, comparison])
+        gr.on([moh_btn.click, moh_layer.submit, moh_on.change], guarded(ex.moh_view, 3),
+              [session, moh_active, moh_layer, moh_on], [moh_status, moh_plot, moh_info])
         if circuit is None:
             demo.load(lambda: ("No circuit opened: start the explorer with `headlab explore --circuit DIR` (a folder "
                                "written by `headlab circuit discover`).", gr.skip(), gr.skip()),

@@ -389,6 +389,49 @@ class Explorer:
         body = comparison_md(session.top, edited, session.loss, loss, label)
         return f"Applied {label} to {session.n_tokens} tokens (the shared model is untouched).", body
 
+    def moh_view(self, session: Session | None, active: float | None, layer: float | None,
+                 use_moh: bool = True) -> tuple[str, Any, str]:
+        """Mixture-of-head routing of the analysed prompt (training-free query-norm router, `active` = share of the
+        routed heads kept per token): (status, the tokens × heads gates of `layer`, Markdown comparing next-token
+        predictions and loss without and with the MoH edit, heads and KV groups used, top heads per token type).
+        `use_moh` False shows the routing but compares the original with itself (the edit toggled off)."""
+        from headlab.moh.routing import trace
+
+        _require(session)
+        model = self.cache.get(session.model)
+        if active is None or not math.isfinite(float(active)) or not 0.0 < float(active) <= 1.0:
+            raise EditError(f"active share {active!r} must lie in (0, 1]: the share of routed heads kept per token")
+        n_layer = int(layer) if layer is not None and math.isfinite(float(layer)) else 0
+        model.check_layers([n_layer])
+        moh = hl.MoH(active=float(active))
+        routing = trace(model, moh, [torch.tensor(session.ids)])
+        fig = routing.token_figure(0, n_layer, strings=model.token_strings(list(session.ids)))
+        costs = routing.costs()
+        k, n_routed, shared = routing.k, routing.n_routed, routing.shared
+        lines = [f"**MoH, query-norm router**: heads 0–{shared - 1} shared, {k} of the {n_routed} routed heads per "
+                 f"token: {costs['query_heads_on']:.1%} of (token, head) pairs computed, "
+                 f"{costs['kv_groups_read']:.1%} of (token, KV group) caches read."]
+        if model.is_lm:
+            batch = model.encode(list(session.ids))
+            with torch.no_grad():
+                if use_moh:
+                    with hl.edit(model, moh):
+                        logits = model.hf(input_ids=batch.input_ids).logits[0].float()
+                else:
+                    logits = model.hf(input_ids=batch.input_ids).logits[0].float()
+            ids = batch.input_ids[0]
+            loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
+            label = f"MoH {k}/{n_routed} routed heads" if use_moh else "MoH off (original)"
+            lines.append(comparison_md(session.top, top_predictions(model, logits[-1], self.settings.top_k),
+                                       session.loss, loss, label))
+        types = routing.by_type(top=3, min_tokens=2)
+        rows = [f"| {name} | {entry['tokens']} | " + ", ".join(f"{h} ({lift:.2f}×)" for h, _, lift in entry["top"])
+                + " |" for name, entry in types.items() if entry["top"]]
+        if rows:
+            lines.append("| token type | tokens | routed heads picked most (lift) |\n|---|---|---|\n" + "\n".join(rows))
+        status = f"Routed {session.n_tokens} tokens; showing layer {n_layer}."
+        return status, fig, "\n\n".join(lines)
+
 
 def _require(session: Session | None) -> None:
     if session is None:

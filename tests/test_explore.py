@@ -306,3 +306,22 @@ def test_explore_command_warns_beyond_loopback(monkeypatch, capsys):
     args = build_parser().parse_args(["explore", "--model", "toy-induction"])
     explore_cli.cmd_explore(args)
     assert "beyond" not in capsys.readouterr().err
+
+
+def test_moh_tab_routes_the_prompt_and_compares_predictions(explorer, folder, session):
+    model = explorer.cache.get(folder)
+    status, fig, body = explorer.moh_view(session, 0.5, 1, True)
+    assert "layer 1" in status
+    gates = torch.tensor(fig.data[0].z)  # [H, T] for layer 1
+    assert gates.shape == (model.n_heads, session.n_tokens)
+    assert torch.all(gates[:2] == 1) and torch.all(gates[2:].sum(0) == 1)  # 2 shared, 1 of 2 routed per token
+    with hl.edit(model, hl.MoH(active=0.5)):
+        edited = model.loss(list(session.ids)).item()
+    assert f"edited **{edited:.4f}**" in body and "75.0% of (token, head) pairs" in body
+    _, _, off = explorer.moh_view(session, 0.5, 1, False)
+    assert f"edited **{session.loss:.4f}**" in off
+    assert active_ops(model.owner) == {}
+    with pytest.raises(hl.EditError, match="active share"):
+        explorer.moh_view(session, 1.5, 0, True)
+    with pytest.raises(hl.HeadIndexError):
+        explorer.moh_view(session, 0.5, 9, True)

@@ -151,11 +151,17 @@ GateFn = Callable[["LayerRecord"], torch.Tensor]
 class Gate:
     """Per-token head gates of one layer (mixture-of-head routing as an edit): `fn(record)` gets the layer's
     LayerRecord (q, k, v, mask, scale and, when `needs_input`, `x`: the module's input hidden states) and returns
-    gates `[B, Q, H]` that multiply every head's output (1 keeps it exactly, 0 turns it off for that token)."""
+    gates `[B, Q, H]` that multiply every head's output (1 keeps it exactly, 0 turns it off for that token).
+
+    `routed`: the layer's attention is computed by `headlab_kernels.routed_attention` for the rows that are on only
+    (the work of heads that are off is skipped), where it applies — a causal prefill with no mask or a causal
+    key-padding mask, no attention override, no linear mixer, no lse capture; elsewhere the backend computes every
+    row and the gates multiply them (the same output to float tolerance)."""
 
     fn: GateFn
     needs_input: bool = False
     name: str = "gate"
+    routed: bool = False  # compute only the (token, head) rows that are on (headlab_kernels.routed_attention)
 
 
 @dataclass(frozen=True)
@@ -381,14 +387,26 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     state = _STATE.get().get(slot.owner) if slot is not None else None
     mixer = kwargs.get("mixer")  # a linear layer's feature maps / decays (its backend mixes with them)
     gates = kwargs.pop("gates", None)  # a MoH layer's own routing gates [B, Q, H] (it applies them itself)
+    layer_ops = state.ops_for(slot.layer) if state is not None else None
+    gate_values = None
+    if layer_ops is not None and layer_ops.gates:  # routing comes from q/k/v (or the module's input): before attention
+        scale0 = kwargs.get("scaling")
+        gate_values = _gates(layer_ops.gates, state, module, slot.layer, query, key, value, attention_mask, causal,
+                             float(scale0) if scale0 is not None else query.shape[-1] ** -0.5, mixer)
+    routed_out = None
+    if gate_values is not None and any(g.routed for g in layer_ops.gates) and not layer_ops.overrides \
+            and mixer is None and not any(c.with_lse and c.wants(slot.layer) for c in state.captures):
+        routed_out = _routed(query, key, value, attention_mask, gate_values[1], kwargs, causal)
     fused = None
-    if (state is not None and mixer is None and base is sdpa_attention_forward
+    if (state is not None and mixer is None and base is sdpa_attention_forward and routed_out is None
             and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
         fused = _sdpa_with_lse(module, query, key, value, attention_mask, kwargs)
     lse = None
     if fused is not None:  # the output and the rows' lse from one kernel call
         out, lse = fused
         weights = None
+    elif routed_out is not None:
+        out, weights = routed_out, None
     else:
         out, weights = base(module, query, key, value, base_mask, **kwargs)
     if state is None:
@@ -412,20 +430,11 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                     weights = weights.clone()
                     weights[:, heads] = (new_weights.to(weights.dtype) if new_weights is not None
                                          else float("nan"))
-        if ops.gates:
-            x = state.inputs.pop(layer, None)
-            inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale,
-                                 mixer=mixer, x=x)
-            for gate in ops.gates:
-                if gate.needs_input and x is None:
-                    raise EditError(f"{gate.name} on layer {layer} routes from the attention module's input, which "
-                                    f"{type(module).__name__} was not called with (no hidden_states argument)")
-                g = gate.fn(inputs)
-                if g.shape != (out.shape[0], out.shape[1], n_heads):
-                    raise EditError(f"{gate.name} on layer {layer} gave gates of shape {tuple(g.shape)}, not "
-                                    f"{(out.shape[0], out.shape[1], n_heads)} ([B, Q, H])")
-                gates = g if gates is None else gates * g
-                out = out * g.to(out.dtype)[..., None]
+        if gate_values is not None:
+            product, binary = gate_values
+            gates = product if gates is None else gates * product
+            if routed_out is None or not bool(((product == 0) | (product == 1)).all()):
+                out = out * product.to(out.dtype)[..., None]  # the routed path already zeroed the heads that are off
         if ops.scale:
             mult = torch.ones(n_heads, dtype=out.dtype, device=out.device)
             for head, factor in ops.scale:
@@ -466,6 +475,51 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if cap.callback is not None:
             cap.callback(record)
     return out, weights
+
+
+def _gates(gates: tuple[Gate, ...], state: _Active, module: torch.nn.Module, layer: int, query: torch.Tensor,
+           key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float,
+           mixer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product of a layer's Gate edits `[B, Q, H]` and whether each (token, head) is on (bool)."""
+    x = state.inputs.pop(layer, None)
+    record = LayerRecord(layer=layer, q=query, k=key, v=value, mask=mask, causal=causal, scale=scale, mixer=mixer, x=x)
+    product = None
+    shape = (query.shape[0], query.shape[2], query.shape[1])
+    for gate in gates:
+        if gate.needs_input and x is None:
+            raise EditError(f"{gate.name} on layer {layer} routes from the attention module's input, which "
+                            f"{type(module).__name__} was not called with (no hidden_states argument)")
+        g = gate.fn(record)
+        if tuple(g.shape) != shape:
+            raise EditError(f"{gate.name} on layer {layer} gave gates of shape {tuple(g.shape)}, not {shape} "
+                            "([B, Q, H])")
+        product = g if product is None else product * g
+    return product, product != 0
+
+
+def _routed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, on: torch.Tensor,
+            kwargs: dict, causal: bool) -> torch.Tensor | None:
+    """The layer's output `[B, Q, H, D]` from the routed kernel (only the rows that are on; the others 0), or None
+    where it does not apply: not a causal prefill, a mask that is more than causal + key padding, softcap, bias."""
+    from headlab_kernels.routed_attention import routed_attention
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    if not causal or q_len != k_len or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
+            or kwargs.get("sliding_window") is not None or float(kwargs.get("dropout", 0.0) or 0.0) > 0:
+        return None
+    key_mask = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (q_len, k_len):
+            return None
+        key_mask = mask[:, 0].any(-2)  # [B|1, S]: the keys some query may see
+        expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()[None] & key_mask[:, None, :]
+        if not torch.equal(mask[:, 0], expected):
+            return None
+        key_mask = key_mask.expand(query.shape[0], k_len)
+    scale = kwargs.get("scaling")
+    out = routed_attention(query, key, value, on.to(query.dtype), scale=float(scale) if scale is not None else None,
+                           key_mask=key_mask)
+    return out.to(query.dtype)
 
 
 def _sdpa_with_lse(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

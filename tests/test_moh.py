@@ -331,3 +331,26 @@ def test_headref_of_routing_lift_names_real_heads(tiny):
         for name, _, _ in entry["top"]:
             ref = hl.as_heads([name])[0]
             assert isinstance(ref, HeadRef) and ref.head >= hl.MoH(active=1).n_shared(tiny)
+
+
+def test_routed_compute_equals_dense_and_skips_unrouted_rows(tiny, monkeypatch):
+    ids = _ids(6, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, 10:] = 0
+    batch = hl.Batch(ids, mask)
+    import headlab_kernels.routed_attention as ra
+
+    calls = []
+    real = ra.routed_attention
+    monkeypatch.setattr(ra, "routed_attention", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    for active in (1, 1.0):
+        with hl.edit(tiny, hl.MoH(active=active)):
+            dense = tiny.forward(batch).logits
+        with hl.edit(tiny, hl.MoH(active=active, compute="routed")):
+            routed = tiny.forward(batch).logits
+        torch.testing.assert_close(routed[0], dense[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routed[1, :10], dense[1, :10], atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 * tiny.n_layers  # every layer went through the routed kernel
+    assert float((calls[0] == 0).float().mean()) > 0  # with rows off
+    with pytest.raises(hl.EditError, match="compute"):
+        hl.MoH(active=1, compute="sparse")

@@ -114,6 +114,10 @@ class MoH:
         straight_through: gates carry the router's gradient (hard top-k forward, softmax backward) when grad is on;
             only for training a router (the forward values are the same binary gates).
         on_route: called per layer with (layer, scores, gates) — how `headlab.moh.routing` records the routing.
+        compute: "dense" (the backend computes every head, then the gates zero those off: with every head on, the
+            original model bit for bit) or "routed" (only the (token, head) rows that are on are computed, by
+            `headlab_kernels.routed_attention`: Triton on CUDA, torch elsewhere; equal to dense to float tolerance,
+            for causal prefills — other forwards fall back to dense).
     """
 
     active: float | int
@@ -122,8 +126,11 @@ class MoH:
     layers: tuple[int, ...] | None = None
     straight_through: bool = False
     on_route: RouteHook | None = field(default=None, compare=False)
+    compute: str = "dense"
 
     def __post_init__(self) -> None:
+        if self.compute not in ("dense", "routed"):
+            raise EditError(f"MoH(compute={self.compute!r}): use 'dense' or 'routed'")
         a = self.active
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise EditError(f"MoH(active={a!r}): give a fraction of the routed heads in (0, 1] or a count >= 1")
@@ -198,5 +205,6 @@ class MoH:
                     self.on_route(layer, scores.detach(), gates.detach())
                 return gates
 
-            ops[layer] = LayerOps(gates=(Gate(fn, needs_input=needs_input, name="MoH"),))
+            ops[layer] = LayerOps(gates=(Gate(fn, needs_input=needs_input, name="MoH",
+                                              routed=self.compute == "routed"),))
         return ops

@@ -293,6 +293,12 @@ def test_conversion_sweep_resumes_and_compares_with_pruning(twin, tmp_path, monk
     assert "moh:trained" in loaded.markdown()
     with pytest.raises(hl.HeadlabError, match="other settings"):
         conversion_sweep(twin, dataclasses.replace(params, windows=3), tmp_path / "sweep", progress=False)
+    monkeypatch.undo()  # another router into the same folder: only its rows are measured
+    more = conversion_sweep(twin, dataclasses.replace(params, routers=("querynorm", "querynorm-group")),
+                            tmp_path / "sweep", progress=False)
+    group = {r["k"]: r for r in more.rows if r["method"] == "moh:querynorm-group"}
+    assert set(group) == {1, 2} and group[2]["metrics"]["ppl"] == base
+    assert len(Conversion.load(tmp_path / "sweep").rows) == len(result.rows) + 2
 
 
 def test_cli_moh_train_and_analyse(tmp_path, capsys):
@@ -354,3 +360,18 @@ def test_routed_compute_equals_dense_and_skips_unrouted_rows(tiny, monkeypatch):
     assert float((calls[0] == 0).float().mean()) > 0  # with rows off
     with pytest.raises(hl.EditError, match="compute"):
         hl.MoH(active=1, compute="sparse")
+
+
+def test_group_routing_turns_whole_kv_groups_off(tiny_folder):
+    model = hl.load(tiny_folder("llama"), device="cpu")  # 4 heads in 2 KV groups
+    ids = _ids(7)
+    with pytest.raises(hl.EditError, match="multiples of 2"):
+        with hl.edit(model, hl.MoH(active=1, shared=1, unit="group")):
+            pass
+    routing = trace(model, hl.MoH(active=2, shared=0, unit="group"), [ids[0]])
+    g = routing.gates  # [N, L, 4]
+    assert torch.all(g[..., 0] == g[..., 1]) and torch.all(g[..., 2] == g[..., 3])
+    assert torch.all(g.sum(-1) == 2)
+    assert routing.costs()["kv_groups_read"] == pytest.approx(0.5)
+    with pytest.raises(hl.EditError, match="unit"):
+        hl.MoH(active=1, unit="token")

@@ -118,6 +118,9 @@ class MoH:
             original model bit for bit) or "routed" (only the (token, head) rows that are on are computed, by
             `headlab_kernels.routed_attention`: Triton on CUDA, torch elsewhere; equal to dense to float tolerance,
             for causal prefills — other forwards fall back to dense).
+        unit: "head" routes query heads one by one; "group" routes whole KV groups (a group's score: the mean of
+            its heads' scores; k and the shared heads must then be whole groups), so every head that is off leaves
+            its group's cache unread.
     """
 
     active: float | int
@@ -127,8 +130,11 @@ class MoH:
     straight_through: bool = False
     on_route: RouteHook | None = field(default=None, compare=False)
     compute: str = "dense"
+    unit: str = "head"
 
     def __post_init__(self) -> None:
+        if self.unit not in ("head", "group"):
+            raise EditError(f"MoH(unit={self.unit!r}): route single heads ('head') or whole KV groups ('group')")
         if self.compute not in ("dense", "routed"):
             raise EditError(f"MoH(compute={self.compute!r}): use 'dense' or 'routed'")
         a = self.active
@@ -176,11 +182,16 @@ class MoH:
 
     # -- the edit -------------------------------------------------------------------------------------------------
 
-    def gates(self, scores: torch.Tensor, k: int, n_shared: int) -> torch.Tensor:
-        """Gates `[B, Q, H]` from routed scores `[B, Q, h_r]`: 1 for shared heads and the top-k routed ones."""
+    def gates(self, scores: torch.Tensor, k: int, n_shared: int, per_group: int = 1) -> torch.Tensor:
+        """Gates `[B, Q, H]` from routed scores `[B, Q, h_r]`: 1 for shared heads and the top-k routed ones (with
+        `unit="group"`, the top k / per_group groups of `per_group` heads by their mean score)."""
         n_routed = scores.shape[-1]
         if k >= n_routed:
             hard = torch.ones_like(scores)
+        elif self.unit == "group":
+            groups = scores.unflatten(-1, (n_routed // per_group, per_group)).mean(-1)
+            top = torch.zeros_like(groups).scatter_(-1, groups.topk(k // per_group, dim=-1).indices, 1.0)
+            hard = top.repeat_interleave(per_group, dim=-1)
         else:
             hard = torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
         routed = hard
@@ -196,13 +207,17 @@ class MoH:
         router = self.router if self.router is not None else QueryNormRouter()
         n_shared, routed, k = self.n_shared(model), self.routed_heads(model), self.k(model)
         needs_input = bool(getattr(router, "needs_input", False))
+        per_group = model.n_heads // model.n_kv_heads if self.unit == "group" else 1
+        if per_group > 1 and (n_shared % per_group or k % per_group):
+            raise EditError(f"MoH(unit='group') routes whole KV groups of {per_group} heads: shared ({n_shared}) and "
+                            f"active ({k}) must be multiples of {per_group}")
         ops = {}
         for layer in self.routed_layers(model):
             def fn(record: LayerRecord, layer: int = layer) -> torch.Tensor:
                 scores = router.scores(record, routed)
-                gates = self.gates(scores, k, n_shared)
-                if self.on_route is not None:
-                    self.on_route(layer, scores.detach(), gates.detach())
+                gates = self.gates(scores, k, n_shared, per_group)
+                if self.on_route is not None:  # not detached: a router's training reads its load balance from them
+                    self.on_route(layer, scores, gates)
                 return gates
 
             ops[layer] = LayerOps(gates=(Gate(fn, needs_input=needs_input, name="MoH",

@@ -31,7 +31,9 @@ from headlab.tasks import build_tasks, correct, encode_items, option_logprobs
 HELDOUT_TEXT = TEXT_DIR / "kjv-john.txt"
 ROWS_FILE = "rows.jsonl"
 RUN_FILE = "run.json"
-ROUTERS = ("querynorm", "trained")
+ROUTERS = ("querynorm", "trained", "querynorm-group")
+#: what may change between runs into one folder (which rows to measure), not how rows are measured
+CHOICES = ("actives", "routers", "rankers")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +43,8 @@ class ConvertParams:
     Attributes:
         actives: routed heads on per token, as fractions of the routed heads (each in (0, 1]).
         shared: shared heads per layer (None: `MoH`'s default, half the KV groups' heads).
-        routers: "querynorm" (training-free) and/or "trained".
+        routers: "querynorm" (training-free), "trained", and "querynorm-group" (the query-norm router choosing whole
+            KV groups: measured only where k is a whole number of groups).
         rankers: pruning rankers whose static pruning of the same number of heads is measured beside (see
             `headlab.prune.rankers`; empty for none).
         heldout: held-out text for perplexity; ctx, windows: its `[windows, 1 + ctx]` tokens.
@@ -51,7 +54,7 @@ class ConvertParams:
 
     actives: tuple[float, ...] = (0.5, 0.67, 0.83, 1.0)
     shared: int | None = None
-    routers: tuple[str, ...] = ROUTERS
+    routers: tuple[str, ...] = ("querynorm", "trained")
     rankers: tuple[str, ...] = ("atp", "random")
     heldout: str = str(HELDOUT_TEXT)
     ctx: int = 128
@@ -150,12 +153,16 @@ def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), 
     ks = sorted({MoH(active=float(a), shared=params.shared).k(model) for a in params.actives})
     folder = Path(out) if out is not None else None
     identity = {"params": params_dict(params), "model": model.name, "shared": shared, "n_routed": n_routed}
+    per_group = model.n_heads // model.n_kv_heads
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         old = read_json(folder / RUN_FILE, missing_ok=True)
         if old is not None:
-            mismatch = [key for key in identity if old.get(key) != identity[key]]
+            old_params = {k: v for k, v in old.get("params", {}).items() if k not in CHOICES}
+            mismatch = [key for key in identity if key != "params" and old.get(key) != identity[key]]
+            mismatch += [f"params.{k}" for k, v in identity["params"].items()
+                         if k not in CHOICES and old_params.get(k) != v]
             if mismatch:
                 raise HeadlabError(f"{folder} holds a sweep with other settings ({', '.join(mismatch)}): use another "
                                    "--out")
@@ -177,7 +184,8 @@ def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), 
         if folder is not None:
             append_jsonl(folder / ROWS_FILE, row)
 
-    jobs = [("original", n_routed)] + [(f"moh:{r}", k) for r in params.routers for k in ks] + \
+    jobs = [("original", n_routed)] + [(f"moh:{r}", k) for r in params.routers for k in ks
+                                        if r != "querynorm-group" or (k % per_group == 0 and shared % per_group == 0)] + \
            [(f"prune:{r}", k) for r in params.rankers for k in ks]
     todo = [j for j in jobs if j not in done]
     rankings: dict[str, Any] = {}
@@ -196,6 +204,7 @@ def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), 
                 extra = {"train_seconds": state["seconds"], "train_curve_end": state["curve"][-1]}
             seen: list[torch.Tensor] = []
             moh = MoH(active=k, shared=params.shared, router=router,
+                      unit="group" if method == "moh:querynorm-group" else "head",
                       on_route=lambda layer, s, g: seen.append(g.detach()))
             with edit(model, moh):
                 metrics = evaluate(model, tokens, items, list(params.tasks))

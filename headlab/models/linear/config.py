@@ -29,6 +29,13 @@ class HeadlabLinearConfig(PretrainedConfig):
         linear_eps: the ε of the normalised linear forms, o = φ(q)S / (φ(q)·z + ε).
         max_position_embeddings: learned absolute positions (shared by every kind, so twins differ
             only in their mixers).
+        moh_active_heads: Mixture-of-Head attention (Jin et al. 2024, "MoH"): each token turns on the top-K of the
+            routed heads, K = this; 0 (the default) is plain multi-head attention. Only softmax layers ("softmax",
+            "swa") route: MoH on a stack with a linear kind is refused. See `HeadlabLinearAttention.route`.
+        moh_shared_heads: the first h_s heads of every layer are shared (always on, gated by a softmax router); the
+            other H − h_s are routed. 0 (pure routing) is allowed; needs moh_active_heads ≥ 1.
+        moh_balance_coef: weight of the load-balance loss added to the LM loss when labels are given
+            (loss = cross-entropy + coef · mean over layers of L_b, as MoH's training code).
     """
 
     model_type = "headlab_linear"
@@ -40,7 +47,8 @@ class HeadlabLinearConfig(PretrainedConfig):
                  gla_gate_rank: int = 16, gla_gate_normalizer: float = 16.0, linear_eps: float = 1e-6,
                  max_position_embeddings: int = 512, layer_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  tie_word_embeddings: bool = True, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, **kwargs) -> None:
+                 pad_token_id: int | None = None, moh_active_heads: int = 0, moh_shared_heads: int = 0,
+                 moh_balance_coef: float = 0.01, **kwargs) -> None:
         if isinstance(layer_kinds, str):
             layer_kinds = [layer_kinds] * num_hidden_layers
         layer_kinds = list(layer_kinds)
@@ -56,6 +64,7 @@ class HeadlabLinearConfig(PretrainedConfig):
             head_dim = hidden_size // num_attention_heads
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        check_moh(num_attention_heads, layer_kinds, moh_active_heads, moh_shared_heads, moh_balance_coef)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -72,11 +81,46 @@ class HeadlabLinearConfig(PretrainedConfig):
         self.gla_gate_rank = gla_gate_rank
         self.gla_gate_normalizer = gla_gate_normalizer
         self.linear_eps = linear_eps
+        self.moh_active_heads = int(moh_active_heads)
+        self.moh_shared_heads = int(moh_shared_heads)
+        self.moh_balance_coef = float(moh_balance_coef)
         self.max_position_embeddings = max_position_embeddings
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def moh(self) -> bool:
+        """Whether the layers are Mixture-of-Head layers (moh_active_heads > 0)."""
+        return self.moh_active_heads > 0
+
+    @property
+    def moh_routed_heads(self) -> int:
+        """h_r = H − h_s, the heads a MoH layer routes among (0 when MoH is off)."""
+        return self.num_attention_heads - self.moh_shared_heads if self.moh else 0
+
+
+def check_moh(heads: int, layer_kinds: list[str], active: int, shared: int, coef: float) -> None:
+    """ValueError unless the MoH options fit the geometry (0 active heads: MoH off, nothing else may be set)."""
+    for name, value in (("moh_active_heads", active), ("moh_shared_heads", shared)):
+        if isinstance(value, bool) or int(value) != value or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not coef >= 0:
+        raise ValueError(f"moh_balance_coef must be >= 0, got {coef!r}")
+    if active == 0:
+        if shared:
+            raise ValueError(f"moh_shared_heads={shared} without moh_active_heads: MoH is on only when "
+                             "moh_active_heads (the top-K of the routed heads) is >= 1")
+        return
+    if shared + active > heads:
+        raise ValueError(f"moh_shared_heads {shared} + moh_active_heads {active} > {heads} heads: the top-K is taken "
+                         f"among the {heads - shared} routed heads, so K must be <= num_attention_heads - "
+                         "moh_shared_heads")
+    linear = sorted({k for k in layer_kinds if k not in SOFTMAX_KINDS})
+    if linear:
+        raise ValueError(f"Mixture-of-Head routing is defined for softmax layers only (softmax, swa); this stack has "
+                         f"{', '.join(linear)}: use MoH on a softmax stack")
 
 
 #: The twins' layer stacks (`headlab train twins`, bundled names twin-<task>-<kind>). BASED pairs its Taylor linear
@@ -90,3 +134,18 @@ STACKS: dict[str, tuple[str, ...]] = {
     "gla": ("gla", "gla"),
     "deltanet": ("deltanet", "deltanet"),
 }
+
+#: Mixture-of-Head twins (`headlab.models.linear.train.train_moh_pair`): softmax layers whose heads are routed per
+#: token (the config's moh_* options). Kept apart from STACKS, which names the bundled twin-<task>-<kind> models.
+MOH_STACKS: dict[str, tuple[str, ...]] = {
+    "moh": ("softmax", "softmax"),
+}
+
+
+def twin_stack(kind: str) -> tuple[str, ...]:
+    """The layer kinds of a twin kind: a key of STACKS or MOH_STACKS (ValueError naming both otherwise)."""
+    if kind in STACKS:
+        return STACKS[kind]
+    if kind in MOH_STACKS:
+        return MOH_STACKS[kind]
+    raise ValueError(f"unknown twin kind {kind!r}: choose from {', '.join([*STACKS, *MOH_STACKS])}")

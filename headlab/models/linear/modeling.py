@@ -9,10 +9,17 @@ patterns and edits use the layer's implicit pattern.
 
 Positions are learned absolute embeddings shared by all kinds, so models that differ only in their
 mixers can be compared. Generation recomputes the prefix every step (no recurrent-state cache).
+
+Mixture-of-Head layers (config.moh_active_heads > 0; Jin et al. 2024): softmax layers whose heads are experts gated
+per token, output = Σ_i g_i H_i W_O^i. The layer computes its gates from its input (`HeadlabLinearAttention.route`)
+and multiplies the heads' outputs by them itself, after the attention function, so any attention implementation
+gives the same model; under headlab's seam it also hands them over as `gates=` (recorded as LayerRecord.gates;
+head edits act on the head outputs before these gates).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -62,8 +69,47 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
 
 
+@dataclass
+class MoHRouting:
+    """One MoH layer's routing of a batch (`HeadlabLinearAttention.route`).
+
+    Attributes:
+        gates: `[B, T, H]` the gates g_i multiplying each head's output (shared heads first, then routed; 0 = off).
+        probs: `[B, T, h_r]` softmax(W_r x) over the routed heads (before the top-K), float32.
+        selected: bool `[B, T, h_r]`, True for each token's top-K routed heads.
+        shares: `[B, T, 2]` [α1, α2] = softmax(W_h x) (float32), or None without shared heads.
+        balance: the load-balance loss L_b = h_r · Σ_i P_i f_i over the batch's real tokens (P_i: mean of probs[..., i],
+            f_i: fraction of tokens selecting head i); K at perfect balance (P_i = 1/h_r, f_i = K/h_r).
+    """
+
+    gates: torch.Tensor
+    probs: torch.Tensor
+    selected: torch.Tensor
+    shares: torch.Tensor | None
+    balance: torch.Tensor
+
+
+def balance_loss(probs: torch.Tensor, selected: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MoH's load-balance loss h_r · Σ_i P_i f_i over the real tokens (`key_mask` `[B, T]`, True = real; None: all).
+
+    P_i is the mean routing probability of routed head i and f_i the fraction of tokens whose top-K holds it
+    (MoH's code: `mean(me * ce) * E * E` with E = h_r experts). Padding counts in neither.
+    """
+    w = torch.ones(probs.shape[:-1], dtype=torch.float32, device=probs.device) if key_mask is None \
+        else key_mask.to(torch.float32)
+    n = w.sum().clamp_min(1.0)
+    p_mean = (probs.float() * w[..., None]).flatten(0, -2).sum(0) / n
+    f = (selected.float() * w[..., None]).flatten(0, -2).sum(0) / n
+    return probs.shape[-1] * (p_mean * f).sum()
+
+
 class HeadlabLinearAttention(nn.Module):
-    """One layer's sequence mixer: H heads of the layer's kind (see `HeadlabLinearConfig`)."""
+    """One layer's sequence mixer: H heads of the layer's kind (see `HeadlabLinearConfig`).
+
+    With `config.moh_active_heads` = K > 0 it is a Mixture-of-Head layer with routers `router_r` (W_r: hidden → h_r),
+    and with h_s shared heads `router_h` (W_h: hidden → 2) and, for h_s > 1, `router_s` (W_s: hidden → h_s; one shared
+    head's softmax is the constant 1, so it has none). Bias-free, as MoH's code. See `route`.
+    """
 
     def __init__(self, config: HeadlabLinearConfig, layer_idx: int) -> None:
         super().__init__()
@@ -88,6 +134,51 @@ class HeadlabLinearAttention(nn.Module):
                                       nn.Linear(config.gla_gate_rank, H * D, bias=True))
         elif self.kind == "deltanet":
             self.b_proj = nn.Linear(hidden, H, bias=True)
+        self.moh = bool(getattr(config, "moh_active_heads", 0))
+        self.moh_balance: torch.Tensor | None = None
+        if self.moh:
+            self.moh_shared = config.moh_shared_heads
+            self.moh_active = config.moh_active_heads
+            self.moh_routed = H - self.moh_shared
+            self.router_r = nn.Linear(hidden, self.moh_routed, bias=False)
+            if self.moh_shared:
+                self.router_h = nn.Linear(hidden, 2, bias=False)
+            if self.moh_shared > 1:
+                self.router_s = nn.Linear(hidden, self.moh_shared, bias=False)
+
+    def route(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> MoHRouting:
+        """The MoH gates of this layer for its input x `[B, T, C]` (token by token: position t sees only x[:, t]).
+
+        As MoH's code (github SkyworkAI/MoH, MoH-ViT / MoH-DiT attention), with p = softmax(W_r x) over the h_r
+        routed heads and [α1, α2] = softmax(W_h x):
+
+        - routed head i: g_i = 2·α2 · K · p_i / Σ_{j∈topK} p_j if i is in the token's top-K, else 0 (renormalised over
+          the chosen K, then ×K: the routed gates sum to 2·α2·K);
+        - shared head i: g_i = 2·α1 · h_s · softmax(W_s x)_i (they sum to 2·α1·h_s; one shared head: 2·α1);
+        - no shared heads: g_i is the routed gate without the 2·α2 factor.
+
+        With all weights of the routers zero every gate of an active head is exactly 1 (plain MHA); with K = h_r no
+        head is ever off. `key_mask` (True = real token) keeps padding out of the balance loss.
+        """
+        if not self.moh:
+            raise ValueError(f"layer {self.layer_idx} is not a Mixture-of-Head layer (config.moh_active_heads is 0)")
+        probs = torch.softmax(self.router_r(x).float(), dim=-1)  # [B, T, h_r]
+        top = probs.topk(self.moh_active, dim=-1).indices
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+        routed = probs * selected
+        routed = routed / routed.sum(-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).eps) * self.moh_active
+        shares = None
+        if self.moh_shared:
+            shares = torch.softmax(self.router_h(x).float(), dim=-1)
+            if self.moh_shared > 1:
+                shared = torch.softmax(self.router_s(x).float(), dim=-1) * self.moh_shared
+            else:
+                shared = torch.ones_like(probs[..., :1])
+            gates = torch.cat([shared * (2 * shares[..., :1]), routed * (2 * shares[..., 1:])], dim=-1)
+        else:
+            gates = routed
+        return MoHRouting(gates=gates.to(x.dtype), probs=probs, selected=selected, shares=shares,
+                          balance=balance_loss(probs, selected, key_mask))
 
     def headlab_backend(self, backend: str) -> Callable | None:
         """The function headlab's seam calls as this module's backend (None: the standard sdpa/eager one)."""
@@ -125,22 +216,45 @@ class HeadlabLinearAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output `[B, T, C]`, softmax weights or None). A MoH layer keeps its batch's load-balance loss in
+        `self.moh_balance` (None otherwise), which `HeadlabLinearModel` collects after each layer."""
         B, T, _ = hidden_states.shape
         H = self.num_heads
+        routing = self.route(hidden_states, key_mask) if self.moh else None
+        self.moh_balance = routing.balance if routing is not None else None
         q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)
         impl = self.config._attn_implementation or "sdpa"
         if self.kind in SOFTMAX_KINDS:
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-            out, weights = fn(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)
+            # headlab's seam records a MoH layer's gates (and pops them: the layer applies them below)
+            extra = {"gates": routing.gates} if routing is not None and impl == "headlab" else {}
+            out, weights = fn(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **extra)
         else:
             mixer = self.mixer(hidden_states, q, k, key_mask)
             # only headlab's seam knows mixers: any other implementation runs the layer's own form
             fn = (ALL_ATTENTION_FUNCTIONS.get_interface(impl, linear_attention_forward) if impl == "headlab"
                   else linear_attention_forward)
             out, weights = fn(self, q, k, v, attention_mask, mixer=mixer, scaling=self.scaling)
+        if routing is not None:  # Σ_i g_i H_i W_O^i
+            out = out * routing.gates.to(out.dtype)[..., None]
         return self.o_proj(out.reshape(B, T, H * self.head_dim)), weights
+
+
+@dataclass
+class HeadlabLinearModelOutput(BaseModelOutput):
+    """BaseModelOutput plus `moh_balance`: the mean over MoH layers of their load-balance loss L_b (None without MoH)."""
+
+    moh_balance: torch.FloatTensor | None = None
+
+
+@dataclass
+class HeadlabLinearCausalLMOutput(CausalLMOutput):
+    """CausalLMOutput plus `moh_balance` (mean over MoH layers of L_b, unweighted; None without MoH). With labels,
+    `loss` = cross-entropy + config.moh_balance_coef · moh_balance."""
+
+    moh_balance: torch.FloatTensor | None = None
 
 
 class HeadlabLinearMLP(nn.Module):
@@ -231,7 +345,7 @@ class HeadlabLinearModel(HeadlabLinearPreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                **kwargs: Any) -> BaseModelOutput:
+                **kwargs: Any) -> HeadlabLinearModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -245,14 +359,21 @@ class HeadlabLinearModel(HeadlabLinearPreTrainedModel):
         full, local = causal_masks(attention_mask, B, T, self.config.window, x.device)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         hidden = [x] if output_hidden_states else None
+        balances = []
         for layer in self.layers:
             x = layer(x, local if layer.attn.kind == "swa" else full, key_mask)
+            if layer.attn.moh:
+                balances.append(layer.attn.moh_balance)
+                layer.attn.moh_balance = layer.attn.moh_balance.detach()  # the module keeps no autograd graph
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
+        # MoH's training code averages the layers' L_b (sum / number of MoH layers)
+        balance = torch.stack(balances).mean() if balances else None
+        return HeadlabLinearModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None,
+                                        moh_balance=balance)
 
 
 class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
@@ -272,7 +393,7 @@ class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, **kwargs: Any) -> CausalLMOutput:
+                output_hidden_states: bool | None = None, **kwargs: Any) -> HeadlabLinearCausalLMOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          output_hidden_states=output_hidden_states)
         logits = self.lm_head(out.last_hidden_state)
@@ -280,7 +401,10 @@ class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+            if out.moh_balance is not None:
+                loss = loss + self.config.moh_balance_coef * out.moh_balance
+        return HeadlabLinearCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                           moh_balance=out.moh_balance)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                                       **kwargs: Any) -> dict[str, Any]:

@@ -11,6 +11,10 @@ Two tasks, the same geometry for every kind (2 layers × 4 heads, width 64, lear
 `train_twin` writes an HF folder (config, safetensors, tokenizer for text), `run.json` (the recipe,
 the loss curve, the evaluation) and `README.md` (the model card); `train_twins` does several and skips
 those already finished, so an interrupted sweep resumes where it stopped.
+
+`train_moh_pair` trains a Mixture-of-Head model (kind "moh" of MOH_STACKS: softmax layers whose heads are routed per
+token) and its multi-head-attention twin the same way, into data/moh-twins/, with a summary of both (held-out loss,
+the MoH model's routing statistics from `routing_stats`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headlab.models.linear.config import STACKS, HeadlabLinearConfig
+from headlab.models.linear.config import MOH_STACKS, STACKS, HeadlabLinearConfig, twin_stack
 from headlab.models.linear.modeling import HeadlabLinearForCausalLM
-from headlab.paths import KJV_GENESIS, KJV_JOHN, TWINS_DIR  # noqa: F401 (TWINS_DIR re-exported)
+from headlab.paths import KJV_GENESIS, KJV_JOHN, MOH_TWINS_DIR, TWINS_DIR  # noqa: F401 (TWINS_DIR re-exported)
 from headlab.inputs import periodic, windows, with_bos
 from headlab.results import read_json, write_atomic, write_json
 
@@ -46,7 +50,7 @@ class TwinParams:
 
     Attributes:
         task: "recall" or "text".
-        kind: a key of STACKS.
+        kind: a key of STACKS, or of MOH_STACKS (then moh_active ≥ 1).
         steps, batch, seq_len, lr, warmup, weight_decay, grad_clip: AdamW with linear warm-up and cosine decay.
         hidden, heads, mlp: geometry (mlp 0 = attention-only).
         window: the sliding window of BASED's softmax layer.
@@ -54,6 +58,9 @@ class TwinParams:
             toy-induction).
         period_range: recall periods drawn per sequence.
         seed: seed of init and data.
+        moh_shared, moh_active, moh_balance_coef: Mixture-of-Head layers (MOH_STACKS kinds only): h_s shared heads,
+            the top-K of the other heads per token, and the load-balance loss weight (HeadlabLinearConfig's
+            moh_shared_heads / moh_active_heads / moh_balance_coef).
     """
 
     task: str
@@ -72,13 +79,21 @@ class TwinParams:
     init_std: float = 0.1
     period_range: tuple[int, int] = (8, 32)
     seed: int = 0
+    moh_shared: int = 0
+    moh_active: int = 0
+    moh_balance_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        twin_stack(self.kind)
+        if (self.kind in MOH_STACKS) != (self.moh_active > 0):
+            raise ValueError(f"twin kind {self.kind!r} with moh_active={self.moh_active}: Mixture-of-Head kinds "
+                             f"({', '.join(MOH_STACKS)}) need moh_active >= 1 and the others route nothing")
 
     @classmethod
     def for_task(cls, task: str, kind: str, **overrides) -> "TwinParams":
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-        if kind not in STACKS:
-            raise ValueError(f"unknown twin kind {kind!r}: choose from {', '.join(STACKS)}")
+        twin_stack(kind)  # ValueError naming the kinds
         base = dict(task=task, kind=kind)
         if task == "recall":
             base.update(steps=1000, batch=64, seq_len=64, mlp=0)
@@ -89,9 +104,12 @@ class TwinParams:
 
     def config(self) -> HeadlabLinearConfig:
         text = self.task == "text"
+        layers = twin_stack(self.kind)
+        moh = dict(moh_shared_heads=self.moh_shared, moh_active_heads=self.moh_active,
+                   moh_balance_coef=self.moh_balance_coef) if self.moh_active else {}
         return HeadlabLinearConfig(
-            vocab_size=257 if text else RECALL_VOCAB, hidden_size=self.hidden, num_hidden_layers=len(STACKS[self.kind]),
-            num_attention_heads=self.heads, intermediate_size=self.mlp, layer_kinds=list(STACKS[self.kind]),
+            vocab_size=257 if text else RECALL_VOCAB, hidden_size=self.hidden, num_hidden_layers=len(layers),
+            num_attention_heads=self.heads, intermediate_size=self.mlp, layer_kinds=list(layers), **moh,
             window=self.window, max_position_embeddings=self.seq_len + 1 if not text else self.seq_len,
             initializer_range=self.init_std, bos_token_id=256 if text else 0, eos_token_id=256 if text else 0,
             pad_token_id=256 if text else 0)
@@ -166,14 +184,90 @@ def evaluate(model: HeadlabLinearForCausalLM, params: TwinParams) -> dict:
             count += chunk[:, 1:].numel()
         res[f"{name}_loss"] = total / count
     res["heldout_bits_per_byte"] = res["heldout_loss"] / math.log(2)
+    if model.config.moh:
+        res["routing"] = routing_stats(model, text_eval_windows(text_bytes(TEXT_HELDOUT), params.seq_len))
     return res
+
+
+@torch.no_grad()
+def routing_stats(model: HeadlabLinearForCausalLM, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  batch: int = 64) -> dict:
+    """How a MoH model routes its heads over `ids` `[N, T]` (padding, where `attention_mask` is 0, left out).
+
+    Per MoH layer: `activation_frequency` `[H]` (share of tokens with the head's gate > 0: 1 for shared heads),
+    `mean_gate` `[H]`, over the routed heads `mean_probability` P_i and `routed_frequency` f_i, the load balance
+    `balance` = h_r · Σ P_i f_i over all the tokens (`balance_uniform` = K: its value at perfect balance),
+    `cv_routed_frequency` (population std / mean of f_i: 0 when every routed head is chosen equally often),
+    `routing_entropy` (mean over tokens of the entropy of softmax(W_r x), nats; `routing_entropy_max` = ln h_r) and
+    `shared_share` (mean α1, the weight of the shared heads; None without them). The top level averages the layers'
+    balance, CV and entropy.
+    """
+    model.eval()
+    layers = [block.attn for block in model.model.layers if block.attn.moh]
+    if not layers:
+        raise ValueError("routing_stats: the model has no Mixture-of-Head layer (config.moh_active_heads is 0)")
+    acc: dict[int, dict] = {}
+
+    def hook(module, args, kwargs, output) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        key_mask = kwargs.get("key_mask")
+        r = module.route(x, key_mask)
+        w = torch.ones(x.shape[:2], dtype=torch.float32) if key_mask is None else key_mask.to(torch.float32)
+        w = w.to(x.device)[..., None]
+        entropy = -(r.probs * r.probs.clamp_min(1e-30).log()).sum(-1, keepdim=True)
+        sums = {"tokens": w.sum(), "active": ((r.gates > 0).float() * w).sum((0, 1)),
+                "gate": (r.gates.float() * w).sum((0, 1)), "prob": (r.probs * w).sum((0, 1)),
+                "selected": (r.selected.float() * w).sum((0, 1)), "entropy": (entropy * w).sum()}
+        if r.shares is not None:
+            sums["share"] = (r.shares[..., :1] * w).sum()
+        a = acc.setdefault(module.layer_idx, {})
+        for key, value in sums.items():
+            a[key] = a[key] + value if key in a else value
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        masks = attention_mask.split(batch) if attention_mask is not None else [None] * len(ids.split(batch))
+        for chunk, mask in zip(ids.split(batch), masks):
+            model(input_ids=chunk, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    out_layers = []
+    for module in layers:
+        a = acc[module.layer_idx]
+        n = a["tokens"].clamp_min(1.0)
+        p, f = a["prob"] / n, a["selected"] / n
+        out_layers.append({
+            "layer": module.layer_idx,
+            "shared_heads": list(range(module.moh_shared)),
+            "activation_frequency": [round(v, 6) for v in (a["active"] / n).tolist()],
+            "mean_gate": [round(v, 6) for v in (a["gate"] / n).tolist()],
+            "mean_probability": [round(v, 6) for v in p.tolist()],
+            "routed_frequency": [round(v, 6) for v in f.tolist()],
+            "balance": module.moh_routed * float((p * f).sum()),
+            "balance_uniform": float(module.moh_active),
+            "cv_routed_frequency": float(f.std(unbiased=False) / f.mean()),
+            "routing_entropy": float(a["entropy"] / n),
+            "routing_entropy_max": math.log(module.moh_routed),
+            "shared_share": float(a["share"] / n) if "share" in a else None,
+        })
+    mean = lambda key: sum(layer[key] for layer in out_layers) / len(out_layers)  # noqa: E731
+    return {"tokens": int(acc[layers[0].layer_idx]["tokens"]), "balance": mean("balance"),
+            "cv_routed_frequency": mean("cv_routed_frequency"), "routing_entropy": mean("routing_entropy"),
+            "layers": out_layers}
 
 
 # ----------------------------------------------------------------------------------------------- training
 
-def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, threads: int | None = 2) -> dict:
-    """Train one twin and save it to `out` (HF folder + run.json + README.md); returns run.json's content."""
+def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, threads: int | None = 2,
+               name: str | None = None, trained_by: str = "`headlab train twins`") -> dict:
+    """Train one twin and save it to `out` (HF folder + run.json + README.md); returns run.json's content.
+
+    `name` (default `<task>-<kind>`) and `trained_by` go into run.json and the model card. A MoH twin's loss curve
+    is its cross-entropy (comparable with its MHA twin's); its load-balance term has a curve of its own.
+    """
     out = Path(out)
+    name = name or twin_name(params.task, params.kind)
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -193,27 +287,34 @@ def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, th
         gen = torch.Generator().manual_seed(params.seed + 1)
         data = text_bytes(TEXT_TRAIN) if params.task == "text" else None
         curve: list[tuple[int, float]] = []
+        balance_curve: list[tuple[int, float]] = []
         running = None
         t0 = time.perf_counter()
-        bar = tqdm(range(params.steps), desc=twin_name(params.task, params.kind), disable=not progress, leave=False)
+        bar = tqdm(range(params.steps), desc=name, disable=not progress, leave=False)
         for step in bar:
             if params.task == "recall":
                 ids = recall_batch(params.batch, params.seq_len, generator=gen, period_range=params.period_range)
             else:
                 ids = text_batch(data, params.batch, params.seq_len, generator=gen)
-            loss = model(input_ids=ids, labels=ids).loss
+            output = model(input_ids=ids, labels=ids)
+            loss = output.loss  # cross-entropy (+ moh_balance_coef · L_b for a MoH model)
+            if output.moh_balance is not None:
+                if step % 25 == 0 or step == params.steps - 1:
+                    balance_curve.append((step, round(output.moh_balance.item(), 5)))
+                ce = loss.item() - params.moh_balance_coef * output.moh_balance.item()
+            else:
+                ce = loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             opt.step()
             sched.step()
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            running = ce if running is None else 0.95 * running + 0.05 * ce
             if step % 25 == 0 or step == params.steps - 1:
-                curve.append((step, round(loss.item(), 5)))
+                curve.append((step, round(ce, 5)))
                 bar.set_postfix(loss=f"{running:.3f}")
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{twin_name(params.task, params.kind)}: loss became {loss.item()} at step "
-                                         f"{step}")
+                raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step}")
         seconds = time.perf_counter() - t0
         ev = evaluate(model, params)
         out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +323,15 @@ def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, th
             from headlab.models.linear.tokenizer import byte_tokenizer
 
             byte_tokenizer().save_pretrained(out)
-        record = {"name": twin_name(params.task, params.kind), "params": asdict(params),
-                  "layer_kinds": list(STACKS[params.kind]), "n_params": sum(p.numel() for p in model.parameters()),
+        record = {"name": name, "params": asdict(params),
+                  "layer_kinds": list(twin_stack(params.kind)), "n_params": sum(p.numel() for p in model.parameters()),
                   "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                   "final_train_loss": curve[-1][1], "curve": curve, "eval": ev,
-                  "torch": torch.__version__}
+                  "torch": torch.__version__, "trained_by": trained_by}
+        if params.moh_active:
+            record["moh"] = {"shared_heads": params.moh_shared, "active_heads": params.moh_active,
+                             "routed_heads": params.heads - params.moh_shared, "balance_coef": params.moh_balance_coef}
+            record["balance_curve"] = balance_curve
         write_atomic(out / "README.md", model_card(record))
         write_json(out / "run.json", record)  # last: the commit marker a rerun looks for
         return record
@@ -306,8 +411,10 @@ def summary_table(out: Path | str = TWINS_DIR) -> list[dict]:
 def model_card(record: dict) -> str:
     p = record["params"]
     ev = record["eval"]
-    lines = [f"# {record['name']}: a headlab twin ({' + '.join(record['layer_kinds'])})", "",
-             "Trained here by `headlab train twins` (headlab/models/linear/train.py); every twin of a task shares",
+    moh = record.get("moh")
+    lines = [f"# {record['name']}: a headlab twin ({' + '.join(record['layer_kinds'])}{', MoH' if moh else ''})", "",
+             f"Trained here by {record.get('trained_by', '`headlab train twins`')} (headlab/models/linear/train.py); "
+             "every twin of a task shares",
              "this recipe and differs only in its layers' mixers.", "",
              f"- task: **{p['task']}**; layers: {', '.join(record['layer_kinds'])}; {p['heads']} heads, width "
              f"{p['hidden']}, MLP {p['mlp'] or 'none (attention-only)'}; {record['n_params']:,} parameters",
@@ -315,6 +422,12 @@ def model_card(record: dict) -> str:
              f"(warm-up {p['warmup']}, cosine to 10%), clip {p['grad_clip']}, init std {p['init_std']}, seed {p['seed']}",
              f"- trained in {record['train_seconds']} s on {record['threads']} CPU threads (torch {record['torch']}); "
              f"final training loss {record['final_train_loss']}", ""]
+    if moh:
+        lines[-1:-1] = [
+            f"- Mixture-of-Head attention (Jin et al. 2024): per layer {moh['shared_heads']} shared heads (always on) "
+            f"and the top-{moh['active_heads']} of {moh['routed_heads']} routed heads per token "
+            f"({moh['shared_heads'] + moh['active_heads']} of {p['heads']} heads active); load-balance loss weight "
+            f"{moh['balance_coef']} (the training loss above is the cross-entropy alone)"]
     if p["task"] == "recall":
         lines += ["Data: `[BOS]` + a periodic sequence of random tokens (vocabulary 1..127), period drawn per sequence "
                   f"from {p['period_range'][0]}..{p['period_range'][1]} (toy-induction's data).", "",
@@ -327,6 +440,132 @@ def model_card(record: dict) -> str:
                   "evaluated on every 127-byte window of Genesis 1–15 (held out).", "",
                   f"Held-out loss: **{ev['heldout_loss']:.4f} nats/byte** ({ev['heldout_bits_per_byte']:.3f} bits/byte); "
                   f"on the training text: {ev['train_text_loss']:.4f}."]
+    if "routing" in ev:
+        lines += ["", "Routing on the held-out text (share of tokens turning each head on; shared heads first):", "",
+                  "| layer | activation frequency per head | L_b (K at balance) | CV of routed frequencies | "
+                  "routing entropy (nats, max) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {' '.join(f'{v:.3f}' for v in r['activation_frequency'])} | {r['balance']:.3f} "
+                  f"({r['balance_uniform']:g}) | {r['cv_routed_frequency']:.3f} | {r['routing_entropy']:.3f} "
+                  f"({r['routing_entropy_max']:.3f}) |" for r in ev["routing"]["layers"]]
     lines += ["", "Load: `headlab.load(\"<this folder>\")`; the implicit pattern of every linear head comes from",
               "`HeadModel.run(...).pattern(head)` (pattern @ V = the layer's output).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- MoH pair
+
+#: The MoH pair of `train_moh_pair` on the text task: both models are 2 softmax layers × 8 heads of dim 8 (width 64,
+#: MLP 256) with the text twins' recipe; the MoH model has 2 shared heads and the top-3 of 6 routed heads per token
+#: (5 of 8 heads active) and differs from its MHA twin only in its routers (+1,280 parameters, +1.0%).
+MOH_PAIR: dict[str, dict] = {
+    "text-moh": {"kind": "moh", "heads": 8, "moh_shared": 2, "moh_active": 3},
+    "text-mha": {"kind": "softmax", "heads": 8},
+}
+_MOH_ONLY = ("moh_shared", "moh_active", "moh_balance_coef")
+
+
+def moh_pair_params(**overrides) -> dict[str, TwinParams]:
+    """The recipes of the MoH pair (MOH_PAIR): `overrides` apply to both models, except the moh_* ones, which apply
+    to the MoH model only."""
+    pair = {}
+    for name, spec in MOH_PAIR.items():
+        spec = dict(spec)
+        kind = spec.pop("kind")
+        mine = {k: v for k, v in overrides.items() if k not in _MOH_ONLY or kind in MOH_STACKS}
+        pair[name] = TwinParams.for_task("text", kind, **{**spec, **mine})
+    return pair
+
+
+def unigram_baseline(seq_len: int = 128) -> float:
+    """Held-out loss (nats/byte) of a trivial model: the training text's byte frequencies (add-one smoothed), scored on
+    the same targets as `evaluate` (every byte after the BOS of each held-out window)."""
+    counts = torch.bincount(text_bytes(TEXT_TRAIN), minlength=256).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    targets = text_eval_windows(text_bytes(TEXT_HELDOUT), seq_len)[:, 1:].reshape(-1)
+    return float(-logp[targets].mean())
+
+
+def train_moh_pair(out_dir: Path | str = MOH_TWINS_DIR, *, steps: int | None = None, force: bool = False,
+                   progress: bool = True, threads: int | None = 2, **overrides) -> dict:
+    """Train the MoH model and its MHA twin (MOH_PAIR; same data, steps, recipe) into `out_dir/<name>/`.
+
+    Each is an HF folder + run.json + README.md model card (`train_twin`); finished ones (with run.json) are kept
+    unless `force` — a finished one trained with another recipe is refused (ValueError), so the pair stays a pair.
+    Writes `out_dir/summary.json` (returned) and an index README.md: per model n_params, held-out loss and bits/byte,
+    training seconds; the MoH model's routing on the held-out text (`routing_stats`); a unigram baseline.
+
+    Args:
+        steps: training steps of both (None: the text twins' 1500).
+        overrides: further TwinParams fields for both (moh_shared / moh_active / moh_balance_coef: the MoH one only).
+    """
+    out = Path(out_dir)
+    if steps is not None:
+        overrides["steps"] = steps
+    records: dict[str, dict] = {}
+    for name, params in tqdm(list(moh_pair_params(**overrides).items()), desc="moh pair", disable=not progress):
+        folder = out / name
+        record = read_json(folder / "run.json", missing_ok=True) if not force else None
+        if record is not None:
+            if record["params"] != json.loads(json.dumps(asdict(params))):
+                raise ValueError(f"{folder} holds {name} trained with another recipe ({record['params']}): pass "
+                                 "force=True to retrain it, or another out_dir")
+            records[name] = record
+            continue
+        records[name] = train_twin(params, folder, progress=progress, threads=threads, name=name,
+                                   trained_by="`headlab.models.linear.train.train_moh_pair`")
+    summary = moh_summary(records)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "README.md", moh_summary_markdown(summary))
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def moh_summary(records: dict[str, dict]) -> dict:
+    """summary.json of a MoH pair from the two run.json records."""
+    models = {}
+    for name, r in records.items():
+        p, ev = r["params"], r["eval"]
+        models[name] = {"kind": p["kind"], "layer_kinds": r["layer_kinds"], "heads": p["heads"],
+                        "head_dim": p["hidden"] // p["heads"], "hidden": p["hidden"], "mlp": p["mlp"],
+                        "moh": r.get("moh"), "n_params": r["n_params"], "heldout_loss": ev["heldout_loss"],
+                        "heldout_bits_per_byte": ev["heldout_bits_per_byte"], "train_text_loss": ev["train_text_loss"],
+                        "final_train_loss": r["final_train_loss"], "train_seconds": r["train_seconds"],
+                        "threads": r["threads"], "routing": ev.get("routing")}
+    moh, mha = (next(n for n, m in models.items() if (m["moh"] is not None) == want) for want in (True, False))
+    p = records[moh]["params"]
+    recipe = {k: v for k, v in p.items() if k not in ("kind", *_MOH_ONLY)}
+    return {"task": "text", "moh": moh, "mha": mha, "recipe": recipe, "models": models,
+            "n_params_ratio": models[moh]["n_params"] / models[mha]["n_params"],
+            "heldout_loss_difference": models[moh]["heldout_loss"] - models[mha]["heldout_loss"],
+            "unigram_baseline_heldout_loss": unigram_baseline(p["seq_len"]),
+            "torch": records[moh]["torch"]}
+
+
+def moh_summary_markdown(summary: dict) -> str:
+    """The index of a MoH pair's folder (written by `train_moh_pair`)."""
+    moh, mha = summary["models"][summary["moh"]], summary["models"][summary["mha"]]
+    rc, cfg = summary["recipe"], moh["moh"]
+    lines = ["# A Mixture-of-Head model and its multi-head-attention twin", "",
+             "Trained here by `headlab.models.linear.train.train_moh_pair` on KJV bytes (trained on John, held out:",
+             f"Genesis 1–15) with one recipe: {rc['steps']} steps × batch {rc['batch']} × {rc['seq_len']} bytes, AdamW "
+             f"lr {rc['lr']}, seed {rc['seed']}. Both: {len(moh['layer_kinds'])} softmax layers × {moh['heads']} heads "
+             f"of dim {moh['head_dim']} (width {moh['hidden']}, MLP {moh['mlp']}). The MoH model routes each token to",
+             f"{cfg['shared_heads']} shared heads and the top-{cfg['active_heads']} of {cfg['routed_heads']} routed "
+             f"heads per layer; its loss adds {cfg['balance_coef']} × the load-balance loss L_b. Load one with",
+             "`headlab.load(\"data/moh-twins/<name>\")`.", "",
+             "| model | params | held-out loss (nats/byte) | bits/byte | final train loss | train s |",
+             "|---|---|---|---|---|---|"]
+    for name in (summary["moh"], summary["mha"]):
+        m = summary["models"][name]
+        lines.append(f"| {name} | {m['n_params']:,} | {m['heldout_loss']:.4f} | {m['heldout_bits_per_byte']:.4f} | "
+                     f"{m['final_train_loss']} | {m['train_seconds']} |")
+    lines += ["", f"Parameters MoH / MHA: {summary['n_params_ratio']:.4f}. A unigram byte model scores "
+              f"{summary['unigram_baseline_heldout_loss']:.4f} nats/byte on the same targets.", ""]
+    routing = moh["routing"]
+    lines += [f"Routing of {summary['moh']} on the held-out text ({routing['tokens']:,} tokens): mean L_b "
+              f"{routing['balance']:.4f} (K = {cfg['active_heads']} at perfect balance), mean CV of the routed heads' "
+              f"frequencies {routing['cv_routed_frequency']:.4f}, mean routing entropy {routing['routing_entropy']:.4f} "
+              "nats; per layer in summary.json and the model card.", "",
+              "Training times are wall-clock on a shared 2-core machine (other jobs ran beside them): compare",
+              "them only loosely.", ""]
     return "\n".join(lines)

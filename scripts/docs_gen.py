@@ -429,6 +429,49 @@ def reproductions_page() -> str:
                                     for m in ("vs_wrong", "top1"))] for cond, a in acc.items()])
         out += _source("benchmarks/results/circuits_smollm2/summary.json", "\n".join(summ["commands"]))
 
+    # ---- mixture-of-head routing (issue 18)
+    conv = ROOT / "benchmarks/results/moh_smollm2/convert"
+    if (conv / "rows.jsonl").exists():
+        run = _read("benchmarks/results/moh_smollm2/convert/run.json")
+        rows = [json.loads(line) for line in (conv / "rows.jsonl").read_text().splitlines() if line.strip()]
+        out += ["## Mixture-of-head conversion (SmolLM2-135M)", "",
+                "**Claim** (MoH, Jin et al. 2024): MoH matches or beats MHA using 50–90% of the heads — after "
+                "continued training (their LLaMA3-8B conversion: 100B tokens). Here, with no training of the model: "
+                f"{run['shared']} shared heads per layer (the first KV group), {run['n_routed']} routed; the "
+                "query-norm router (training-free), a router trained for "
+                f"{run['params']['train']['steps']} steps on KJV Genesis with every model weight frozen, and static "
+                "pruning of the same number of heads by the pruning rankers (zero ablation). Held-out perplexity on "
+                f"KJV John ({run['params']['windows']} × {run['params']['ctx']} tokens) and accuracy on "
+                f"{', '.join(run['params']['tasks'])} ({run['params']['n_eval']} items each); heads on: the share of "
+                "(token, query head) pairs computed; KV read: of (token, KV group) caches read.", ""]
+        order = {"original": 0, "moh:querynorm": 1, "moh:querynorm-group": 2, "moh:trained": 3}
+        rows.sort(key=lambda r: (-r["k"], order.get(r["method"], 9), r["method"]))
+        out += _table(["method", "routed heads on (k)", "heads on", "KV read", "ppl", "task accuracy"],
+                      [[f"`{r['method']}`", f"{r['k']} / {run['n_routed']}", _num(r["heads_on"]), _num(r["kv_read"]),
+                        _num(r["metrics"]["ppl"]), _num(r["metrics"].get("acc"))] for r in rows])
+        out += _source("benchmarks/results/moh_smollm2/convert/rows.jsonl",
+                       "headlab moh convert --out benchmarks/results/moh_smollm2/convert\n"
+                       "headlab moh convert --out benchmarks/results/moh_smollm2/convert --routers querynorm-group "
+                       "--rankers ''")
+    analyses = (("analyse_querynorm", "query-norm router", ""),
+                ("analyse_trained", "trained router", " --router benchmarks/results/moh_smollm2/convert/routers/k3"))
+    for name, label, extra in analyses:
+        path = ROOT / "benchmarks/results/moh_smollm2" / name / "summary.json"
+        if not path.exists():
+            continue
+        summ = json.loads(path.read_text())
+        out += [f"Routing statistics, {label}, k = {summ['k']} of {summ['n_routed']} routed heads, "
+                f"{summ['tokens']} tokens of KJV John: L_b {_num(summ['mean_L_b'])} (balanced: "
+                f"{_num(summ['balanced_L_b'])}), coefficient of variation of the routed heads' frequencies "
+                f"{_num(summ['mean_cv'])}, routing entropy {_num(summ['mean_token_entropy_share'])} of its maximum, "
+                f"KV groups read {_num(summ['kv_groups_read'])}; Spearman of routing frequency with the heads' "
+                "scores: " + ", ".join(f"{k} {_num(v)}" for k, v in summ.get("relate", {}).items()) + ".", ""]
+        out += _table(["token type", "tokens", "routed heads picked most (share on, lift)"],
+                      [[t, str(e["tokens"]), ", ".join(f"{h} ({_num(f)}, {_num(lift)}×)" for h, f, lift in e["top"])]
+                       for t, e in summ["by_type_full"].items() if e["top"]])
+        out += _source(f"benchmarks/results/moh_smollm2/{name}/summary.json",
+                       f"headlab moh analyse --active 0.5{extra} --out benchmarks/results/moh_smollm2/{name}")
+
     # ---- benchmarks (the committed text files, verbatim: each starts with the command that wrote it)
     out += ["## Benchmarks", "",
             "The committed benchmark outputs, verbatim. Each file's `#` lines give the command, the machine and "

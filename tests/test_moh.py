@@ -375,3 +375,21 @@ def test_group_routing_turns_whole_kv_groups_off(tiny_folder):
     assert routing.costs()["kv_groups_read"] == pytest.approx(0.5)
     with pytest.raises(hl.EditError, match="unit"):
         hl.MoH(active=1, unit="token")
+
+
+def test_trace_reads_a_models_own_moh_layers_and_the_twin_command_skips_trained_models(capsys):
+    from headlab.cli import main
+    from headlab.paths import MOH_TWINS_DIR
+
+    model = hl.load(str(MOH_TWINS_DIR / "text-moh"))
+    routing = trace(model, None, ["In the beginning God created the heaven and the earth."])
+    cfg = model.hf.config
+    g = routing.gates
+    assert routing.shared == cfg.moh_shared_heads and routing.k == cfg.moh_active_heads
+    assert torch.all(g[..., :cfg.moh_shared_heads]) and torch.all(g[..., cfg.moh_shared_heads:].sum(-1) == routing.k)
+    assert routing.router_scores is None and routing.load_balance()["mean_L_b"] != routing.load_balance()["mean_L_b"]
+    with pytest.raises(hl.HeadlabError, match="no MoH layers"):
+        trace(hl.load(str(TWINS_DIR / "text-softmax")), None, ["a b c"])
+    assert main(["moh", "twin"]) == 0  # both trained and committed: nothing is retrained, the summary is printed
+    out = capsys.readouterr().out
+    assert '"moh": "text-moh"' in out and '"mha": "text-mha"' in out

@@ -444,14 +444,14 @@ def reproductions_page() -> str:
                 f"KJV John ({run['params']['windows']} × {run['params']['ctx']} tokens) and accuracy on "
                 f"{', '.join(run['params']['tasks'])} ({run['params']['n_eval']} items each); heads on: the share of "
                 "(token, query head) pairs computed; KV read: of (token, KV group) caches read.", ""]
-        order = {"original": 0, "moh:querynorm": 1, "moh:querynorm-group": 2, "moh:trained": 3}
+        order = {"original": 0, "moh:random": 1, "moh:querynorm": 2, "moh:querynorm-group": 3, "moh:trained": 4}
         rows.sort(key=lambda r: (-r["k"], order.get(r["method"], 9), r["method"]))
         out += _table(["method", "routed heads on (k)", "heads on", "KV read", "ppl", "task accuracy"],
                       [[f"`{r['method']}`", f"{r['k']} / {run['n_routed']}", _num(r["heads_on"]), _num(r["kv_read"]),
                         _num(r["metrics"]["ppl"]), _num(r["metrics"].get("acc"))] for r in rows])
         out += _source("benchmarks/results/moh_smollm2/convert/rows.jsonl",
                        "headlab moh convert --out benchmarks/results/moh_smollm2/convert\n"
-                       "headlab moh convert --out benchmarks/results/moh_smollm2/convert --routers querynorm-group "
+                       "headlab moh convert --out benchmarks/results/moh_smollm2/convert --routers querynorm-group,random "
                        "--rankers ''")
     analyses = (("analyse_querynorm", "query-norm router", ""),
                 ("analyse_trained", "trained router", " --router benchmarks/results/moh_smollm2/convert/routers/k3"))

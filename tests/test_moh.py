@@ -393,3 +393,14 @@ def test_trace_reads_a_models_own_moh_layers_and_the_twin_command_skips_trained_
     assert main(["moh", "twin"]) == 0  # both trained and committed: nothing is retrained, the summary is printed
     out = capsys.readouterr().out
     assert '"moh": "text-moh"' in out and '"mha": "text-mha"' in out
+
+
+def test_random_router_is_a_seeded_null(tiny):
+    from headlab.moh import RandomRouter
+
+    ids = _ids(8)
+    one = trace(tiny, hl.MoH(active=1, router=RandomRouter(seed=3)), [ids[0]])
+    two = trace(tiny, hl.MoH(active=1, router=RandomRouter(seed=3)), [ids[0]])
+    other = trace(tiny, hl.MoH(active=1, router=RandomRouter(seed=4)), [ids[0]])
+    assert torch.equal(one.gates, two.gates) and not torch.equal(one.gates, other.gates)
+    assert torch.all(one.gates[..., one.shared:].sum(-1) == 1)

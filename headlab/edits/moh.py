@@ -63,6 +63,20 @@ class QueryNormRouter:
         return query_norm_scores(record.q, routed)
 
 
+@dataclass(frozen=True)
+class RandomRouter:
+    """A null router: independent uniform scores per (token, routed head), seeded by (seed, layer) — the routing a
+    router that knows nothing would give, to tell a router's choices from their number."""
+
+    seed: int = 0
+    needs_input: bool = field(default=False, init=False)
+
+    def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        B, _, Q, _ = record.q.shape
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + record.layer)
+        return torch.rand(B, Q, len(routed), generator=gen).to(record.q.device)
+
+
 class LearnedRouter(nn.Module):
     """Standardised query norms plus a learned linear score of the attention module's input, per routed layer.
 

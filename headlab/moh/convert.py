@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.edits import ablate, edit
-from headlab.edits.moh import MoH
+from headlab.edits.moh import MoH, RandomRouter
 from headlab.errors import HeadlabError
 from headlab.models.head_model import HeadModel
 from headlab.moh.train import RouterParams, load_router, train_router
@@ -31,7 +31,7 @@ from headlab.tasks import build_tasks, correct, encode_items, option_logprobs
 HELDOUT_TEXT = TEXT_DIR / "kjv-john.txt"
 ROWS_FILE = "rows.jsonl"
 RUN_FILE = "run.json"
-ROUTERS = ("querynorm", "trained", "querynorm-group")
+ROUTERS = ("querynorm", "trained", "querynorm-group", "random")
 #: what may change between runs into one folder (which rows to measure), not how rows are measured
 CHOICES = ("actives", "routers", "rankers")
 
@@ -44,7 +44,8 @@ class ConvertParams:
         actives: routed heads on per token, as fractions of the routed heads (each in (0, 1]).
         shared: shared heads per layer (None: `MoH`'s default, half the KV groups' heads).
         routers: "querynorm" (training-free), "trained", and "querynorm-group" (the query-norm router choosing whole
-            KV groups: measured only where k is a whole number of groups).
+            KV groups: measured only where k is a whole number of groups), "random" (per-token random routing, the
+            null a router's choices are measured against).
         rankers: pruning rankers whose static pruning of the same number of heads is measured beside (see
             `headlab.prune.rankers`; empty for none).
         heldout: held-out text for perplexity; ctx, windows: its `[windows, 1 + ctx]` tokens.
@@ -196,7 +197,7 @@ def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), 
             record(method, k, 1.0, 1.0, evaluate(model, tokens, items, list(params.tasks)),
                    seconds=round(time.perf_counter() - start, 2))
         elif method.startswith("moh:"):
-            router, extra = None, {}
+            router, extra = (RandomRouter() if method == "moh:random" else None), {}
             if method == "moh:trained" and k < n_routed:
                 router_dir = folder / "routers" / f"k{k}" if folder is not None else None
                 router, state = train_router(model, MoH(active=k, shared=params.shared), params.train,

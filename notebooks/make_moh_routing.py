@@ -91,6 +91,38 @@ pruning rankers — held-out perplexity on KJV John and accuracy on three multip
     ("code", """sweep = Conversion.load(RESULTS / "convert")
 print(sweep.markdown())
 sweep.figure("ppl")"""),
+    ("md", """Read it against the two nulls: `moh:random` routes each token to random heads, `prune:random` removes random
+heads for good. Without training, the query-norm router is no better than either; a router trained with the model
+frozen recovers most of the perplexity at every share — the routing, not the number of heads, carries the gain.
+
+## 5. The small MoH model against its MHA twin
+
+headlab's own model family has MoH layers (`moh_shared_heads`, `moh_active_heads` in the config): shared heads,
+top-k routed heads with MoH's gate rescaling, and the load-balance loss. Trained here beside a plain multi-head
+twin with the same data, steps and recipe (2 layers × 8 heads, parameters within 1.1%):"""),
+    ("code", """import json
+
+twins = json.loads((Path("..") / "data" / "moh-twins" / "summary.json").read_text())
+for name, m in twins["models"].items():
+    print(f"{name}: {m['n_params']} parameters, held-out loss {m['heldout_loss']:.4f} nats/byte")
+moh_model = hl.load(str(Path("..") / "data" / "moh-twins" / twins["moh"]))
+own = trace(moh_model, None, ["In the beginning God created the heaven and the earth."])
+own.figure()"""),
+    ("md", """## 6. Skipping the work of heads that are off
+
+`compute="routed"` makes the seam compute only the (token, head) rows that are on
+(`headlab_kernels.routed_attention`: a Triton kernel on CUDA, a gathered torch path elsewhere) — the same logits to
+float tolerance. `routed_costs` counts the attention FLOPs and, GQA-aware, the KV-cache reads a decode step would
+make."""),
+    ("code", """from headlab_kernels.routed_attention import routed_costs
+
+with hl.edit(lm, hl.MoH(active=0.5)):
+    dense = lm.forward(ids).logits
+with hl.edit(lm, hl.MoH(active=0.5, compute="routed")):
+    routed = lm.forward(ids).logits
+print("max |routed - dense| logit:", (routed - dense).abs().max().item())
+gates = routing.gates[:, 5].float()[None]  # layer 5 of the traced passage: [1, T, H]
+{k: v for k, v in routed_costs(gates, lm.n_kv_heads, lm.head_dim).items() if "ratio" in k or "fraction" in k}"""),
 ]
 
 

@@ -443,8 +443,11 @@ def reproductions_page() -> str:
                 "pruning of the same number of heads by the pruning rankers (zero ablation). Held-out perplexity on "
                 f"KJV John ({run['params']['windows']} × {run['params']['ctx']} tokens) and accuracy on "
                 f"{', '.join(run['params']['tasks'])} ({run['params']['n_eval']} items each); heads on: the share of "
-                "(token, query head) pairs computed; KV read: of (token, KV group) caches read.", ""]
+                "(token, query head) pairs computed; KV read: of (token, KV group) caches read. With every routed "
+                "head on (k = 6) each method is the original model, bit for bit. `moh:random` (random routing per "
+                "token) and `prune:random` are the nulls; `moh:querynorm-group` routes whole KV groups.", ""]
         order = {"original": 0, "moh:random": 1, "moh:querynorm": 2, "moh:querynorm-group": 3, "moh:trained": 4}
+        rows = [r for r in rows if r["k"] < run["n_routed"] or r["method"] == "original"]  # all on: the model itself
         rows.sort(key=lambda r: (-r["k"], order.get(r["method"], 9), r["method"]))
         out += _table(["method", "routed heads on (k)", "heads on", "KV read", "ppl", "task accuracy"],
                       [[f"`{r['method']}`", f"{r['k']} / {run['n_routed']}", _num(r["heads_on"]), _num(r["kv_read"]),
@@ -466,11 +469,23 @@ def reproductions_page() -> str:
                 f"{_num(summ['mean_cv'])}, routing entropy {_num(summ['mean_token_entropy_share'])} of its maximum, "
                 f"KV groups read {_num(summ['kv_groups_read'])}; Spearman of routing frequency with the heads' "
                 "scores: " + ", ".join(f"{k} {_num(v)}" for k, v in summ.get("relate", {}).items()) + ".", ""]
-        out += _table(["token type", "tokens", "routed heads picked most (share on, lift)"],
+        out += _table(["token type", "tokens", "routed heads picked more than overall (share on, lift)"],
                       [[t, str(e["tokens"]), ", ".join(f"{h} ({_num(f)}, {_num(lift)}×)" for h, f, lift in e["top"])]
                        for t, e in summ["by_type_full"].items() if e["top"]])
         out += _source(f"benchmarks/results/moh_smollm2/{name}/summary.json",
                        f"headlab moh analyse --active 0.5{extra} --out benchmarks/results/moh_smollm2/{name}")
+
+    twins_path = ROOT / "data/moh-twins/summary.json"
+    if twins_path.exists():
+        tw = json.loads(twins_path.read_text())
+        out += ["The small MoH model against its MHA twin (headlab's own family, text task: KJV John bytes, held out "
+                "Genesis 1–15; the same data, steps and recipe; MoH: " +
+                f"{tw['models'][tw['moh']]['moh']['shared_heads']} shared + top-{tw['models'][tw['moh']]['moh']['active_heads']} "
+                f"of {tw['models'][tw['moh']]['moh']['routed_heads']} routed heads per layer):", ""]
+        out += _table(["model", "parameters", "held-out loss (nats/byte)", "bits/byte"],
+                      [[f"`{name}`", str(m["n_params"]), _num(m["heldout_loss"], 4), _num(m["heldout_bits_per_byte"], 4)]
+                       for name, m in tw["models"].items()])
+        out += _source("data/moh-twins/summary.json", "headlab moh twin")
 
     # ---- benchmarks (the committed text files, verbatim: each starts with the command that wrote it)
     out += ["## Benchmarks", "",
@@ -483,6 +498,9 @@ def reproductions_page() -> str:
                       ("benchmarks/results/circuits_cpu.txt",
                        "Patching cost (`benchmarks/circuits.py`): exact patching of every head against one full "
                        "forward per head, and the AtP / AtP* screens with their agreement with exact patching."),
+                      ("benchmarks/results/moh_cpu.txt",
+                       "Routed (mixture-of-head) attention (`benchmarks/moh.py`): only the (token, head) rows that are "
+                       "on, against sdpa over every head then the gates — FLOPs ratio, time ratio, KV reads."),
                       ("benchmarks/results/linear_attention_cpu.txt",
                        "Linear-attention kernels (`benchmarks/linear_attention.py`): chunked, parallel and Triton "
                        "forms, with their error against the reference.")):

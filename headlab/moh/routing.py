@@ -150,13 +150,16 @@ class MoHRouting:
                 float((usage / top).mean())}
 
     def by_type(self, *, top: int = 5, min_tokens: int = 5) -> dict[str, Any]:
-        """For each token type with at least `min_tokens` tokens: its count and the `top` routed heads by lift
-        (frequency among tokens of the type / overall frequency), as (head, frequency, lift)."""
+        """For each token type with at least `min_tokens` tokens: its count and the `top` routed heads it picks more
+        often than tokens overall, ranked by the excess (frequency among tokens of the type − overall frequency, so a
+        rarely used head is not ranked first on a large ratio of small shares), as (head, frequency, lift = the
+        ratio of the two frequencies)."""
         out: dict[str, Any] = {}
         g = self.gates.float()
         overall = g.mean(0)
         routed = torch.zeros_like(overall, dtype=torch.bool)
         routed[self.layers, self.shared:] = True
+        n_heads = overall.shape[1]
         for j, name in enumerate(TOKEN_TYPES):
             rows = self.flags[:, j]
             n = int(rows.sum())
@@ -164,12 +167,11 @@ class MoHRouting:
                 out[name] = {"tokens": n, "top": []}
                 continue
             freq = g[rows].mean(0)
-            lift = torch.where(routed, freq / overall.clamp_min(1e-12), torch.nan)
-            flat = lift.flatten().nan_to_num(float("-inf"))
-            idx = flat.topk(min(top, int(routed.sum()))).indices
-            n_heads = lift.shape[1]
+            excess = torch.where(routed, freq - overall, torch.nan).flatten().nan_to_num(float("-inf"))
+            lift = (freq / overall.clamp_min(1e-12)).flatten()
+            idx = excess.topk(min(top, int(routed.sum()))).indices
             out[name] = {"tokens": n, "top": [(str(HeadRef(int(i) // n_heads, int(i) % n_heads)),
-                                               float(freq.flatten()[i]), float(flat[i])) for i in idx]}
+                                               float(freq.flatten()[i]), float(lift[i])) for i in idx]}
         return out
 
     def relate(self, scores: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -45,6 +45,7 @@ def test_moh_tab_routes_and_toggles_the_edit(served):
         page = browser.new_context(viewport={"width": 1400, "height": 1500}).new_page()
         page.set_default_timeout(TIMEOUT)
         page.goto(url)
+        expect(page.locator("#status")).to_contain_text("Loaded")  # the page's own first analysis is done
         page.fill("#prompt textarea", PROMPT)
         page.click("#analyse")
         expect(page.locator("#status")).to_contain_text("Analysed")

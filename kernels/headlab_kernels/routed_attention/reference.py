@@ -68,8 +68,9 @@ def routed_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch
     then the gate multiply and a scatter into a zero `[B, T, H, D]`. Python loops run over batches,
     groups and position blocks (B · G · T / block iterations at most), never over tokens.
 
+    `q`, `k`, `v`, `gates`, `scale` and `key_mask` are as in `dense_gated`.
+
     Args:
-        q, k, v, gates, scale, key_mask: as in `dense_gated`.
         block: positions per block (a row computes at most `block` - 1 keys beyond its own prefix).
 
     Returns:

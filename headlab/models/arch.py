@@ -98,6 +98,12 @@ register_arch(
     spec=ArchSpec(family="roberta", attn_classes=("RobertaSelfAttention",), out_proj="..output.dense", causal=False),
 )
 
+# a Llama-family model linearized head by head (headlab.models.linearized)
+register_arch(
+    "headlab_linearized",
+    spec=ArchSpec(family="headlab_linearized", attn_classes=("LinearizedLlamaAttention",), out_proj="o_proj"),
+)
+
 # headlab's own linear-attention LMs (headlab.models.linear): one module class for every mixer kind
 register_arch(
     "headlab_linear",

@@ -1,0 +1,189 @@
+"""What linearization does to each head, and to the model when the hardest heads stay softmax.
+
+`transfer_report` measures, on held-out text, each head's attention-transfer error (KL of the softmax pattern to the
+Hedgehog pattern, and the relative output error), beside the head's type from headlab's own scans of the base
+model (induction, previous-token, sink share, mean row entropy; retrieval from a saved retrieval scan), and how the
+error relates to each (Spearman; mean error of each type's top heads against the rest). `hybrid_sweep` keeps the k
+hardest heads (largest relative output error) as softmax — a hybrid chosen head by head — and measures held-out
+perplexity and needle recall against k; rows go to a JSONL file as they are measured (a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.analyses.metrics import spearman
+from headlab.errors import HeadlabError
+from headlab.linearize.transfer import head_losses, linear_pattern, record_layers, softmax_reference, text_tokens
+from headlab.models.head_model import HeadModel
+from headlab.paths import KJV_JOHN
+from headlab.results import HeadScores, append_jsonl, read_jsonl, run_meta
+
+
+def _maps_of(lin: HeadModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for layer in range(lin.n_layers):
+        module = lin.attention_module(layer)
+        if not hasattr(module, "feature_map"):
+            raise HeadlabError(f"{lin.name} is not a linearized model (no feature maps)")
+        out.append((module.feature_map.detach().float(), module.feature_bias.detach().float()))
+    return out
+
+
+def transfer_report(base: HeadModel, lin: HeadModel, *, text: str | Path = KJV_JOHN, windows: int = 8,
+                    seq_len: int = 128, types: dict[str, torch.Tensor] | None = None,
+                    progress: bool = True) -> HeadScores:
+    """Per-head transfer error on held-out text, with head-type maps; a HeadScores "linearize" (primary
+    `rel_error`; maps kl, rel_error, entropy (the base pattern's mean row entropy, nats) and each of `types`).
+
+    Args:
+        base: the softmax model; lin: its linearization (same geometry).
+        types: per-head maps `[L, H]` to set beside the errors (e.g. induction, prev_token, sink, retrieval).
+    """
+    if (base.n_layers, base.n_heads) != (lin.n_layers, lin.n_heads):
+        raise HeadlabError(f"{lin.name} ({lin.n_layers}×{lin.n_heads}) is not a linearization of {base.name} "
+                           f"({base.n_layers}×{base.n_heads})")
+    maps = _maps_of(lin)
+    tokens = text_tokens(base, text, windows, seq_len)
+    with torch.no_grad():
+        records = record_layers(base, tokens)
+    L, H = base.n_layers, base.n_heads
+    kl, rel, ent = torch.zeros(L, H), torch.zeros(L, H), torch.zeros(L, H)
+    scale = base.head_dim ** -0.5
+    for layer in tqdm(range(L), desc="transfer error", disable=not progress, leave=False):
+        q, k, v = records[layer]
+        with torch.no_grad():
+            p, out, kk, vv = softmax_reference(q, k, v, scale)
+            lp = linear_pattern(q, kk, *maps[layer], eps=getattr(lin.hf.config, "linear_eps", 1e-6))
+            losses = head_losses(p, out, lp, vv)
+        kl[layer], rel[layer] = losses["kl"], losses["rel_error"]
+        ent[layer] = -(p * p.clamp_min(1e-12).log()).sum(-1).mean((0, 2))
+    all_maps = {"rel_error": rel, "kl": kl, "entropy": ent}
+    for name, m in (types or {}).items():
+        m = torch.as_tensor(m, dtype=torch.float32)
+        if m.shape != (L, H):
+            raise HeadlabError(f"type map {name!r} has shape {tuple(m.shape)}, not {(L, H)}")
+        all_maps[name] = m
+    return HeadScores(analysis="linearize", model=lin.name, maps=all_maps, primary="rel_error",
+                      params={"text": str(text), "windows": windows, "seq_len": seq_len, "base": base.name},
+                      meta=run_meta(lin))
+
+
+def relate(report: HeadScores, *, error: str = "rel_error", top: float = 0.1) -> dict[str, dict[str, float]]:
+    """For each head-type map of a transfer report: Spearman of the error with it, and the mean error of the type's
+    top `top` share of heads against the others."""
+    err = report.maps[error].flatten()
+    out = {}
+    for name, m in report.maps.items():
+        if name in ("rel_error", "kl"):
+            continue
+        vals = m.flatten()
+        keep = torch.isfinite(vals) & torch.isfinite(err)
+        if int(keep.sum()) < 3:
+            continue
+        n_top = max(1, int(round(top * int(keep.sum()))))
+        order = vals.masked_fill(~keep, float("-inf")).argsort(descending=True)
+        top_idx, rest = order[:n_top], order[n_top:int(keep.sum())]
+        out[name] = {"spearman": float(spearman(err[keep], vals[keep])),
+                     "top_error": float(err[top_idx].mean()), "rest_error": float(err[rest].mean()),
+                     "top_heads": n_top}
+    return out
+
+
+def hardest(report: HeadScores, k: int, *, error: str = "rel_error") -> list[list[int]]:
+    """The k heads with the largest error, as per-layer lists (a `softmax_heads` config)."""
+    m = report.maps[error]
+    L, H = m.shape
+    if not 0 <= k <= L * H:
+        raise HeadlabError(f"k = {k} heads out of range (0..{L * H})")
+    rows: list[list[int]] = [[] for _ in range(L)]
+    for i in m.flatten().nan_to_num(float("-inf")).argsort(descending=True)[:k].tolist():
+        rows[i // H].append(i % H)
+    return [sorted(r) for r in rows]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HybridParams:
+    """The hybrid sweep: k heads kept softmax; perplexity on `text` (`windows` × `ctx`); needle recall at
+    `needle_lengths` × `depths` over needle sets `needles` (none: skip)."""
+
+    ks: tuple[int, ...] = (0, 9, 27, 54, 90, 135, 270)
+    text: str = str(KJV_JOHN)
+    windows: int = 8
+    ctx: int = 128
+    needle_lengths: tuple[int, ...] = (512,)
+    depths: tuple[float, ...] = (10.0, 50.0, 90.0)
+    needles: tuple[int, ...] = (0, 1, 2)
+    max_new_tokens: int = 32
+
+
+def hybrid_sweep(lin: HeadModel, report: HeadScores, params: HybridParams = HybridParams(), *,
+                 out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """For each k: the k hardest heads softmax, the rest linear; held-out perplexity and needle recall. Rows to
+    `out/hybrid.jsonl` (resumed). The model's softmax heads are restored at the end."""
+    from headlab.analyses.razor import Condition
+    from headlab.analyses.retrieval import Trial, needle_sets, run_grid, text_prompt
+    from headlab.prune.evals import TextEval
+
+    hf = lin.hf
+    if not hasattr(hf, "set_softmax_heads"):
+        raise HeadlabError(f"{lin.name} is not a linearized model")
+    path = Path(out) / "hybrid.jsonl" if out is not None else None
+    done = {r["k"]: r for r in (read_jsonl(path) if path is not None else [])}
+    rows = [done[k] for k in params.ks if k in done]
+    before = [list(r) for r in hf.config.softmax_heads]
+    ev = TextEval(path=params.text, ctx=params.ctx, windows=params.windows)
+    sets = needle_sets()
+    trials = [Trial(n, length, float(d)) for n in params.needles for length in params.needle_lengths
+              for d in params.depths]
+    try:
+        for k in tqdm([k for k in params.ks if k not in done], desc="hybrid", disable=not progress):
+            start = time.perf_counter()
+            hf.set_softmax_heads(hardest(report, k))
+            loss = float(ev.loss(lin))
+            row: dict[str, Any] = {"k": k, "softmax_share": k / (lin.n_layers * lin.n_heads), "loss": loss,
+                                   "ppl": math.exp(loss)}
+            if trials:
+                recs = run_grid(lin, lambda t: text_prompt(lin, sets[t.needle], t.length, t.depth), trials,
+                                [Condition(name="baseline")], max_new_tokens=params.max_new_tokens, progress=False)
+                row["recall"] = sum(r["recall"] for r in recs) / len(recs)
+                row["found"] = sum(bool(r["found"]) for r in recs) / len(recs)
+                row["trials"] = len(recs)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                append_jsonl(path, row)
+    finally:
+        hf.set_softmax_heads(before)
+    return sorted(rows, key=lambda r: r["k"])
+
+
+def type_maps(base: HeadModel, *, retrieval: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Head-type maps `[L, H]` of the base model from headlab's scans: induction, prev_token (induction scan),
+    sink (sink share, sink scan) and, from a saved retrieval scan folder, retrieval."""
+    from headlab.analyses.induction import induction_scan
+    from headlab.analyses.sinks import sink_scan
+
+    ind = induction_scan(base, progress=progress)
+    sink = sink_scan(base, progress=progress)
+    out = {"induction": ind.maps["induction"], "prev_token": ind.maps["prev_token"], "sink": sink.maps["sink_share"]}
+    if retrieval is not None:
+        out["retrieval"] = HeadScores.load(retrieval).maps["retrieval"]
+    return out
+
+
+def heads_by_error(report: HeadScores, n: int = 10) -> list[tuple[str, float]]:
+    """The n heads hardest to linearize, with their relative output error."""
+    return [(str(h), s) for h, s in report.top(n)]
+
+
+__all__ = ["HybridParams", "hardest", "heads_by_error", "hybrid_sweep", "relate", "transfer_report",
+           "type_maps"]

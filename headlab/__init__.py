@@ -17,7 +17,7 @@ from headlab import analyses, results, scan, viz
 
 # `hl.icl` (training one-layer models), `hl.prune` and `hl.circuits` (experiments) load on first use: `import headlab` loads no
 # training code
-_LAZY = ("circuits", "icl", "moh", "prune")
+_LAZY = ("circuits", "icl", "linearize", "moh", "prune")
 
 
 def __getattr__(name: str):

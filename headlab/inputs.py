@@ -52,3 +52,55 @@ def windows(ids: torch.Tensor, width: int, *, count: int | None = None, bos: int
         raise ValueError(f"{len(ids)} ids hold {len(ids) // width} windows of {width}, not {n}")
     body = ids[: n * width].reshape(n, width)
     return body if bos is None else with_bos(body, bos)
+
+
+def mqar(batch: int, seq_len: int, num_pairs: int, vocab: int, *, num_queries: int | None = None,
+         generator: torch.Generator | None = None, seed: int | None = None,
+         filler: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): `(ids [batch, seq_len], answers [batch,
+    seq_len] bool)`.
+
+    Each row opens with `num_pairs` key-value pairs `k1 v1 k2 v2 …` (2·num_pairs tokens). The rest of the row is
+    filler (`filler`, token 0 by default) holding `num_queries` (default: all the pairs) queries `k v`: a key of the
+    context, each queried once, followed by its value. The queries sit at random even offsets of the query region
+    (uniform, in random order), so the gaps between them are filler. `answers` is True at the value of each query:
+    the token a model must predict from the query key before it; a loss or accuracy reads only those positions
+    (HF labels: `ids.masked_fill(~answers, -100)`, which the LM's shift aligns with the prediction at the key).
+
+    Keys and values come from disjoint halves of the vocabulary, as Zoology's: keys 1..vocab//2 − 1, values
+    vocab//2..vocab − 1 (token 0 is left to the filler); a row's keys are distinct, and so are its values.
+
+    Seeded: pass `generator`, or `seed` (default 0) for a fresh one; the same seed gives the same batch.
+    """
+    if generator is not None and seed is not None:
+        raise ValueError("give a generator or a seed, not both")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    num_queries = num_pairs if num_queries is None else num_queries
+    if batch < 1 or num_pairs < 1 or num_queries < 1:
+        raise ValueError(f"MQAR needs batch, num_pairs, num_queries >= 1; got {batch}, {num_pairs}, {num_queries}")
+    n_keys = vocab // 2 - 1
+    if num_pairs > n_keys:
+        raise ValueError(f"{num_pairs} pairs need {num_pairs} distinct keys, but a vocabulary of {vocab} holds "
+                         f"{max(n_keys, 0)} (keys 1..{vocab // 2 - 1}, values {vocab // 2}..{vocab - 1})")
+    if num_queries > num_pairs:
+        raise ValueError(f"{num_queries} queries of {num_pairs} pairs: each key is queried at most once")
+    if not 0 <= filler < vocab:
+        raise ValueError(f"filler token {filler} is outside the vocabulary of {vocab}")
+    context = 2 * num_pairs
+    slots = (seq_len - context) // 2  # places for a query (key, value) in the query region
+    if slots < num_queries:
+        raise ValueError(f"a sequence of {seq_len} tokens is too short for {num_pairs} pairs and {num_queries} "
+                         f"queries: they need {context + 2 * num_queries} tokens")
+    draw = lambda n, k: torch.rand(batch, n, generator=generator).argsort(dim=1)[:, :k]  # noqa: E731 (k of n, no repeats)
+    keys = draw(n_keys, num_pairs) + 1
+    values = draw(vocab - vocab // 2, num_pairs) + vocab // 2
+    ids = torch.full((batch, seq_len), filler, dtype=torch.long)
+    ids[:, 0:context:2], ids[:, 1:context:2] = keys, values
+    asked = draw(num_pairs, num_queries)  # which pairs are queried, in the order of their slots
+    where = draw(slots, num_queries).sort(dim=1).values * 2 + context  # the query keys' positions
+    ids.scatter_(1, where, keys.gather(1, asked))
+    ids.scatter_(1, where + 1, values.gather(1, asked))
+    answers = torch.zeros(batch, seq_len, dtype=torch.bool)
+    answers.scatter_(1, where + 1, True)
+    return ids, answers

@@ -8,7 +8,7 @@ Layers, lowest first (a module may import only its own layer and those below it)
     edits                                             scoped head edits (never analyses)
     results, viz, tasks                               persistence; figures take data (never a model or a run)
     analyses, icl, prune, circuits, explore           analyses and their experiments
-    moh                                               mixture-of-head conversion (measured against prune's rankers)
+    moh, linearize                                    MoH conversion, linearization (they read prune's rankers / evals)
     cli                                               the only place with argparse
 
 Known departures are listed with their reason below; the test fails when a new one appears *and* when a listed one
@@ -47,6 +47,10 @@ RULES = [
     ("headlab.moh", "headlab.cli"), ("headlab.prune", "headlab.moh"), ("headlab.models", "headlab.moh"),
     ("headlab.edits", "headlab.moh"), ("headlab.viz", "headlab.moh"), ("headlab.results", "headlab.moh"),
     ("headlab.tasks", "headlab.moh"), ("headlab.analyses", "headlab.moh"), ("headlab.circuits", "headlab.moh"),
+    # linearize trains and measures (its hybrid sweep reads prune's text eval): nothing below imports it
+    ("headlab.linearize", "headlab.cli"), ("headlab.prune", "headlab.linearize"), ("headlab.models", "headlab.linearize"),
+    ("headlab.edits", "headlab.linearize"), ("headlab.viz", "headlab.linearize"), ("headlab.results", "headlab.linearize"),
+    ("headlab.analyses", "headlab.linearize"), ("headlab.moh", "headlab.linearize"),
 ]
 # private names of the seam: only capture itself, HeadModel and edits may use them
 SEAM_PRIVATE = {"activate", "_STATE", "active_ops"}
@@ -142,7 +146,7 @@ def test_import_headlab_loads_no_training_or_cli_code():
     assert out.returncode == 0, out.stderr
     loaded = out.stdout.split()
     heavy = [m for m in loaded if _under(m, "headlab.icl") or _under(m, "headlab.prune") or _under(m, "headlab.cli")
-             or _under(m, "headlab.circuits") or _under(m, "headlab.moh")
+             or _under(m, "headlab.circuits") or _under(m, "headlab.moh") or _under(m, "headlab.linearize")
              or m in ("headlab.models.linear.train", "headlab.models.toy", "headlab.explore")]
     assert not heavy, heavy
     assert "headlab.models.head_model" in loaded  # and the core is there

@@ -152,3 +152,22 @@ def _text_loss(model, path):
     from headlab.prune.evals import TextEval
 
     return TextEval(path=str(path), ctx=24, windows=2).loss(model)
+
+
+def test_cli_build_and_analyse(base_folder, text_file, tmp_path, capsys):
+    from headlab.cli import main
+
+    assert main(["linearize", "build", "--model", str(base_folder), "--out", str(tmp_path / "b"), "--steps", "5",
+                 "--windows", "4", "--seq-len", "24", "--feature-dim", "8", "--text", str(text_file)]) == 0
+    out = capsys.readouterr().out
+    assert "linearized model:" in out and (tmp_path / "b" / "model" / "config.json").is_file()
+    assert main(["linearize", "analyse", "--model", str(base_folder), "--linearized", str(tmp_path / "b" / "model"),
+                 "--out", str(tmp_path / "a"), "--ks", "0,8", "--needle-lengths", "", "--windows", "2"]) == 0
+    import json
+
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [r["k"] for r in report["hybrid"]] == [0, 8] and {"induction", "sink"} <= set(report["relate"])
+    capsys.readouterr()
+    assert main(["linearize", "analyse", "--model", str(base_folder), "--linearized", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The `headlab` command: `info`, `explore`, `scan induction|sinks|retrieval`, `calibrate`, `prune`, `icl train|report`,
-`train twins|toy`, `circuit discover|repair|compare`, `moh convert|train|analyse|twin`.
+`train twins|toy`, `circuit discover|repair|compare`, `moh convert|train|analyse|twin`, `linearize build|analyse`.
 
 One module per command group (`headlab/cli/<group>.py`, each with `register(subparsers)` and its `cmd_*` handlers);
 `common.py` holds the shared model arguments, loading and figure writing. This package is the only place with
@@ -16,11 +16,11 @@ from headlab.errors import HeadlabError
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `headlab` parser; each subcommand sets its `handler`."""
-    from headlab.cli import calibrate, circuit, explore, icl, info, moh, prune, scan, train
+    from headlab.cli import calibrate, circuit, explore, icl, info, linearize, moh, prune, scan, train
 
     parser = argparse.ArgumentParser(prog="headlab", description="Study, score and edit attention heads.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (info, scan, explore, calibrate, circuit, icl, moh, prune, train):
+    for group in (info, scan, explore, calibrate, circuit, icl, moh, linearize, prune, train):
         group.register(sub)
     return parser
 

@@ -2,8 +2,9 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from headlab.models.linear.cache import HeadlabLinearCache
 from headlab.models.linear.config import KINDS, LINEAR_KINDS, SOFTMAX_KINDS, HeadlabLinearConfig
-from headlab.models.linear.mixer import LinearMixer
+from headlab.models.linear.mixer import LinearMixer, PatternUnavailable
 from headlab.models.linear.modeling import (
     HeadlabLinearAttention,
     HeadlabLinearForCausalLM,
@@ -14,5 +15,5 @@ AutoConfig.register(HeadlabLinearConfig.model_type, HeadlabLinearConfig, exist_o
 AutoModel.register(HeadlabLinearConfig, HeadlabLinearModel, exist_ok=True)
 AutoModelForCausalLM.register(HeadlabLinearConfig, HeadlabLinearForCausalLM, exist_ok=True)
 
-__all__ = ["KINDS", "LINEAR_KINDS", "SOFTMAX_KINDS", "HeadlabLinearAttention", "HeadlabLinearConfig",
-           "HeadlabLinearForCausalLM", "HeadlabLinearModel", "LinearMixer"]
+__all__ = ["KINDS", "LINEAR_KINDS", "SOFTMAX_KINDS", "HeadlabLinearAttention", "HeadlabLinearCache",
+           "HeadlabLinearConfig", "HeadlabLinearForCausalLM", "HeadlabLinearModel", "LinearMixer", "PatternUnavailable"]

@@ -9,6 +9,8 @@ from transformers import PretrainedConfig
 KINDS: tuple[str, ...] = ("softmax", "swa", "linear", "hedgehog", "based", "gla", "deltanet")
 SOFTMAX_KINDS = frozenset({"softmax", "swa"})
 LINEAR_KINDS = frozenset(KINDS) - SOFTMAX_KINDS
+#: How a model knows token order (`HeadlabLinearConfig.position`).
+POSITIONS: tuple[str, ...] = ("learned", "none", "rotary")
 
 
 class HeadlabLinearConfig(PretrainedConfig):
@@ -27,8 +29,18 @@ class HeadlabLinearConfig(PretrainedConfig):
             2× this many features); defaults to head_dim.
         gla_gate_rank, gla_gate_normalizer: GLA's low-rank gate, log α = logsigmoid(W₂W₁x + b) / normalizer.
         linear_eps: the ε of the normalised linear forms, o = φ(q)S / (φ(q)·z + ε).
-        max_position_embeddings: learned absolute positions (shared by every kind, so twins differ
-            only in their mixers).
+        position: how the model knows token order:
+            - "learned" (the default, so saved models load unchanged): learned absolute position embeddings added to
+              the token embeddings, shared by every kind; inputs may not exceed max_position_embeddings.
+            - "none": no position signal at all. Linear kinds still carry order (a causal state that GLA decays and
+              DeltaNet overwrites); softmax layers are then order-blind except through the causal mask.
+            - "rotary": RoPE (Su et al. 2021) on the q and k of the softmax layers ("softmax", "swa"), so their scores
+              depend on relative position only. Linear layers get no rotation (the same as "none" for them): RoPE
+              before a positive feature map is not relative any more, and these kinds carry order in their recurrence.
+            With "none" / "rotary" the length of an input is unlimited.
+        max_position_embeddings: the number of learned positions (position "learned"; default 512). With another
+            position it is informational only (default None, so `HeadModel.max_context` is unbounded).
+        rope_theta: the RoPE base (position "rotary"): frequencies theta^(−2i/d) over the rotated head dim.
         moh_active_heads: Mixture-of-Head attention (Jin et al. 2024, "MoH"): each token turns on the top-K of the
             routed heads, K = this; 0 (the default) is plain multi-head attention. Only softmax layers ("softmax",
             "swa") route: MoH on a stack with a linear kind is refused. See `HeadlabLinearAttention.route`.
@@ -45,7 +57,8 @@ class HeadlabLinearConfig(PretrainedConfig):
                  layer_kinds: str | list[str] | tuple[str, ...] = "linear", window: int = 16,
                  based_feature_dim: int | None = None, hedgehog_feature_dim: int | None = None,
                  gla_gate_rank: int = 16, gla_gate_normalizer: float = 16.0, linear_eps: float = 1e-6,
-                 max_position_embeddings: int = 512, layer_norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 max_position_embeddings: int | None = None, position: str = "learned", rope_theta: float = 10000.0,
+                 layer_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  tie_word_embeddings: bool = True, bos_token_id: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, moh_active_heads: int = 0, moh_shared_heads: int = 0,
                  moh_balance_coef: float = 0.01, **kwargs) -> None:
@@ -64,6 +77,14 @@ class HeadlabLinearConfig(PretrainedConfig):
             head_dim = hidden_size // num_attention_heads
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if position not in POSITIONS:
+            raise ValueError(f"unknown position {position!r}: choose from {', '.join(POSITIONS)}")
+        if position == "rotary" and head_dim % 2 and any(k in SOFTMAX_KINDS for k in layer_kinds):
+            raise ValueError(f"position 'rotary' rotates pairs of q/k dimensions: head_dim {head_dim} must be even")
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {rope_theta!r}")
+        if max_position_embeddings is None and position == "learned":
+            max_position_embeddings = 512
         check_moh(num_attention_heads, layer_kinds, moh_active_heads, moh_shared_heads, moh_balance_coef)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -85,6 +106,8 @@ class HeadlabLinearConfig(PretrainedConfig):
         self.moh_shared_heads = int(moh_shared_heads)
         self.moh_balance_coef = float(moh_balance_coef)
         self.max_position_embeddings = max_position_embeddings
+        self.position = position
+        self.rope_theta = float(rope_theta)
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,

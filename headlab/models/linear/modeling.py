@@ -7,8 +7,12 @@ maps, decays, β) and call `linear_attention_forward`, or, when the model runs u
 (`attn_implementation="headlab"`), the same seam with the mixer attached: captures then record it and
 patterns and edits use the layer's implicit pattern.
 
-Positions are learned absolute embeddings shared by all kinds, so models that differ only in their
-mixers can be compared. Generation recomputes the prefix every step (no recurrent-state cache).
+Positions (config.position) are learned absolute embeddings shared by all kinds, so models that differ only in
+their mixers can be compared; or none (the linear kinds carry order themselves); or RoPE on the q/k of the softmax
+layers (`apply_rotary`; linear layers get no rotation).
+Generation decodes recurrently with a `HeadlabLinearCache` (cache.py): per layer the linear kinds' state, swa's last
+window − 1 keys / values, softmax's full K/V; a decode step costs O(1) per token in a linear layer and still goes through
+the seam (`use_cache=False` reruns the whole prefix every step instead, the same tokens).
 
 Mixture-of-Head layers (config.moh_active_heads > 0; Jin et al. 2024): softmax layers whose heads are experts gated
 per token, output = Σ_i g_i H_i W_O^i. The layer computes its gates from its input (`HeadlabLinearAttention.route`)
@@ -29,6 +33,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from headlab.models.linear.cache import HeadlabLinearCache
 from headlab.models.linear.config import LINEAR_KINDS, SOFTMAX_KINDS, HeadlabLinearConfig
 from headlab.models.linear.mixer import LinearMixer
 
@@ -67,6 +72,23 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     x2 = (x[..., :, None] * x[..., None, :]).flatten(-2) / (2 ** 0.5 * d ** 0.5)
     return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE (Su et al. 2021, GPT-NeoX's half-split layout) of x `[B, H, T, D]` (D even) at `positions` `[T]` or `[B, T]`.
+
+    Dimension pairs (i, i + D/2) turn by positions · theta^(−2i/D), so rotated q·k depends on the positions' difference
+    only. Computed in float32, returned in x's dtype.
+    """
+    D = x.shape[-1]
+    inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # [B, 1, T, D]
+    xf = x.float()
+    rotated = torch.cat([-xf[..., D // 2:], xf[..., : D // 2]], dim=-1)
+    return (xf * angles.cos() + rotated * angles.sin()).to(x.dtype)
 
 
 @dataclass
@@ -217,26 +239,42 @@ class HeadlabLinearAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output `[B, T, C]`, softmax weights or None). A MoH layer keeps its batch's load-balance loss in
-        `self.moh_balance` (None otherwise), which `HeadlabLinearModel` collects after each layer."""
+        `self.moh_balance` (None otherwise), which `HeadlabLinearModel` collects after each layer.
+
+        kwarg `cache` (a `HeadlabLinearCache` inside a model forward that began a step on it): prefill fills this
+        layer's entry, a decode step continues from it (the T tokens then come after the cached ones)."""
         B, T, _ = hidden_states.shape
         H = self.num_heads
+        cache: HeadlabLinearCache | None = kwargs.get("cache")
         routing = self.route(hidden_states, key_mask) if self.moh else None
         self.moh_balance = routing.balance if routing is not None else None
         q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)
+        if self.kind in SOFTMAX_KINDS and getattr(self.config, "position", "learned") == "rotary":
+            # RoPE on softmax layers only (the seam sees the rotated q, k); kwarg position_ids `[T]` / `[B, T]`,
+            # default 0..T-1
+            pos = kwargs.get("position_ids")
+            pos = torch.arange(T, device=q.device) if pos is None else pos
+            q, k = apply_rotary(q, pos, self.config.rope_theta), apply_rotary(k, pos, self.config.rope_theta)
         impl = self.config._attn_implementation or "sdpa"
         if self.kind in SOFTMAX_KINDS:
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
             # headlab's seam records a MoH layer's gates (and pops them: the layer applies them below)
             extra = {"gates": routing.gates} if routing is not None and impl == "headlab" else {}
+            if cache is not None:  # prefill keeps K/V; a decode step attends over the cached ones too
+                k, v, attention_mask = cache.softmax_step(self.layer_idx, k, v, attention_mask)
             out, weights = fn(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **extra)
         else:
             mixer = self.mixer(hidden_states, q, k, key_mask)
+            if cache is not None:  # prefill keeps the final state; a decode step continues from the cached one
+                mixer, k, v, attention_mask = cache.linear_step(self.layer_idx, mixer, k, v, attention_mask)
             # only headlab's seam knows mixers: any other implementation runs the layer's own form
             fn = (ALL_ATTENTION_FUNCTIONS.get_interface(impl, linear_attention_forward) if impl == "headlab"
                   else linear_attention_forward)
             out, weights = fn(self, q, k, v, attention_mask, mixer=mixer, scaling=self.scaling)
+            if cache is not None:
+                cache.linear_done(self.layer_idx, mixer)
         if routing is not None:  # Σ_i g_i H_i W_O^i
             out = out * routing.gates.to(out.dtype)[..., None]
         return self.o_proj(out.reshape(B, T, H * self.head_dim)), weights
@@ -244,17 +282,21 @@ class HeadlabLinearAttention(nn.Module):
 
 @dataclass
 class HeadlabLinearModelOutput(BaseModelOutput):
-    """BaseModelOutput plus `moh_balance`: the mean over MoH layers of their load-balance loss L_b (None without MoH)."""
+    """BaseModelOutput plus `moh_balance`: the mean over MoH layers of their load-balance loss L_b (None without MoH),
+    and `cache`: the `HeadlabLinearCache` when the forward used one."""
 
     moh_balance: torch.FloatTensor | None = None
+    cache: HeadlabLinearCache | None = None
 
 
 @dataclass
 class HeadlabLinearCausalLMOutput(CausalLMOutput):
     """CausalLMOutput plus `moh_balance` (mean over MoH layers of L_b, unweighted; None without MoH). With labels,
-    `loss` = cross-entropy + config.moh_balance_coef · moh_balance."""
+    `loss` = cross-entropy + config.moh_balance_coef · moh_balance. `cache`: the `HeadlabLinearCache` when the forward
+    used one (generate reads it from here)."""
 
     moh_balance: torch.FloatTensor | None = None
+    cache: HeadlabLinearCache | None = None
 
 
 class HeadlabLinearMLP(nn.Module):
@@ -279,8 +321,8 @@ class HeadlabLinearBlock(nn.Module):
             self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.mlp = HeadlabLinearMLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), attention_mask=mask, key_mask=key_mask)[0]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), attention_mask=mask, key_mask=key_mask, **kwargs)[0]
         if self.mlp is not None:
             x = x + self.mlp(self.ln_mlp(x))
         return x
@@ -332,7 +374,9 @@ class HeadlabLinearModel(HeadlabLinearPreTrainedModel):
     def __init__(self, config: HeadlabLinearConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # learned absolute positions only with position "learned" (None otherwise: "none" / "rotary" add nothing here)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.position == "learned" else None)
         self.layers = nn.ModuleList(HeadlabLinearBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -345,35 +389,58 @@ class HeadlabLinearModel(HeadlabLinearPreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                **kwargs: Any) -> HeadlabLinearModelOutput:
+                cache: HeadlabLinearCache | None = None, use_cache: bool | None = None,
+                past_key_values: HeadlabLinearCache | None = None, **kwargs: Any) -> HeadlabLinearModelOutput:
+        """The final hidden states; with a cache (`cache`, or `past_key_values`) or `use_cache=True` (a new cache),
+        the T tokens come after the cache's and the cache then holds them too (returned as `output.cache`).
+
+        `use_cache`: None uses a cache when one is given; False ignores any (a full forward from position 0).
+        `attention_mask` with a cache: `[B, cached + T]` (as `generate` passes it) or `[B, T]`.
+        """
+        cache = cache if cache is not None else past_key_values
+        if use_cache is False:
+            cache = None
+        elif use_cache and cache is None:
+            cache = HeadlabLinearCache(self.config)
+        if cache is not None and not isinstance(cache, HeadlabLinearCache):
+            raise TypeError(f"{type(self).__name__} decodes with a HeadlabLinearCache, not a {type(cache).__name__}: "
+                            "pass none (use_cache=True makes one) or HeadlabLinearCache(model.config)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if T > self.config.max_position_embeddings:
+        if self.embed_positions is not None and T > self.config.max_position_embeddings:
             raise ValueError(f"input of {T} tokens is longer than the model's {self.config.max_position_embeddings} "
                              "learned positions")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [B, T] (1 = real token); got shape {tuple(attention_mask.shape)}")
-        x = x + self.embed_positions(torch.arange(T, device=x.device))[None]
+        past, layer_kwargs = 0, {}
+        if cache is not None:  # the new tokens come after the `past` cached ones (attention_mask: now theirs)
+            limit = self.config.max_position_embeddings if getattr(self, "embed_positions", None) is not None else None
+            past, attention_mask = cache.begin(T, attention_mask, limit)
+            layer_kwargs = {"cache": cache, "position_ids": torch.arange(past, past + T, device=x.device)}
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(past, past + T, device=x.device))[None]
         full, local = causal_masks(attention_mask, B, T, self.config.window, x.device)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         hidden = [x] if output_hidden_states else None
         balances = []
         for layer in self.layers:
-            x = layer(x, local if layer.attn.kind == "swa" else full, key_mask)
+            x = layer(x, local if layer.attn.kind == "swa" else full, key_mask, **layer_kwargs)
             if layer.attn.moh:
                 balances.append(layer.attn.moh_balance)
                 layer.attn.moh_balance = layer.attn.moh_balance.detach()  # the module keeps no autograd graph
             if hidden is not None:
                 hidden.append(x)
+        if cache is not None:
+            cache.end()
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
         # MoH's training code averages the layers' L_b (sum / number of MoH layers)
         balance = torch.stack(balances).mean() if balances else None
         return HeadlabLinearModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None,
-                                        moh_balance=balance)
+                                        moh_balance=balance, cache=cache)
 
 
 class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
@@ -393,10 +460,17 @@ class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, **kwargs: Any) -> HeadlabLinearCausalLMOutput:
+                output_hidden_states: bool | None = None, cache: HeadlabLinearCache | None = None,
+                use_cache: bool | None = None, past_key_values: HeadlabLinearCache | None = None,
+                logits_to_keep: int = 0, **kwargs: Any) -> HeadlabLinearCausalLMOutput:
+        """Logits (and the LM loss with labels). `cache` / `past_key_values` / `use_cache` as in `HeadlabLinearModel`
+        (the cache comes back as `output.cache`); `logits_to_keep` = n > 0 computes the last n positions' logits only
+        (without labels)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state)
+                         output_hidden_states=output_hidden_states, cache=cache, use_cache=use_cache,
+                         past_key_values=past_key_values, **kwargs)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep and labels is None else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -404,9 +478,27 @@ class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
             if out.moh_balance is not None:
                 loss = loss + self.config.moh_balance_coef * out.moh_balance
         return HeadlabLinearCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                           moh_balance=out.moh_balance)
+                                           moh_balance=out.moh_balance, cache=out.cache)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate must not make a DynamicCache: the model makes its own `HeadlabLinearCache` (use_cache=True)."""
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: HeadlabLinearCache | None = None,
+                                      attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
+                                      past_key_values: HeadlabLinearCache | None = None,
                                       **kwargs: Any) -> dict[str, Any]:
-        """No recurrent-state cache: every step reruns the whole prefix."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """With a cache (use_cache, generate's default) only the new tokens go in: the prefill makes the cache, each
+        step then feeds one token; with use_cache=False every step reruns the whole prefix (the same tokens)."""
+        cache = cache if cache is not None else past_key_values
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if use_cache is False:
+            return inputs
+        if cache is not None and next_sequence_length is not None:
+            inputs["input_ids"] = input_ids[:, -next_sequence_length:]
+        inputs.update(cache=cache, use_cache=True)
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

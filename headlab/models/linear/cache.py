@@ -24,14 +24,21 @@ values (and a `[B, 1, Q, S]` mask), linear layers with a decode `LinearMixer` (`
 GLA's decays, DeltaNet's β): `keep_keys=True` keeps them (and the raw keys and values, so the record's k and v span
 every token, as a softmax layer's do, and swa layers keep every key too); without it `LayerRecord.pattern()` of a
 linear layer's decode step raises `PatternUnavailable` naming the option, and the record's q, k, v hold the new tokens
-only while its mask spans all past + Q keys (so an override reading `visible()` with `v` fails on the shapes instead of
-averaging over the new tokens alone).
+only while its mask spans all past + Q keys (so an override reading `visible()` with `v`, e.g. a uniform ablation, fails
+on the shapes instead of averaging over the new tokens alone: attention-level edits of linear layers at decode need
+keep_keys; output-level edits (scale, zero / mean ablation, add, replace) do not). A swa layer's decode record without
+keep_keys holds the window − 1 cached keys plus the new ones (as HF's sliding-window caches give the seam), so its
+pattern's columns are those keys.
+
+On CUDA the prefill of a cached forward runs the torch chunked forms (they return the state; the Triton kernels do
+not), so it is slower than a plain forward there; the decode steps are the same either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache

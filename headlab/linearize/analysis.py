@@ -136,13 +136,14 @@ def hybrid_sweep(lin: HeadModel, report: HeadScores, params: HybridParams = Hybr
     if not hasattr(hf, "set_softmax_heads"):
         raise HeadlabError(f"{lin.name} is not a linearized model")
     path = Path(out) / "hybrid.jsonl" if out is not None else None
-    done = {r["k"]: r for r in (read_jsonl(path) if path is not None else [])}
-    rows = [done[k] for k in params.ks if k in done]
-    before = [list(r) for r in hf.config.softmax_heads]
-    ev = TextEval(path=params.text, ctx=params.ctx, windows=params.windows)
     sets = needle_sets()
     trials = [Trial(n, length, float(d)) for n in params.needles for length in params.needle_lengths
               for d in params.depths]
+    # a row counts as done when it has what this run measures (a later run may add needle recall to it)
+    done = {r["k"]: r for r in (read_jsonl(path) if path is not None else []) if not trials or "recall" in r}
+    rows = [done[k] for k in params.ks if k in done]
+    before = [list(r) for r in hf.config.softmax_heads]
+    ev = TextEval(path=params.text, ctx=params.ctx, windows=params.windows)
     try:
         for k in tqdm([k for k in params.ks if k not in done], desc="hybrid", disable=not progress):
             start = time.perf_counter()

@@ -8,14 +8,23 @@ head by head. The feature maps are trained by attention transfer with the base w
 (`headlab.linearize`).
 
 Under headlab's seam a layer with linear heads passes a `HybridMixer`: its implicit pattern is the Hedgehog pattern
-for linear heads and softmax(q·k) for softmax heads, and `pattern @ v` is the layer's output (tested). Decoding keeps
-the ordinary KV cache and recomputes each new token's row from the cached keys (O(T) per token, like softmax
-attention; a recurrent state would make it O(1)).
+for linear heads and softmax(q·k) for softmax heads, and `pattern @ v` is the layer's output (tested).
+
+Decoding is recurrent (`LinearizedCache`, linearized_cache.py; what `generate` and `HeadModel.forward_cached` use): per
+layer the linear heads' state S = Σ_j φ_h(k_j) v_jᵀ and z = Σ_j φ_h(k_j), and the keys / values of layers that have
+softmax heads. The prefill runs the layer as a full forward and keeps the final state; a decode step of Q tokens
+continues the recurrence (φ(q)·S / (φ(q)·z + ε): O(1) per token in the prompt length for the linear heads) while the
+softmax heads attend over their cached keys. The step still goes through the seam with a decode `HybridMixer` (`past`,
+`initial_state`): output edits (zero / mean ablation, Scale) apply as in a full forward, and its pattern rows span
+every key so far; an all-linear layer keeps no keys, so there its pattern (and uniform ablation) needs
+`LinearizedCache(config, keep_keys=True)` and otherwise raises `PatternUnavailable` (never a wrong row). The ordinary
+KV cache stays available (pass a `transformers.DynamicCache`, or `generate(..., cache_implementation="dynamic")`): it
+recomputes each new token's row over every cached key (O(T) per token), and gives the same tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -25,6 +34,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from headlab_kernels.linear_attention import linear_attention
+from headlab_kernels.linear_attention.reference import linear_chunked
+
+from headlab.models.linear.mixer import PatternUnavailable
+from headlab.models.linearized_cache import LinearizedCache
 
 
 class HeadlabLinearizedConfig(LlamaConfig):
@@ -72,10 +85,20 @@ class HybridMixer:
         kind: "hedgehog".
         fq, fk: feature-mapped queries `[B, H, Q, 2F]` and keys `[B, H, S, 2F]` (zero at padded keys; zero for
             softmax heads).
-        q, k: post-RoPE queries `[B, H, Q, D]` and keys `[B, H, S, D]` (keys repeated per query head), read for
-            softmax heads.
+        q, k: post-RoPE queries `[B, H, Q, D]` and keys `[B, G, S, D]` (G KV groups: query head h reads group
+            h // (H / G)), read for softmax heads.
         softmax: the query heads kept as softmax attention.
         scale: softmax scale; eps: ε of the linear form; key_mask: bool `[B, S]` real keys (None: all).
+        past: keys before the first query in a decode step of a `LinearizedCache` (0 otherwise). The queries are
+            the last Q of `past + Q` tokens and `fk` holds the Q new keys' features; `k` holds every key when the
+            cache kept them (a layer with softmax heads, or keep_keys), else the new ones only (then the linear
+            heads' pattern raises `PatternUnavailable`).
+        weight, bias: the layer's feature maps `[H, D, F]`, `[H, F]` (a decode step's pattern maps the past keys
+            with them, on demand), or None.
+        initial_state: a decode step's linear-head state after the `past` keys, (S `[B, h_lin, 2F, D]`, z
+            `[B, h_lin, 2F]`) over the linear heads in ascending order; `forward` continues the recurrence from it.
+        keep_state: `forward` also sets `final_state`, the linear heads' state after the last key (same layout).
+        final_state: set by `forward` when keep_state.
     """
 
     kind: str
@@ -89,13 +112,60 @@ class HybridMixer:
     key_mask: torch.Tensor | None = None
     g: torch.Tensor | None = None
     beta: torch.Tensor | None = None
+    past: int = 0
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    initial_state: Any = None
+    keep_state: bool = False
+    final_state: Any = field(default=None, repr=False)
 
     @property
     def normalised(self) -> bool:
         return True
 
+    @property
+    def linear_heads(self) -> list[int]:
+        """The layer's linear (Hedgehog) heads, ascending: the order of the state's head axis."""
+        return [h for h in range(self.fq.shape[1]) if h not in self.softmax]
+
+    @property
+    def n_keys(self) -> int:
+        """Keys the queries' rows span: every token so far (a decode step: past + Q)."""
+        return self.past + self.fq.shape[2] if self.past else self.fk.shape[2]
+
+    @property
+    def has_pattern(self) -> bool:
+        """Whether `pattern()` of the linear heads can be computed: a full forward, or a decode step whose cache
+        kept every key (a layer with softmax heads, or keep_keys)."""
+        return self.fk.shape[2] == self.n_keys or (self.weight is not None and self.k.shape[2] == self.n_keys)
+
+    def key_features(self, heads: list[int]) -> torch.Tensor:
+        """The feature-mapped keys of every key so far for the given (linear) heads, `[B, h, S, 2F]` (zero at padded
+        keys): `fk`'s rows, or in a decode step the cached keys mapped now. PatternUnavailable where the cache did
+        not keep the keys."""
+        idx = torch.as_tensor(heads, device=self.fq.device)
+        if self.fk.shape[2] == self.n_keys:
+            return self.fk.index_select(1, idx)
+        if not self.has_pattern:
+            Q = self.fq.shape[2]
+            raise PatternUnavailable(
+                f"the pattern of this decode step's linear heads ({Q} new token(s) after {self.past} cached ones) "
+                "needs the past keys, which the cache did not keep for this all-linear layer: make the cache with "
+                "LinearizedCache(config, keep_keys=True) (e.g. generate(..., cache=LinearizedCache(model.config, "
+                "keep_keys=True)) or forward_cached(ids, that cache)), decode with the ordinary KV cache "
+                "(transformers.DynamicCache), or capture a full forward of the prefix instead")
+        k = self.k.index_select(1, self._group(heads, self.k.shape[1]))
+        f = hedgehog_features(k, self.weight.index_select(0, idx), self.bias.index_select(0, idx))
+        if self.key_mask is not None:
+            f = f * self.key_mask[:, None, :, None].to(f.dtype)
+        return f
+
+    def _group(self, heads: list[int], n_groups: int) -> torch.Tensor:
+        """The KV group (of `n_groups`) each query head reads."""
+        return torch.as_tensor(heads, device=self.fq.device) // (self.fq.shape[1] // n_groups)
+
     def _visible(self, rows: slice | None) -> torch.Tensor:
-        Q, S = self.fq.shape[2], self.fk.shape[2]
+        Q, S = self.fq.shape[2], self.n_keys
         r = torch.arange(Q, device=self.fq.device)[rows if rows is not None else slice(None)] + (S - Q)
         vis = torch.arange(S, device=self.fq.device)[None, :] <= r[:, None]  # [n, S]
         vis = vis[None, None]
@@ -104,39 +174,87 @@ class HybridMixer:
         return vis
 
     def pattern(self, heads: list[int] | None = None, rows: slice | None = None) -> torch.Tensor:
-        """`[B, h, Q, S]` float32: Hedgehog's normalised weights for linear heads, softmax for softmax heads."""
+        """`[B, h, Q, S]` float32: Hedgehog's normalised weights for linear heads, softmax for softmax heads.
+
+        For a decode step S = past + Q (every key so far; the rows are the new queries'): its linear heads map the
+        cached keys, which a layer with softmax heads always keeps and an all-linear layer only with keep_keys
+        (else `PatternUnavailable`, never a row over the new keys alone).
+        """
         heads = list(range(self.fq.shape[1])) if heads is None else list(heads)
+        linear = [h for h in heads if h not in self.softmax]
+        fk = dict(zip(linear, self.key_features(linear).unbind(1))) if linear else {}
         sel = slice(None) if rows is None else rows
         vis = self._visible(rows)
         out = []
         for h in heads:
             if h in self.softmax:
-                s = torch.matmul(self.q[:, h, sel].float(), self.k[:, h].float().transpose(-1, -2)) * self.scale
+                g = int(self._group([h], self.k.shape[1]))
+                s = torch.matmul(self.q[:, h, sel].float(), self.k[:, g].float().transpose(-1, -2)) * self.scale
                 s = s.masked_fill(~vis[:, 0], float("-inf"))
                 p = torch.softmax(s, -1).nan_to_num(0.0)
             else:
-                a = torch.matmul(self.fq[:, h, sel], self.fk[:, h].transpose(-1, -2)) * vis[:, 0]
+                a = torch.matmul(self.fq[:, h, sel], fk[h].transpose(-1, -2)) * vis[:, 0]
                 p = a / (a.sum(-1, keepdim=True) + self.eps)
             out.append(p)
         return torch.stack(out, dim=1)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """The layer's mixing of values `[B, H, S, D]` → `[B, H, Q, D]` (float32)."""
-        Q, S = self.fq.shape[2], self.fk.shape[2]
-        H = self.fq.shape[1]
-        linear = [h for h in range(H) if h not in self.softmax]
+        """The layer's mixing of values `[B, G, S, D]` (or per query head, `[B, H, S, D]`) → `[B, H, Q, D]` (float32).
+
+        A decode step (past > 0) runs the linear heads' recurrence from `initial_state` over the last Q keys and
+        values only (O(1) in past); its softmax heads attend over every key (v then holds every token's value).
+        """
+        Q, H = self.fq.shape[2], self.fq.shape[1]
+        linear = self.linear_heads
         out = torch.zeros(v.shape[0], H, Q, v.shape[-1], dtype=torch.float32, device=v.device)
         if linear:
-            if Q == S:
-                idx = torch.tensor(linear, device=v.device)
-                out[:, idx] = linear_attention(self.fq[:, idx], self.fk[:, idx], v[:, idx].float(), normalize=True,
-                                               eps=self.eps).float()
-            else:  # a few new queries over cached keys: their rows explicitly
-                p = self.pattern(linear)
-                out[:, linear] = torch.matmul(p, v[:, linear].float())
+            idx = torch.tensor(linear, device=v.device)
+            vl = v.index_select(1, self._group(linear, v.shape[1])).float()  # [B, h_lin, S, D]
+            fq, fk = self.fq.index_select(1, idx), self.fk.index_select(1, idx)
+            if self.past:
+                if self.initial_state is None:
+                    raise ValueError(f"a decode mixer ({self.past} keys before its queries) needs the cache's "
+                                     "initial_state")
+                o, state = linear_chunked(fq, fk[:, :, -Q:], vl[:, :, -Q:], normalize=True, eps=self.eps,
+                                          initial_state=self.initial_state, return_state=True)
+                out[:, idx] = o
+                if self.keep_state:
+                    self.final_state = state
+            elif Q == vl.shape[2]:
+                out[:, idx] = linear_attention(fq, fk, vl, normalize=True, eps=self.eps).float()
+                if self.keep_state:
+                    self.final_state = (torch.matmul(fk.float().transpose(-1, -2), vl), fk.float().sum(2))
+            else:  # a few new queries over the keys of an ordinary KV cache: their rows explicitly
+                out[:, idx] = torch.matmul(self.pattern(linear), vl)
         if self.softmax:
-            p = self.pattern(list(self.softmax))
-            out[:, list(self.softmax)] = torch.matmul(p, v[:, list(self.softmax)].float())
+            soft = list(self.softmax)
+            vs = v.index_select(1, self._group(soft, v.shape[1])).float()
+            if vs.shape[2] != self.n_keys:
+                raise ValueError(f"the softmax heads {soft} need the values of all {self.n_keys} keys, got "
+                                 f"{vs.shape[2]}")
+            out[:, soft] = torch.matmul(self.pattern(soft), vs)
+        return out
+
+    def state(self, v: torch.Tensor) -> torch.Tensor:
+        """The linear heads' Hedgehog state Σ_j φ(k_j) v_jᵀ after the last key, `[B, H, 2F, D]` (zero for softmax
+        heads): what a `LinearizedCache` keeps instead of their keys. A decode step continues from its initial state
+        (or returns its final one)."""
+        B, H, _, F2 = self.fq.shape
+        out = torch.zeros(B, H, F2, v.shape[-1], dtype=torch.float32, device=v.device)
+        linear = self.linear_heads
+        if not linear:
+            return out
+        idx = torch.tensor(linear, device=v.device)
+        if self.final_state is not None:
+            out[:, idx] = self.final_state[0]
+            return out
+        vl = v.index_select(1, self._group(linear, v.shape[1])).float()
+        fk = self.fk.index_select(1, idx).float()
+        if self.past:
+            Q = self.fq.shape[2]
+            out[:, idx] = self.initial_state[0] + torch.matmul(fk[:, :, -Q:].transpose(-1, -2), vl[:, :, -Q:])
+        else:
+            out[:, idx] = torch.matmul(fk.transpose(-1, -2), vl)
         return out
 
 
@@ -148,9 +266,7 @@ def linearized_attention_forward(module: nn.Module, query: torch.Tensor, key: to
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    groups = query.shape[1] // value.shape[1]
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    return mixer.forward(v).to(value.dtype).transpose(1, 2).contiguous(), None
+    return mixer.forward(value).to(value.dtype).transpose(1, 2).contiguous(), None
 
 
 def _key_mask(attention_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
@@ -189,29 +305,46 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
         every head is softmax — so `set_softmax_heads` after wrapping keeps working)."""
         return linearized_attention_forward
 
-    def mixer(self, q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None) -> HybridMixer:
-        """The layer's HybridMixer from post-RoPE q `[B, H, Q, D]`, k `[B, G, S, D]`."""
-        H = q.shape[1]
-        groups = H // k.shape[1]
-        kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        fq = hedgehog_features(q, self.feature_map, self.feature_bias)
-        fk = hedgehog_features(kk, self.feature_map, self.feature_bias)
-        key_mask = _key_mask(attention_mask, q.shape[0], kk.shape[2])
+    def features(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """φ_h of post-RoPE queries `[B, H, T, D]` or keys `[B, G, T, D]` (repeated to the H query heads):
+        `[B, H, T, 2F]`, zero for softmax heads and (key_mask `[B, T]`, True = real) at padded keys."""
+        H = self.num_heads
+        if x.shape[1] != H:
+            x = x.repeat_interleave(H // x.shape[1], dim=1)
+        f = hedgehog_features(x, self.feature_map, self.feature_bias)
         if key_mask is not None:
-            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
+            f = f * key_mask[:, None, :, None].to(f.dtype)
         if self.softmax_heads:
-            soft = torch.tensor(self.softmax_heads, device=q.device)
-            fq = fq.index_fill(1, soft, 0.0)
-            fk = fk.index_fill(1, soft, 0.0)
-        return HybridMixer(kind="hedgehog", fq=fq, fk=fk, q=q, k=kk, softmax=self.softmax_heads,
-                           scale=self.scaling, eps=self.config.linear_eps, key_mask=key_mask)
+            f = f.index_fill(1, torch.tensor(self.softmax_heads, device=f.device), 0.0)
+        return f
+
+    def mixer(self, q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None) -> HybridMixer:
+        """The layer's HybridMixer from post-RoPE q `[B, H, Q, D]`, k `[B, G, S, D]` (a full forward, or Q new
+        queries over the S keys of an ordinary KV cache)."""
+        key_mask = _key_mask(attention_mask, q.shape[0], k.shape[2])
+        return HybridMixer(kind="hedgehog", fq=self.features(q), fk=self.features(k, key_mask), q=q, k=k,
+                           softmax=self.softmax_heads, scale=self.scaling, eps=self.config.linear_eps,
+                           key_mask=key_mask)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                mixer: HybridMixer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention call (through headlab's seam under attn_implementation "headlab") and the output projection."""
+        impl = self.config._attn_implementation or "sdpa"
+        fn = (ALL_ATTENTION_FUNCTIONS.get_interface(impl, linearized_attention_forward) if impl == "headlab"
+              else linearized_attention_forward)
+        out, weights = fn(self, q, k, v, mask, mixer=mixer, scaling=self.scaling, dropout=0.0)
+        out = out.reshape(q.shape[0], q.shape[2], -1).contiguous()
+        return self.o_proj(out), weights
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None, cache: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        recurrent = isinstance(cache, LinearizedCache)
         if self.kind == "softmax":
-            return super().forward(hidden_states, position_embeddings, attention_mask,
-                                   cache=cache if cache is not None else past_key_values, **kwargs)
+            if recurrent:  # plain Llama attention; the cache's `update` keeps the keys and values
+                cache.begin_layer(self.layer_idx, self.softmax_heads, hidden_states.shape[1])
+            return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -219,16 +352,53 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
-        cache = cache if cache is not None else past_key_values
-        if cache is not None:
+        if recurrent:
+            return self._forward_recurrent(q, k, v, attention_mask, cache)
+        if cache is not None:  # an ordinary KV cache: each new row recomputed over every cached key (O(T) per token)
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        mixer = self.mixer(q, k, attention_mask)
-        impl = self.config._attn_implementation or "sdpa"
-        fn = (ALL_ATTENTION_FUNCTIONS.get_interface(impl, linearized_attention_forward) if impl == "headlab"
-              else linearized_attention_forward)
-        out, weights = fn(self, q, k, v, attention_mask, mixer=mixer, scaling=self.scaling, dropout=0.0)
-        out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights
+        return self._attend(q, k, v, attention_mask, self.mixer(q, k, attention_mask))
+
+    def _forward_recurrent(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           attention_mask: torch.Tensor | None, cache: LinearizedCache
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A forward on a `LinearizedCache`: the prefill (an empty cache) as a full forward, keeping the linear heads'
+        state; a decode step of Q tokens continues it (O(1) in the cached length) and attends with the softmax heads
+        over their cached keys and values. Both go through the seam with the layer's HybridMixer."""
+        B, _, Q, _ = q.shape
+        past = cache.begin_layer(self.layer_idx, self.softmax_heads, Q)
+        entry = cache.layers[self.layer_idx]
+        total = past + Q
+        if attention_mask is not None and attention_mask.shape[-1] != total:
+            raise ValueError(f"layer {self.layer_idx} got a mask over {attention_mask.shape[-1]} keys, not the "
+                             f"{total} cached and new tokens")
+        key_mask = _key_mask(attention_mask, B, total)  # [B, past + Q] real keys, or None
+        fq = self.features(q)
+        fk = self.features(k, key_mask[:, past:] if key_mask is not None else None)
+        keep_kv = bool(self.softmax_heads) or entry.keep_keys  # softmax heads attend over every key
+        keys, values, mask = k, v, attention_mask
+        if past:
+            if entry.state is None or (keep_kv and entry.keys is None):
+                raise RuntimeError(f"layer {self.layer_idx} has no cached state after {past} tokens: the cache is not "
+                                   "this model's (or was reset); start from a new cache")
+            if keep_kv:
+                keys, values = torch.cat([entry.keys, k], dim=2), torch.cat([entry.values, v], dim=2)
+            if mask is None and self.config._attn_implementation == "headlab":
+                # the seam's record: the new queries see every token so far (also where k, v hold the new ones only)
+                pos = torch.arange(total, device=q.device)
+                mask = (pos[None, :] <= pos[past:, None])[None, None]
+        mixer = HybridMixer(kind="hedgehog", fq=fq, fk=fk, q=q, k=keys, softmax=self.softmax_heads,
+                            scale=self.scaling, eps=self.config.linear_eps, key_mask=key_mask, past=past,
+                            weight=self.feature_map, bias=self.feature_bias,
+                            initial_state=entry.state if past else None, keep_state=True)
+        out = self._attend(q, keys, values, mask, mixer)
+        if mixer.final_state is None:
+            raise RuntimeError(f"layer {self.layer_idx}'s attention call did not run its mixer's forward, so the cache "
+                               "has no state to keep")
+        entry.state = mixer.final_state
+        if keep_kv:
+            entry.keys, entry.values = keys, values
+        entry.length = total
+        return out
 
 
 class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
@@ -244,6 +414,31 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
             new.load_state_dict(old.state_dict(), strict=False)
             new.reset_feature_maps()
             layer.self_attn = new
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Any = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
+        """LlamaForCausalLM's forward; `use_cache=True` without a cache makes a `LinearizedCache` (recurrent
+        decoding) where Llama would make a DynamicCache. Pass a `transformers.DynamicCache` for the ordinary KV cache
+        (each new row recomputed over the cached keys), none with use_cache unset for a plain forward."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if use_cache and cache is None:
+            cache = LinearizedCache(self.config)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any,
+                                      **kwargs: Any) -> Any:
+        """generate decodes with a `LinearizedCache` unless given a cache, `use_cache=False` (the prefix rerun) or a
+        `cache_implementation` (e.g. "dynamic": the ordinary KV cache)."""
+        if (model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None
+                and generation_config.use_cache is not False and generation_config.cache_implementation is None):
+            model_kwargs["cache"] = LinearizedCache(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def set_softmax_heads(self, softmax_heads: list[list[int]]) -> None:
         """Choose which heads are softmax (a hybrid), keeping every trained feature map."""

@@ -171,3 +171,23 @@ def test_cli_build_and_analyse(base_folder, text_file, tmp_path, capsys):
     assert main(["linearize", "analyse", "--model", str(base_folder), "--linearized", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "a")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_retrieval_scoring_reads_linear_heads_decode_rows(base):
+    """A scoring needle trial on an all-linear model: the top-1 key of each head's decode row comes from the
+    implicit pattern over every key (the cache keeps them for scoring), equal to the full forward's row."""
+    from headlab.analyses.razor import Condition
+    from headlab.analyses.retrieval import NeedlePrompt, run_trial
+
+    lin = hl.HeadModel(from_base(base.hf), base.tokenizer, name="lin")
+    ids = _ids(9, (1, 30))[0].tolist()
+    prompt = NeedlePrompt(ids=tuple(ids), span=(10, 14), reference=tuple(ids[10:14]))
+    rec = run_trial(lin, prompt, [Condition(name="baseline", score=True)], max_new_tokens=1)[0]
+    assert "scores" in rec and len(rec["scores"]) == 2
+    # the decode row of the last prompt token over every key equals the full forward's row
+    run = lin.run(torch.tensor([ids]))
+    with lin.capturing(layers=[0]) as cap:
+        _, cache = lin.forward_cached(torch.tensor([ids[:-1]]), keep_keys=True)
+        lin.forward_cached(torch.tensor([[ids[-1]]]), cache)
+    torch.testing.assert_close(cap.records[0].pattern()[0, :, 0], run.records[0].pattern()[0, :, len(ids) - 1],
+                               atol=1e-5, rtol=1e-4)

@@ -167,8 +167,10 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
     start, end = prompt.span
     eos = [getattr(model.hf.config, "eos_token_id", None), getattr(model.tokenizer, "eos_token_id", None)]
     stop = {i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)}
+    # scoring and masking read each decode row over every key: recurrent (linear) layers must keep their keys
+    keep = any(c.score or c.mask for c in conditions)
     with torch.no_grad():
-        _, cache = model.forward_cached(torch.tensor([ids[:-1]], device=model.device))
+        _, cache = model.forward_cached(torch.tensor([ids[:-1]], device=model.device), keep_keys=keep)
     prompt_ids = torch.tensor(ids)
     records = []
     for cond in conditions:
@@ -177,9 +179,14 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
         idx = torch.full((model.n_layers, model.n_heads), -1)  # [L, H]: the top-1 key of each head's decode row
 
         def top1(record) -> None:  # a Capture callback, on one-query forwards: O(S) per head
-            if record.q.shape[2] == 1:
-                st = head_stats(record.q[:1], record.k[:1], scale=record.scale, causal=True, topk=1)
-                idx[record.layer] = st.topk_idx[0, :, 0, 0].cpu()
+            if record.q.shape[2] != 1:
+                return
+            if record.linear:  # a linear layer: its implicit row over every cached key (its mixer's pattern)
+                row = record.pattern()[:1, :, 0].abs()  # [1, H, S]
+                idx[record.layer] = row.argmax(-1)[0].cpu()
+                return
+            st = head_stats(record.q[:1], record.k[:1], scale=record.scale, causal=True, topk=1)
+            idx[record.layer] = st.topk_idx[0, :, 0, 0].cpu()
 
         def on_step(token: int) -> None:
             hit = (idx >= start) & (idx < end) & (prompt_ids[idx.clamp(0, len(ids) - 1)] == token)

@@ -428,12 +428,16 @@ class HeadModel:
         with activate(self._owner, capture=capture):
             yield capture
 
-    def forward_cached(self, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward_cached(self, ids: torch.Tensor, cache: Any = None, *, keep_keys: bool = False) -> tuple[torch.Tensor, Any]:
         """One forward of ids `[1, T]` on a KV cache (None: a fresh one); returns the last logits `[V]` and the cache.
 
         The one place that knows the cache keyword (`cache`, named `past_key_values` before transformers 5.x).
+        `keep_keys`: a fresh cache of a model with recurrent (linear) layers also keeps their keys, so that decode
+        steps' pattern rows exist (retrieval scoring, pattern-reading edits); other models' caches keep them anyway.
         """
         params = inspect.signature(self.hf.forward).parameters
+        if cache is None and keep_keys and callable(getattr(self.hf, "headlab_cache", None)):
+            cache = self.hf.headlab_cache(keep_keys=True)
         kwargs: dict[str, Any] = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
         if cache is not None:
             kwargs["cache" if "cache" in params else "past_key_values"] = cache

@@ -430,6 +430,12 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
                                cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
 
+    def headlab_cache(self, *, keep_keys: bool = False) -> Any:
+        """A fresh recurrent cache for this model (`keep_keys`: also keep all-linear layers' keys for patterns)."""
+        from headlab.models.linearized_cache import LinearizedCache
+
+        return LinearizedCache(self.config, keep_keys=keep_keys)
+
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any,
                                       **kwargs: Any) -> Any:
         """generate decodes with a `LinearizedCache` unless given a cache, `use_cache=False` (the prefix rerun) or a

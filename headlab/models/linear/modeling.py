@@ -480,6 +480,12 @@ class HeadlabLinearForCausalLM(HeadlabLinearPreTrainedModel, GenerationMixin):
         return HeadlabLinearCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                            moh_balance=out.moh_balance, cache=out.cache)
 
+    def headlab_cache(self, *, keep_keys: bool = False) -> Any:
+        """A fresh recurrent-state cache for this model (`keep_keys`: also keep linear layers' keys for patterns)."""
+        from headlab.models.linear.cache import HeadlabLinearCache
+
+        return HeadlabLinearCache(self.config, keep_keys=keep_keys)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """generate must not make a DynamicCache: the model makes its own `HeadlabLinearCache` (use_cache=True)."""

@@ -55,22 +55,28 @@ def windows(ids: torch.Tensor, width: int, *, count: int | None = None, bos: int
 
 
 def mqar(batch: int, seq_len: int, num_pairs: int, vocab: int, *, num_queries: int | None = None,
-         generator: torch.Generator | None = None, seed: int | None = None,
-         filler: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): `(ids [batch, seq_len], answers [batch,
-    seq_len] bool)`.
+         generator: torch.Generator | None = None, seed: int | None = None, filler: int = 0,
+         power_a: float | None = None, repeat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): `(ids, answers)`, both `[batch, seq_len]`.
 
-    Each row opens with `num_pairs` key-value pairs `k1 v1 k2 v2 …` (2·num_pairs tokens). The rest of the row is
-    filler (`filler`, token 0 by default) holding `num_queries` (default: all the pairs) queries `k v`: a key of the
-    context, each queried once, followed by its value. The queries sit at random even offsets of the query region
-    (uniform, in random order), so the gaps between them are filler. `answers` is True at the value of each query:
-    the token a model must predict from the query key before it; a loss or accuracy reads only those positions
-    (HF labels: `ids.masked_fill(~answers, -100)`, which the LM's shift aligns with the prediction at the key).
+    Each row opens with `num_pairs` key-value pairs `k1 v1 k2 v2 …` (2·num_pairs tokens); the rest, the query
+    region, is filler (token `filler`, 0 by default) holding `num_queries` queries `k v` (default: every pair, each
+    once, in random order): a key of the context followed by its value. The queries sit at distinct even offsets 2g
+    of the query region with filler between them: g uniform over its (seq_len − 2·num_pairs) // 2 slots, or, with
+    `power_a` = a, as Zoology's, P(g) ∝ (g + 1)^(a − 1) (a = 0.01 there: most queries close to the context).
+    With `repeat` the queried pairs are drawn with replacement, so `num_queries` may exceed `num_pairs`, up to every
+    slot (a dense query region); a key asked again is still answered by its value.
+
+    `answers` (bool) is True at the value of each query: the token to predict from the query key just before it. A
+    loss or accuracy reads only those positions; as HF labels, `ids.masked_fill(~answers, -100)` (the LM's shift
+    aligns each with the prediction at its key).
 
     Keys and values come from disjoint halves of the vocabulary, as Zoology's: keys 1..vocab//2 − 1, values
     vocab//2..vocab − 1 (token 0 is left to the filler); a row's keys are distinct, and so are its values.
 
-    Seeded: pass `generator`, or `seed` (default 0) for a fresh one; the same seed gives the same batch.
+    Seeded: pass `generator`, or `seed` (default 0) for a fresh one; the same seed gives the same batch. ValueError
+    for impossible settings: more pairs than keys in the vocabulary, a sequence too short for the pairs and queries,
+    more queries than pairs without `repeat`.
     """
     if generator is not None and seed is not None:
         raise ValueError("give a generator or a seed, not both")
@@ -83,8 +89,9 @@ def mqar(batch: int, seq_len: int, num_pairs: int, vocab: int, *, num_queries: i
     if num_pairs > n_keys:
         raise ValueError(f"{num_pairs} pairs need {num_pairs} distinct keys, but a vocabulary of {vocab} holds "
                          f"{max(n_keys, 0)} (keys 1..{vocab // 2 - 1}, values {vocab // 2}..{vocab - 1})")
-    if num_queries > num_pairs:
-        raise ValueError(f"{num_queries} queries of {num_pairs} pairs: each key is queried at most once")
+    if num_queries > num_pairs and not repeat:
+        raise ValueError(f"{num_queries} queries of {num_pairs} pairs: each key is queried at most once "
+                         "(repeat=True asks keys again)")
     if not 0 <= filler < vocab:
         raise ValueError(f"filler token {filler} is outside the vocabulary of {vocab}")
     context = 2 * num_pairs
@@ -97,8 +104,17 @@ def mqar(batch: int, seq_len: int, num_pairs: int, vocab: int, *, num_queries: i
     values = draw(vocab - vocab // 2, num_pairs) + vocab // 2
     ids = torch.full((batch, seq_len), filler, dtype=torch.long)
     ids[:, 0:context:2], ids[:, 1:context:2] = keys, values
-    asked = draw(num_pairs, num_queries)  # which pairs are queried, in the order of their slots
-    where = draw(slots, num_queries).sort(dim=1).values * 2 + context  # the query keys' positions
+    # which pairs are queried, in the order of their slots
+    asked = (torch.randint(num_pairs, (batch, num_queries), generator=generator) if repeat
+             else draw(num_pairs, num_queries))
+    if power_a is None:
+        gaps = draw(slots, num_queries)
+    else:
+        if not 0 < power_a <= 1:
+            raise ValueError(f"power_a must be in (0, 1], got {power_a!r}")
+        p = torch.arange(1, slots + 1, dtype=torch.float64) ** (power_a - 1)
+        gaps = torch.multinomial(p.expand(batch, -1), num_queries, replacement=False, generator=generator)
+    where = gaps.sort(dim=1).values * 2 + context  # the query keys' positions
     ids.scatter_(1, where, keys.gather(1, asked))
     ids.scatter_(1, where + 1, values.gather(1, asked))
     answers = torch.zeros(batch, seq_len, dtype=torch.bool)

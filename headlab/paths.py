@@ -15,6 +15,7 @@ APP_FILE = ROOT / "apps" / "explorer.py"
 TOY_INDUCTION_DIR = DATA / "toy-induction"
 TWINS_DIR = DATA / "linear-twins"
 MOH_TWINS_DIR = DATA / "moh-twins"  # a Mixture-of-Head model and its MHA twin (headlab.models.linear.train)
+MQAR_TWINS_DIR = DATA / "mqar-twins"  # one MQAR model per twin kind, evaluated at length (headlab.models.linear.train)
 TEXT_DIR = DATA / "text"
 TASKS_DIR = DATA / "tasks"
 SINKS_DIR = DATA / "sinks"

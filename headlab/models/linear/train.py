@@ -12,6 +12,10 @@ Two tasks, the same geometry for every kind (2 layers × 4 heads, width 64, lear
 the loss curve, the evaluation) and `README.md` (the model card); `train_twins` does several and skips
 those already finished, so an interrupted sweep resumes where it stopped.
 
+`train_mqar_twins` trains one model per twin kind on multi-query associative recall (MQAR, task "mqar") at length
+256, without learned positions (RoPE on softmax layers, nothing on linear ones), and evaluates each at lengths
+256–2048, into data/mqar-twins/ with a summary (accuracy per kind × length, state sizes).
+
 `train_moh_pair` trains a Mixture-of-Head model (kind "moh" of MOH_STACKS: softmax layers whose heads are routed per
 token) and its multi-head-attention twin the same way, into data/moh-twins/, with a summary of both (held-out loss,
 the MoH model's routing statistics from `routing_stats`).
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -30,18 +34,35 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headlab.models.linear.config import MOH_STACKS, STACKS, HeadlabLinearConfig, twin_stack
+from headlab.models.linear.config import MOH_STACKS, SOFTMAX_KINDS, STACKS, HeadlabLinearConfig, twin_stack
 from headlab.models.linear.modeling import HeadlabLinearForCausalLM
-from headlab.paths import KJV_GENESIS, KJV_JOHN, MOH_TWINS_DIR, TWINS_DIR  # noqa: F401 (TWINS_DIR re-exported)
-from headlab.inputs import periodic, windows, with_bos
+from headlab.paths import (  # noqa: F401 (TWINS_DIR re-exported)
+    KJV_GENESIS,
+    KJV_JOHN,
+    MOH_TWINS_DIR,
+    MQAR_TWINS_DIR,
+    TWINS_DIR,
+)
+from headlab.inputs import mqar, periodic, windows, with_bos
 from headlab.results import read_json, write_atomic, write_json
 
 TEXT_TRAIN = KJV_JOHN
 TEXT_HELDOUT = KJV_GENESIS
 
-TASKS = ("recall", "text")
+TASKS = ("recall", "text")  # the tasks of `train_twins` (data/linear-twins)
+MQAR = "mqar"  # the task of `train_mqar_twins` (data/mqar-twins): TwinParams.for_task("mqar", kind)
 RECALL_VOCAB = 128  # token 0 is BOS (toy-induction's vocabulary)
 EVAL_PERIODS = (8, 16, 32)
+MQAR_EVAL_LENGTHS = (256, 512, 1024, 2048)
+MQAR_EVAL_SEQUENCES = 64  # per length: 64 × mqar_pairs queries
+MQAR_EVAL_SEED = 4321
+
+
+def mqar_position(kind: str) -> str:
+    """The position option of a kind's MQAR twin: "rotary" where the stack has a softmax layer (softmax; BASED's
+    sliding-window layer), "none" for the purely linear stacks (their layers carry order themselves). Either way only
+    softmax layers are rotated, so "rotary" on a linear stack would be the same model."""
+    return "rotary" if any(k in SOFTMAX_KINDS for k in twin_stack(kind)) else "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +70,7 @@ class TwinParams:
     """The recipe of one twin (every kind of a task shares it but for `kind`).
 
     Attributes:
-        task: "recall" or "text".
+        task: "recall", "text" or "mqar".
         kind: a key of STACKS, or of MOH_STACKS (then moh_active ≥ 1).
         steps, batch, seq_len, lr, warmup, weight_decay, grad_clip: AdamW with linear warm-up and cosine decay.
         hidden, heads, mlp: geometry (mlp 0 = attention-only).
@@ -58,6 +79,12 @@ class TwinParams:
             toy-induction).
         period_range: recall periods drawn per sequence.
         seed: seed of init and data.
+        position: HeadlabLinearConfig.position ("learned" for recall / text; `mqar_position(kind)` for mqar).
+        mqar_vocab, mqar_pairs: MQAR's vocabulary (token 0 the filler, keys 1..V/2 − 1, values V/2..V − 1) and number
+            of key-value pairs per sequence (`headlab.inputs.mqar`).
+        mqar_queries: queries per training sequence, keys asked again (repeat=True: denser supervision than one
+            query per key); 0: half the slots of the query region, so training also sees filler between queries.
+            Evaluation asks each key once (`evaluate_mqar`).
         moh_shared, moh_active, moh_balance_coef: Mixture-of-Head layers (MOH_STACKS kinds only): h_s shared heads,
             the top-K of the other heads per token, and the load-balance loss weight (HeadlabLinearConfig's
             moh_shared_heads / moh_active_heads / moh_balance_coef).
@@ -82,35 +109,52 @@ class TwinParams:
     moh_shared: int = 0
     moh_active: int = 0
     moh_balance_coef: float = 0.01
+    position: str = "learned"
+    mqar_vocab: int = 64
+    mqar_pairs: int = 16
+    mqar_queries: int = 0
 
     def __post_init__(self) -> None:
         twin_stack(self.kind)
+        if self.task == MQAR:  # the generator's own errors, before any training
+            mqar(1, self.seq_len, self.mqar_pairs, self.mqar_vocab, num_queries=self.train_queries, repeat=True)
         if (self.kind in MOH_STACKS) != (self.moh_active > 0):
             raise ValueError(f"twin kind {self.kind!r} with moh_active={self.moh_active}: Mixture-of-Head kinds "
                              f"({', '.join(MOH_STACKS)}) need moh_active >= 1 and the others route nothing")
 
     @classmethod
     def for_task(cls, task: str, kind: str, **overrides) -> "TwinParams":
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+        if task not in (*TASKS, MQAR):
+            raise ValueError(f"unknown task {task!r}: choose from {', '.join((*TASKS, MQAR))}")
         twin_stack(kind)  # ValueError naming the kinds
         base = dict(task=task, kind=kind)
         if task == "recall":
             base.update(steps=1000, batch=64, seq_len=64, mlp=0)
+        elif task == MQAR:
+            base.update(steps=1500, batch=16, seq_len=256, mlp=0, position=mqar_position(kind))
         else:
             base.update(steps=1500, batch=16, seq_len=128, mlp=256, init_std=0.02, lr=2e-3)
         base.update(overrides)
         return cls(**base)
+
+    @property
+    def train_queries(self) -> int:
+        """MQAR queries per training sequence (mqar_queries, or half the slots of the query region when 0)."""
+        return self.mqar_queries or max(1, (self.seq_len - 2 * self.mqar_pairs) // 4)
 
     def config(self) -> HeadlabLinearConfig:
         text = self.task == "text"
         layers = twin_stack(self.kind)
         moh = dict(moh_shared_heads=self.moh_shared, moh_active_heads=self.moh_active,
                    moh_balance_coef=self.moh_balance_coef) if self.moh_active else {}
+        vocab = 257 if text else self.mqar_vocab if self.task == MQAR else RECALL_VOCAB
+        # learned positions cover the training length (recall adds a BOS); other positions set no limit
+        positions = (self.seq_len if text or self.task == MQAR else self.seq_len + 1) \
+            if self.position == "learned" else None
         return HeadlabLinearConfig(
-            vocab_size=257 if text else RECALL_VOCAB, hidden_size=self.hidden, num_hidden_layers=len(layers),
+            vocab_size=vocab, hidden_size=self.hidden, num_hidden_layers=len(layers),
             num_attention_heads=self.heads, intermediate_size=self.mlp, layer_kinds=list(layers), **moh,
-            window=self.window, max_position_embeddings=self.seq_len + 1 if not text else self.seq_len,
+            window=self.window, max_position_embeddings=positions, position=self.position,
             initializer_range=self.init_std, bos_token_id=256 if text else 0, eos_token_id=256 if text else 0,
             pad_token_id=256 if text else 0)
 
@@ -158,8 +202,11 @@ def text_eval_windows(data: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: HeadlabLinearForCausalLM, params: TwinParams) -> dict:
-    """Recall: accuracy and loss on later-copy targets per period. Text: held-out and training-text loss (nats/byte)."""
+    """Recall: accuracy and loss on later-copy targets per period. Text: held-out and training-text loss (nats/byte).
+    MQAR: `evaluate_mqar` at MQAR_EVAL_LENGTHS."""
     model.eval()
+    if params.task == MQAR:
+        return evaluate_mqar(model, params)
     if params.task == "recall":
         out: dict = {"periods": {}}
         accs = []
@@ -187,6 +234,66 @@ def evaluate(model: HeadlabLinearForCausalLM, params: TwinParams) -> dict:
     if model.config.moh:
         res["routing"] = routing_stats(model, text_eval_windows(text_bytes(TEXT_HELDOUT), params.seq_len))
     return res
+
+
+def mqar_eval_batch(params: TwinParams, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out MQAR sequences at one length: MQAR_EVAL_SEQUENCES rows of the training's `mqar_pairs` pairs, each
+    key queried once, the queries spread uniformly over the rest of the sequence (filler between them), seed
+    MQAR_EVAL_SEED + length. Returns ids and answers `[N, length]` (`headlab.inputs.mqar`)."""
+    return mqar(MQAR_EVAL_SEQUENCES, length, params.mqar_pairs, params.mqar_vocab, seed=MQAR_EVAL_SEED + length)
+
+
+@torch.no_grad()
+def evaluate_mqar(model: HeadlabLinearForCausalLM, params: TwinParams,
+                  lengths: Iterable[int] | None = None, *, batch: int = 16) -> dict:
+    """MQAR accuracy by evaluation length (default MQAR_EVAL_LENGTHS): the same number of pairs as in training
+    (`mqar_pairs`), spread over a longer sequence with filler (`mqar_eval_batch`), so only the distance from the pairs
+    to their queries grows.
+
+    Returns {"lengths": {"<L>": {"accuracy", "loss", "queries"}}, "mqar_accuracy": the accuracy at the training
+    length (or the first length), "train_distribution": {"accuracy", "loss", "queries"} on held-out sequences drawn
+    as in training (length seq_len, `train_queries` queries, keys asked again)}: accuracy = share of queried values
+    that are the argmax prediction at their key, loss = mean cross-entropy there (nats).
+    """
+    model.eval()
+
+    def score(ids: torch.Tensor, answers: torch.Tensor) -> dict:
+        right, loss, count = 0, 0.0, 0
+        for chunk, ans in zip(ids.split(batch), answers.split(batch)):
+            logits = model(input_ids=chunk).logits[:, :-1].float()
+            target, where = chunk[:, 1:], ans[:, 1:]
+            right += int((logits.argmax(-1) == target)[where].sum())
+            loss += float(F.cross_entropy(logits[where], target[where], reduction="sum"))
+            count += int(where.sum())
+        return {"accuracy": right / count, "loss": loss / count, "queries": count}
+
+    out: dict = {"lengths": {str(n): score(*mqar_eval_batch(params, n))
+                             for n in (MQAR_EVAL_LENGTHS if lengths is None else lengths)}}
+    key = str(params.seq_len) if str(params.seq_len) in out["lengths"] else next(iter(out["lengths"]))
+    out["mqar_accuracy"] = out["lengths"][key]["accuracy"]
+    out["train_distribution"] = score(*mqar(MQAR_EVAL_SEQUENCES, params.seq_len, params.mqar_pairs, params.mqar_vocab,
+                                            num_queries=params.train_queries, repeat=True, seed=MQAR_EVAL_SEED))
+    return out
+
+
+def state_sizes(config: HeadlabLinearConfig) -> list[dict]:
+    """What each layer keeps per head to continue a sequence: a linear layer its state, F × D floats (F: the feature
+    dim: D for linear, GLA, DeltaNet; 2 × hedgehog_feature_dim; 1 + d + d² for BASED with d = based_feature_dim), a
+    softmax layer its KV cache, 2·D floats per token (a sliding-window layer at most `window` tokens of it)."""
+    D = config.head_dim
+    rows = []
+    for i, kind in enumerate(config.layer_kinds):
+        row: dict = {"layer": i, "kind": kind}
+        if kind in SOFTMAX_KINDS:
+            row["kv_cache_per_token"] = 2 * D
+            if kind == "swa":
+                row["kv_cache_max"] = 2 * D * config.window
+        else:
+            d = config.based_feature_dim
+            F_ = {"hedgehog": 2 * config.hedgehog_feature_dim, "based": 1 + d + d * d}.get(kind, D)
+            row.update(feature_dim=F_, state=F_ * D)
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
@@ -292,11 +399,16 @@ def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, th
         t0 = time.perf_counter()
         bar = tqdm(range(params.steps), desc=name, disable=not progress, leave=False)
         for step in bar:
+            labels = None
             if params.task == "recall":
                 ids = recall_batch(params.batch, params.seq_len, generator=gen, period_range=params.period_range)
+            elif params.task == MQAR:  # the loss reads the answers only
+                ids, answers = mqar(params.batch, params.seq_len, params.mqar_pairs, params.mqar_vocab,
+                                    num_queries=params.train_queries, repeat=True, generator=gen)
+                labels = ids.masked_fill(~answers, -100)
             else:
                 ids = text_batch(data, params.batch, params.seq_len, generator=gen)
-            output = model(input_ids=ids, labels=ids)
+            output = model(input_ids=ids, labels=ids if labels is None else labels)
             loss = output.loss  # cross-entropy (+ moh_balance_coef · L_b for a MoH model)
             if output.moh_balance is not None:
                 if step % 25 == 0 or step == params.steps - 1:
@@ -325,6 +437,7 @@ def train_twin(params: TwinParams, out: Path | str, *, progress: bool = True, th
             byte_tokenizer().save_pretrained(out)
         record = {"name": name, "params": asdict(params),
                   "layer_kinds": list(twin_stack(params.kind)), "n_params": sum(p.numel() for p in model.parameters()),
+                  **({"state": state_sizes(model.config)} if params.task == MQAR else {}),
                   "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                   "final_train_loss": curve[-1][1], "curve": curve, "eval": ev,
                   "torch": torch.__version__, "trained_by": trained_by}
@@ -435,6 +548,23 @@ def model_card(record: dict) -> str:
         lines += [f"| {k} | {v['accuracy']:.4f} | {v['loss']:.4f} |" for k, v in ev["periods"].items()]
         lines += ["", f"Mean recall accuracy: **{ev['recall_accuracy']:.4f}** (next-token accuracy on targets in a "
                   "later copy, 256 held-out sequences per period)."]
+    elif p["task"] == MQAR:
+        state = "; ".join(f"layer {r['layer']} ({r['kind']}): " + (f"state {r['feature_dim']}×{p['hidden'] // p['heads']}"
+                                                                   f" = {r['state']} floats per head" if "state" in r
+                                                                   else f"KV cache {r['kv_cache_per_token']} floats "
+                                                                   "per head per token")
+                          for r in record["state"])
+        lines += [f"Data: multi-query associative recall (`headlab.inputs.mqar`), vocabulary {p['mqar_vocab']} (keys "
+                  f"1..{p['mqar_vocab'] // 2 - 1}, values {p['mqar_vocab'] // 2}..{p['mqar_vocab'] - 1}, filler 0), "
+                  f"{p['mqar_pairs']} key-value pairs then {ev['train_distribution']['queries'] // MQAR_EVAL_SEQUENCES} "
+                  f"queries among filler in the rest of {p['seq_len']} tokens (keys asked again; loss on the answers "
+                  f"only). Positions: {p['position']}. Accuracy on held-out sequences of that kind: "
+                  f"{ev['train_distribution']['accuracy']:.4f}.", "",
+                  f"What it keeps per head to go on: {state}.", "",
+                  "Accuracy on the queried values, the same pairs with each key queried once, spread over longer "
+                  f"sequences ({MQAR_EVAL_SEQUENCES} held-out sequences per length):", "",
+                  "| length | accuracy | loss |", "|---|---|---|"]
+        lines += [f"| {k} | {v['accuracy']:.4f} | {v['loss']:.4f} |" for k, v in ev["lengths"].items()]
     else:
         lines += ["Data: bytes of the King James Version (public domain, data/text): trained on the Gospel of John, "
                   "evaluated on every 127-byte window of Genesis 1–15 (held out).", "",
@@ -506,7 +636,7 @@ def train_moh_pair(out_dir: Path | str = MOH_TWINS_DIR, *, steps: int | None = N
         folder = out / name
         record = read_json(folder / "run.json", missing_ok=True) if not force else None
         if record is not None:
-            if record["params"] != json.loads(json.dumps(asdict(params))):
+            if not same_recipe(record["params"], params):
                 raise ValueError(f"{folder} holds {name} trained with another recipe ({record['params']}): pass "
                                  "force=True to retrain it, or another out_dir")
             records[name] = record
@@ -518,6 +648,14 @@ def train_moh_pair(out_dir: Path | str = MOH_TWINS_DIR, *, steps: int | None = N
     write_atomic(out / "README.md", moh_summary_markdown(summary))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def same_recipe(saved: dict, params: TwinParams) -> bool:
+    """Whether a run.json's params are `params` (fields added to TwinParams since it was written count at their
+    defaults)."""
+    want = json.loads(json.dumps(asdict(params)))
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(TwinParams) if f.default is not MISSING}))
+    return {**{k: defaults[k] for k in want if k not in saved and k in defaults}, **saved} == want
 
 
 def moh_summary(records: dict[str, dict]) -> dict:
@@ -567,5 +705,131 @@ def moh_summary_markdown(summary: dict) -> str:
               f"frequencies {routing['cv_routed_frequency']:.4f}, mean routing entropy {routing['routing_entropy']:.4f} "
               "nats; per layer in summary.json and the model card.", "",
               "Training times are wall-clock on a shared 2-core machine (other jobs ran beside them): compare",
+              "them only loosely.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- MQAR twins
+
+def mqar_twin_name(kind: str, hidden: int) -> str:
+    return f"{kind}-h{hidden}"
+
+
+def train_mqar_twins(out_dir: Path | str = MQAR_TWINS_DIR, *, kinds: Iterable[str] = tuple(STACKS),
+                     hiddens: Iterable[int] = (64,), steps: int | None = None, force: bool = False,
+                     progress: bool = True, threads: int | None = 1, **overrides) -> dict:
+    """Train one MQAR model per (kind, width) into `out_dir/<kind>-h<hidden>/` and summarise them; returns the summary.
+
+    Every model has the same recipe (`TwinParams.for_task("mqar", kind)`: 2 layers × 4 heads, attention-only, trained
+    at length 256 on `mqar_pairs` pairs) but its mixer and the position option that goes with it (`mqar_position`:
+    RoPE on softmax layers, none for linear stacks); the width sets the head dim D and with it the state. Each is
+    evaluated at MQAR_EVAL_LENGTHS (`evaluate_mqar`). Finished models (with run.json) are kept unless `force`; one
+    trained with another recipe is refused (ValueError), so the folder stays one comparison. Writes
+    `out_dir/summary.json` (returned) and README.md over every MQAR model in the folder.
+
+    Args:
+        kinds: twin kinds (keys of STACKS).
+        hiddens: model widths (head dim = hidden / 4).
+        steps: training steps (None: the task's default).
+        threads: torch threads while training (1 by default: these small models ran ~5× faster on one thread than on
+            two on a shared 2-core machine).
+        overrides: further TwinParams fields for every model (mqar_pairs, mqar_vocab, lr, batch, ...).
+    """
+    out = Path(out_dir)
+    if steps is not None:
+        overrides["steps"] = steps
+    jobs = [(kind, hidden) for hidden in hiddens for kind in kinds]
+    for kind, hidden in tqdm(jobs, desc="mqar twins", disable=not progress):
+        name = mqar_twin_name(kind, hidden)
+        params = TwinParams.for_task(MQAR, kind, **{"hidden": hidden, **overrides})
+        folder = out / name
+        record = read_json(folder / "run.json", missing_ok=True) if not force else None
+        if record is not None:
+            if not same_recipe(record["params"], params):
+                raise ValueError(f"{folder} holds {name} trained with another recipe ({record['params']}): pass "
+                                 "force=True to retrain it, or another out_dir")
+            continue
+        train_twin(params, folder, progress=progress, threads=threads, name=name,
+                   trained_by="`headlab.models.linear.train.train_mqar_twins`")
+    summary = mqar_summary(out)
+    write_json(out / "summary.json", summary)
+    write_atomic(out / "README.md", mqar_summary_markdown(summary))
+    return summary
+
+
+def mqar_summary(out_dir: Path | str = MQAR_TWINS_DIR) -> dict:
+    """summary.json of an MQAR twins folder, from every `*/run.json` of task "mqar" in it: per model its recipe
+    differences, state sizes and accuracy by evaluation length, and `table` (one row per model)."""
+    records = [read_json(run) for run in sorted(Path(out_dir).glob("*/run.json"))]
+    records = [r for r in records if r["params"]["task"] == MQAR]
+    if not records:
+        raise FileNotFoundError(f"no MQAR model (run.json of task {MQAR!r}) under {out_dir}")
+    models, table = {}, []
+    for r in records:
+        p, ev = r["params"], r["eval"]
+        head_dim = p["hidden"] // p["heads"]
+        linear = [s["state"] for s in r["state"] if "state" in s]
+        kv = [s["kv_cache_per_token"] for s in r["state"] if "kv_cache_per_token" in s and "kv_cache_max" not in s]
+        m = {"kind": p["kind"], "layer_kinds": r["layer_kinds"], "position": p["position"], "hidden": p["hidden"],
+             "heads": p["heads"], "head_dim": head_dim, "n_params": r["n_params"], "state": r["state"],
+             # per head, largest layer: a linear layer's F×D state; softmax layers: their KV cache grows per token
+             "state_per_head": max(linear) if linear else None,
+             "kv_cache_per_token_per_head": max(kv) if kv else None,
+             "accuracy": {k: v["accuracy"] for k, v in ev["lengths"].items()},
+             "loss": {k: v["loss"] for k, v in ev["lengths"].items()},
+             "train_distribution_accuracy": ev["train_distribution"]["accuracy"],
+             "train_seconds": r["train_seconds"], "threads": r["threads"], "final_train_loss": r["final_train_loss"],
+             "steps": p["steps"]}
+        models[r["name"]] = m
+        table.append({"model": r["name"], "kind": m["kind"], "hidden": m["hidden"], "head_dim": head_dim,
+                      "position": m["position"], "state_per_head": m["state_per_head"],
+                      "kv_cache_per_token_per_head": m["kv_cache_per_token_per_head"],
+                      "acc_train_dist": round(m["train_distribution_accuracy"], 4),
+                      **{f"acc_{k}": round(v, 4) for k, v in m["accuracy"].items()},
+                      "train_s": r["train_seconds"]})
+    p0 = records[0]["params"]
+    recipe = {k: v for k, v in p0.items() if k not in ("kind", "position", "hidden") and not k.startswith("moh_")
+              and k != "period_range"}
+    lengths = list(records[0]["eval"]["lengths"])
+    return {"task": MQAR, "recipe": recipe,
+            "eval": {"lengths": [int(k) for k in lengths], "sequences_per_length": MQAR_EVAL_SEQUENCES,
+                     "pairs": p0["mqar_pairs"], "queries_per_sequence": p0["mqar_pairs"], "seed": MQAR_EVAL_SEED,
+                     "train_queries": TwinParams(**{**p0, "period_range": tuple(p0["period_range"])}).train_queries,
+                     "regime": "the training's pairs, each key queried once, spread uniformly over the longer "
+                               "sequence with filler (only the distance to the pairs grows)",
+                     "chance": {"uniform_value": 2 / p0["mqar_vocab"], "value_in_context": 1 / p0["mqar_pairs"]}},
+            "models": models, "table": table, "torch": records[0]["torch"]}
+
+
+def mqar_summary_markdown(summary: dict) -> str:
+    """The index of an MQAR twins folder (written by `train_mqar_twins`): accuracy by kind × length × width."""
+    rc, ev = summary["recipe"], summary["eval"]
+    lengths = [str(n) for n in ev["lengths"]]
+    lines = ["# MQAR twins: multi-query associative recall at length", "",
+             "Trained here by `headlab.models.linear.train.train_mqar_twins`, one model per twin kind with one recipe: "
+             f"{rc['steps']} steps × batch {rc['batch']} × {rc['seq_len']} tokens, AdamW lr {rc['lr']} (warm-up "
+             f"{rc['warmup']}, cosine to 10%), init std {rc['init_std']}, seed {rc['seed']}; 2 layers × {rc['heads']} "
+             "heads, attention-only. Task (`headlab.inputs.mqar`, Zoology's MQAR): vocabulary "
+             f"{rc['mqar_vocab']} (keys and values from disjoint halves, token 0 the filler), {ev['pairs']} key-value "
+             f"pairs `k1 v1 k2 v2 …`, then {ev['train_queries']} queries `k v` at random places among filler in the "
+             "rest of the sequence (keys asked again); the loss reads only the answers. Positions: RoPE on the "
+             "softmax layers (softmax; BASED's sliding-window layer), none on the linear ones (`mqar_position`). "
+             "Column `train dist.`: accuracy on held-out sequences drawn like the training ones.", "",
+             f"Evaluation: {ev['sequences_per_length']} held-out sequences per length, the same {ev['pairs']} pairs, "
+             "each key queried once, the queries spread uniformly over the sequence with filler between them (only "
+             "the distance from the pairs to their queries grows). Accuracy = the queried value is the argmax "
+             f"prediction at its key. Chance: {ev['chance']['uniform_value']:.4f} (a uniform value), "
+             f"{ev['chance']['value_in_context']:.4f} (a value of the context).", "",
+             "State per head: what a linear layer keeps, F × D floats (its largest layer); a softmax layer's KV "
+             "cache instead grows by 2·D floats per token (BASED's window layer keeps at most its window of it).", "",
+             "| model | layers | positions | params | state per head | KV cache per token per head | train dist. | "
+             + " | ".join(f"acc @ {n}" for n in lengths) + " | train s |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(lengths) + "---|"]
+    for name, m in sorted(summary["models"].items(), key=lambda kv: (kv[1]["hidden"], list(STACKS).index(kv[1]["kind"])
+                                                                       if kv[1]["kind"] in STACKS else 99)):
+        lines.append(f"| {name} | {'+'.join(m['layer_kinds'])} | {m['position']} | {m['n_params']:,} | "
+                     f"{m['state_per_head'] or '—'} | {m['kv_cache_per_token_per_head'] or '—'} | "
+                     f"{m['train_distribution_accuracy']:.4f} | " + " | ".join(f"{m['accuracy'][n]:.4f}" for n in lengths) + f" | {m['train_seconds']} |")
+    lines += ["", "Training times are wall-clock on a shared 2-core machine (other jobs ran beside them): compare",
               "them only loosely.", ""]
     return "\n".join(lines)

@@ -511,10 +511,20 @@ def reproductions_page() -> str:
         out += _table(["softmax heads k", "share", "perplexity", "needle recall"],
                       [[str(r["k"]), _num(r["softmax_share"]), _num(r["ppl"]), _num(r.get("recall"))]
                        for r in rep["hybrid"]])
+        byret = ROOT / "benchmarks/results/linearize_smollm2/hybrid_by_retrieval.jsonl"
+        if byret.exists():
+            rows_r = [json.loads(line) for line in byret.read_text().splitlines() if line.strip()]
+            out += ["Keeping the base's retrieval heads softmax instead (ranked by the retrieval scan's score):", ""]
+            out += _table(["softmax heads k", "share", "perplexity", "needle recall"],
+                          [[str(r["k"]), _num(r["softmax_share"]), _num(r["ppl"]), _num(r.get("recall"))]
+                           for r in sorted(rows_r, key=lambda r: r["k"])])
         out += _source("benchmarks/results/linearize_smollm2/report.json",
                        "headlab linearize build --steps 120 --windows 16\n"
                        "headlab linearize analyse --linearized ~/.cache/headlab/models/smollm2-135m-hedgehog/model "
-                       "--out benchmarks/results/linearize_smollm2 --retrieval benchmarks/results/moh_smollm2/retrieval")
+                       "--out benchmarks/results/linearize_smollm2 --retrieval benchmarks/results/moh_smollm2/retrieval "
+                       "--needle-lengths ''\n"
+                       "headlab linearize analyse ... --ks 0,27,90,135,270   # adds needle recall to those rows\n"
+                       "headlab linearize analyse ... --ks 9,27,90 --rank-by retrieval --out runs/by-retrieval")
 
     # ---- benchmarks (the committed text files, verbatim: each starts with the command that wrote it)
     out += ["## Benchmarks", "",

@@ -50,6 +50,8 @@ def register(sub) -> None:
     a.add_argument("--needle-lengths", default=",".join(map(str, h.needle_lengths)),
                    help="needle prompt lengths ('' for no needle test)")
     a.add_argument("--windows", type=count, default=h.windows, help="held-out windows for perplexity")
+    a.add_argument("--rank-by", default=h.rank_by, help="which heads stay softmax first: a map of the transfer "
+                                                         "report (rel_error, kl, entropy, induction, retrieval, ...)")
     a.add_argument("--threads", type=count, default=2, help="torch CPU threads")
     a.set_defaults(handler=cmd_analyse)
 
@@ -102,8 +104,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     else:
         report = transfer_report(base, lin, types=type_maps(base, retrieval=args.retrieval))
         report.save(report_dir)
-    rows = hybrid_sweep(lin, report, HybridParams(ks=ks, needle_lengths=lengths, windows=args.windows),
-                        out=args.out)
+    rows = hybrid_sweep(lin, report, HybridParams(ks=ks, needle_lengths=lengths, windows=args.windows,
+                                                  rank_by=args.rank_by), out=args.out)
     summary = {"relate": relate(report), "hardest": [[str(h), s] for h, s in report.top(12)], "hybrid": rows,
                "mean_rel_error": float(report.maps["rel_error"].mean()), "mean_kl": float(report.maps["kl"].mean())}
     write_json(args.out / "report.json", summary)

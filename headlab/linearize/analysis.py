@@ -111,10 +111,12 @@ def hardest(report: HeadScores, k: int, *, error: str = "rel_error") -> list[lis
 
 @dataclass(frozen=True, kw_only=True)
 class HybridParams:
-    """The hybrid sweep: k heads kept softmax; perplexity on `text` (`windows` × `ctx`); needle recall at
-    `needle_lengths` × `depths` over needle sets `needles` (none: skip)."""
+    """The hybrid sweep: the k heads with the largest `rank_by` map of the report (the transfer error by default;
+    e.g. "retrieval" keeps the retrieval heads) kept softmax; perplexity on `text` (`windows` × `ctx`); needle recall
+    at `needle_lengths` × `depths` over needle sets `needles` (none: skip)."""
 
     ks: tuple[int, ...] = (0, 9, 27, 54, 90, 135, 270)
+    rank_by: str = "rel_error"
     text: str = str(KJV_JOHN)
     windows: int = 8
     ctx: int = 128
@@ -135,21 +137,24 @@ def hybrid_sweep(lin: HeadModel, report: HeadScores, params: HybridParams = Hybr
     hf = lin.hf
     if not hasattr(hf, "set_softmax_heads"):
         raise HeadlabError(f"{lin.name} is not a linearized model")
+    if params.rank_by not in report.maps:
+        raise HeadlabError(f"rank_by {params.rank_by!r} is not a map of the report: {', '.join(report.maps)}")
     path = Path(out) / "hybrid.jsonl" if out is not None else None
     sets = needle_sets()
     trials = [Trial(n, length, float(d)) for n in params.needles for length in params.needle_lengths
               for d in params.depths]
     # a row counts as done when it has what this run measures (a later run may add needle recall to it)
-    done = {r["k"]: r for r in (read_jsonl(path) if path is not None else []) if not trials or "recall" in r}
+    done = {r["k"]: r for r in (read_jsonl(path) if path is not None else [])
+            if (not trials or "recall" in r) and r.get("rank_by", "rel_error") == params.rank_by}
     rows = [done[k] for k in params.ks if k in done]
     before = [list(r) for r in hf.config.softmax_heads]
     ev = TextEval(path=params.text, ctx=params.ctx, windows=params.windows)
     try:
         for k in tqdm([k for k in params.ks if k not in done], desc="hybrid", disable=not progress):
             start = time.perf_counter()
-            hf.set_softmax_heads(hardest(report, k))
+            hf.set_softmax_heads(hardest(report, k, error=params.rank_by))
             loss = float(ev.loss(lin))
-            row: dict[str, Any] = {"k": k, "softmax_share": k / (lin.n_layers * lin.n_heads), "loss": loss,
+            row: dict[str, Any] = {"k": k, "rank_by": params.rank_by, "softmax_share": k / (lin.n_layers * lin.n_heads), "loss": loss,
                                    "ppl": math.exp(loss)}
             if trials:
                 recs = run_grid(lin, lambda t: text_prompt(lin, sets[t.needle], t.length, t.depth), trials,

@@ -20,7 +20,7 @@ error), layer by layer. The result is an ordinary HF folder (`model_type` "headl
 opens; its config says which heads stay softmax, so one set of maps gives every hybrid.
 
 ```
-headlab linearize build                                   # ~6 min on 2 cores; resumable layer by layer
+headlab linearize build                                   # 6-20 min on 2 cores; resumable layer by layer
 headlab linearize analyse --linearized DIR/model --out runs/lin --retrieval runs/retrieval
 ```"""),
     ("code", """import json

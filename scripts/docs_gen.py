@@ -498,7 +498,7 @@ def reproductions_page() -> str:
                 f"Hedgehog feature map ({build['params']['feature_dim']} features per sign) trained on "
                 f"{build['params']['windows']} × {build['params']['seq_len']} tokens of KJV Genesis, "
                 f"{build['params']['steps']} AdamW steps per layer, base weights frozen, in {build['seconds']} s on "
-                "this 2-core CPU (1 thread, shared). No fine-tuning after the transfer. Held-out transfer error "
+                "this 2-core CPU. No fine-tuning after the transfer. Held-out transfer error "
                 f"(KJV John): mean relative output error {_num(rep['mean_rel_error'])}, mean pattern KL "
                 f"{_num(rep['mean_kl'])} nats per row. Against head types (Spearman of the relative output error "
                 "with each map over all 270 heads; mean error of the type's top 10% of heads against the rest):", ""]
@@ -519,11 +519,9 @@ def reproductions_page() -> str:
                           [[str(r["k"]), _num(r["softmax_share"]), _num(r["ppl"]), _num(r.get("recall"))]
                            for r in sorted(rows_r, key=lambda r: r["k"])])
         out += _source("benchmarks/results/linearize_smollm2/report.json",
-                       "headlab linearize build --steps 120 --windows 16\n"
-                       "headlab linearize analyse --linearized ~/.cache/headlab/models/smollm2-135m-hedgehog/model "
-                       "--out benchmarks/results/linearize_smollm2 --retrieval benchmarks/results/moh_smollm2/retrieval "
-                       "--needle-lengths ''\n"
-                       "headlab linearize analyse ... --ks 0,27,90,135,270   # adds needle recall to those rows\n"
+                       "headlab linearize build --steps 120 --windows 64 --threads 2 --out ~/.cache/headlab/models/smollm2-135m-hedgehog-w64\n"
+                       "headlab linearize analyse --linearized ~/.cache/headlab/models/smollm2-135m-hedgehog-w64/model "
+                       "--out benchmarks/results/linearize_smollm2 --retrieval benchmarks/results/moh_smollm2/retrieval\n"
                        "headlab linearize analyse ... --ks 9,27,90 --rank-by retrieval --out runs/by-retrieval")
 
     # ---- benchmarks (the committed text files, verbatim: each starts with the command that wrote it)

@@ -141,7 +141,6 @@ def test_scans_report_and_hybrid_sweep_on_the_linearized_model(base, text_file, 
     params = HybridParams(ks=(0, 2, 8), text=str(text_file), windows=2, ctx=24, needles=())
     rows = hybrid_sweep(lin, report, params, out=tmp_path / "hyb", progress=False)
     assert [r["k"] for r in rows] == [0, 2, 8]
-    base_loss = float(base.loss(lin.encode(TEXT, truncate=25)))  # noqa: F841 (sanity: runs)
     assert rows[-1]["loss"] == pytest.approx(float(_text_loss(base, text_file)), rel=1e-4)  # all softmax: the base
     assert lin.hf.config.softmax_heads == [[], []]  # restored
     again = hybrid_sweep(lin, report, params, out=tmp_path / "hyb", progress=False)

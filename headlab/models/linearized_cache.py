@@ -35,8 +35,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from headlab.models.linear.cache import RecurrentLayerCache
 
-class LinearizedLayerCache:
+
+class LinearizedLayerCache(RecurrentLayerCache):
     """One layer's entry of a `LinearizedCache` (see the module docstring).
 
     Attributes:
@@ -47,10 +49,7 @@ class LinearizedLayerCache:
         state: the linear heads' (S `[B, h_lin, 2F, D]`, z `[B, h_lin, 2F]`), or None (no linear heads).
     """
 
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-    is_sliding = False
+    cache_name = "LinearizedCache"
 
     def __init__(self, keep_keys: bool = False) -> None:
         self.keep_keys = keep_keys
@@ -76,34 +75,12 @@ class LinearizedLayerCache:
         if self.state is not None:
             self.state = tuple(fn(t) for t in self.state)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
     def reset(self) -> None:
         self.keys = self.values = self.state = self.softmax_heads = None
         self.length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a LinearizedCache cannot be cropped (a recurrent state cannot forget tokens): "
-                                  "decode from a copy of the cache instead (copy.deepcopy)")
-
-    def offload(self) -> None:  # nothing to offload: the states are small
-        pass
-
-    def prefetch(self) -> None:
-        pass
-
     def get_seq_length(self) -> int:
         return self.length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0

@@ -66,7 +66,44 @@ def decode_mask(key_mask: torch.Tensor | None, batch: int, past: int, n_new: int
     return (vis & key_mask[:, -n_keys:].to(device)[:, None, None, :]) | diag
 
 
-class HeadlabLinearLayerCache:
+class RecurrentLayerCache:
+    """What the per-layer entries of the recurrent caches (`HeadlabLinearCache`, the linearized models'
+    `LinearizedCache`) share: beam / batch reshuffles through the entry's `_map`, no cropping, nothing to offload.
+    A subclass sets `cache_name` (for messages) and defines `_map(fn)` over the tensors it holds."""
+
+    cache_name = "recurrent cache"
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+    is_sliding = False
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"a {self.cache_name} cannot be cropped (a recurrent state cannot forget tokens): "
+                                  "decode from a copy of the cache instead (copy.deepcopy)")
+
+    def offload(self) -> None:  # nothing to offload: the states are small
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class HeadlabLinearLayerCache(RecurrentLayerCache):
     """One layer's entry of a `HeadlabLinearCache` (see the module docstring for what each kind keeps).
 
     Attributes:
@@ -78,10 +115,7 @@ class HeadlabLinearLayerCache:
             `[B, H, S, F]`, DeltaNet's β `[B, H, S]` of every token (what the decode pattern rows need).
     """
 
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-    is_sliding = False
+    cache_name = "HeadlabLinearCache"
 
     def __init__(self, kind: str, window: int, keep_keys: bool = False) -> None:
         self.kind = kind
@@ -112,30 +146,8 @@ class HeadlabLinearLayerCache:
         elif self.state is not None:
             self.state = fn(self.state)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
     def reset(self) -> None:
         self.keys = self.values = self.state = self.fk = self.g = self.beta = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a HeadlabLinearCache cannot be cropped (a recurrent state cannot forget tokens): "
-                                  "decode from a copy of the cache instead (copy.deepcopy)")
-
-    def offload(self) -> None:  # nothing to offload: the states are small
-        pass
-
-    def prefetch(self) -> None:
-        pass
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class HeadlabLinearCache(Cache):

@@ -70,105 +70,121 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
     """The explorer's Blocks for one shared Explorer (settings and model cache); no per-session state outside it.
 
     `circuit`: a `headlab.circuits.view.CircuitView` for the Circuit tab (the graph, a head's pattern on a task
-    prompt, the head patched live), or None."""
+    prompt, the head patched live), or None. Each tab is built by its own function below (components and events);
+    the analysed prompt (`session`, a gr.State) is what they share."""
     ex = explorer or Explorer()
     with gr.Blocks(title="headlab head explorer", analytics_enabled=False) as demo:
         session = gr.State(None)
         gr.Markdown("# headlab head explorer")
-        with gr.Tab("Heads", elem_id="tab-heads"):
-            with gr.Row():
-                model_box = gr.Dropdown(list(dict.fromkeys([model, *BUNDLED])), value=model, allow_custom_value=True,
-                                        label="model: a bundled name or a local HF folder", elem_id="model", scale=3)
-                bos = gr.Checkbox(True, label="prepend BOS", scale=1)
-            prompt = gr.Textbox(label="prompt", lines=3, elem_id="prompt")
-            analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
-            status = gr.Markdown(elem_id="status")
-            with gr.Row():
-                with gr.Column(scale=3):
-                    score_map = gr.Radio([(MAP_LABELS[k], k) for k in MAP_LABELS], value="induction",
-                                         label="head score")
-                    grid = gr.Plot(elem_id="score-grid", show_label=False)
-                with gr.Column(scale=2):
-                    gr.Markdown("### Next-token predictions")
-                    preds = gr.Markdown(elem_id="predictions")
-            with gr.Row():
-                head_box = gr.Textbox(label="head (click a grid cell, or type L1H2)", elem_id="head-box")
-                start = gr.Number(-1, label="window start (-1: end of prompt)", precision=0, elem_id="start")
-                size = gr.Slider(4, 128, value=ex.settings.window, step=1, label="window size")
-                show_btn = gr.Button("Show head", elem_id="show-head")
-            pattern = gr.Plot(elem_id="pattern", show_label=False)
-            head_info = gr.Markdown(elem_id="head-info")
-            gr.Markdown("### Edit heads and compare")
-            with gr.Row():
-                edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
-                add_btn = gr.Button("+ selected head", elem_id="add-head", scale=1)
-                how = gr.Radio(list(HOW), value="zero", label="edit", elem_id="how", scale=2)
-                factor = gr.Number(0.5, label="scale factor", elem_id="factor", scale=1)
-                apply_btn = gr.Button("Apply edit", variant="primary", elem_id="apply-edit", scale=1)
-            comparison = gr.Markdown(elem_id="comparison")
-
-        with gr.Tab("Circuit", elem_id="tab-circuit"):
-            circuit_summary = gr.Markdown(elem_id="circuit-summary")
-            circuit_graph = gr.Plot(elem_id="circuit-graph", show_label=False)
-            with gr.Row():
-                circuit_head = gr.Dropdown([], label="circuit head", allow_custom_value=True, elem_id="circuit-head")
-                circuit_box = gr.Textbox(label="head (click a node, pick one, or type L12H3)",
-                                         elem_id="circuit-head-box")
-                circuit_index = gr.Number(0, label="task prompt", precision=0, elem_id="circuit-prompt")
-                circuit_show = gr.Button("Show head on the prompt", elem_id="circuit-show")
-                circuit_patch = gr.Button("Patch it from the corrupted prompt", variant="primary",
-                                          elem_id="circuit-patch")
-            circuit_prompt = gr.Markdown(elem_id="circuit-prompt-text")
-            circuit_pattern = gr.Plot(elem_id="circuit-pattern", show_label=False)
-            circuit_result = gr.Markdown(elem_id="circuit-result")
-        with gr.Tab("MoH routing", elem_id="tab-moh"):
-            gr.Markdown("Mixture-of-head routing of the prompt analysed in the Heads tab (MoH's training-free "
-                        "query-norm router): which routed heads each token keeps, and what the edit does to the "
-                        "predictions.")
-            with gr.Row():
-                moh_active = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="share of routed heads kept per token",
-                                       elem_id="moh-active")
-                moh_layer = gr.Number(0, label="layer", precision=0, elem_id="moh-layer")
-                moh_on = gr.Checkbox(True, label="apply the MoH edit to the predictions", elem_id="moh-on")
-                moh_btn = gr.Button("Route", variant="primary", elem_id="moh-route")
-            moh_status = gr.Markdown(elem_id="moh-status")
-            moh_plot = gr.Plot(elem_id="moh-plot", show_label=False)
-            moh_info = gr.Markdown(elem_id="moh-info")
-        view = [status, grid, preds, session, head_box, pattern, head_info, comparison]
-        settings = [model_box, prompt, bos, score_map, start, size]
-        show_head = dict(fn=guarded(ex.head_view, 3), inputs=[session, head_box, start, size],
-                         outputs=[status, pattern, head_info])
-        opened = dict(fn=guarded(ex.open_model, 9), inputs=settings, outputs=[view[0], prompt, *view[1:]])
-
-        demo.load(**opened)
-        model_box.change(**opened)
-        gr.on([analyse_btn.click, prompt.submit], guarded(ex.analyse_and_show, 8), inputs=settings, outputs=view)
-        gr.on([show_btn.click, head_box.submit, start.submit, size.release], **show_head)
-        score_map.change(guarded(ex.show_map, 2), [session, score_map], [status, grid])
-        add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
-        gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],
-              [status, comparison])
-        gr.on([moh_btn.click, moh_layer.submit, moh_on.change], guarded(ex.moh_view, 3),
-              [session, moh_active, moh_layer, moh_on], [moh_status, moh_plot, moh_info])
-        if circuit is None:
-            demo.load(lambda: ("No circuit opened: start the explorer with `headlab explore --circuit DIR` (a folder "
-                               "written by `headlab circuit discover`).", gr.skip(), gr.skip()),
-                      outputs=[circuit_summary, circuit_graph, circuit_head])
-        else:
-            demo.load(lambda: (circuit.summary_md(), circuit.figure(),
-                               gr.update(choices=circuit.head_choices(), value=circuit.head_choices()[0]),
-                               circuit.head_choices()[0]),
-                      outputs=[circuit_summary, circuit_graph, circuit_head, circuit_box])
-            circuit_head.input(lambda head: head, circuit_head, circuit_box)
-
-            def show(head_text, index):
-                info, fig = circuit.head_pattern(head_text, index)
-                return info + "\n\n" + circuit.prompt_md(index), fig
-
-            gr.on([circuit_show.click, circuit_box.submit], guarded(show, 2), [circuit_box, circuit_index],
-                  [circuit_prompt, circuit_pattern])
-            circuit_patch.click(guarded(circuit.patch, 1), [circuit_box, circuit_index], circuit_result)
+        heads_tab(demo, ex, session, model)
+        circuit_tab(demo, circuit)
+        moh_tab(ex, session)
     return demo
+
+
+def heads_tab(demo: gr.Blocks, ex: Explorer, session: gr.State, model: str) -> dict:
+    """The Heads tab: model, prompt, the layer × head score grid, one head's pattern, edits compared live."""
+    with gr.Tab("Heads", elem_id="tab-heads"):
+        with gr.Row():
+            model_box = gr.Dropdown(list(dict.fromkeys([model, *BUNDLED])), value=model, allow_custom_value=True,
+                                    label="model: a bundled name or a local HF folder", elem_id="model", scale=3)
+            bos = gr.Checkbox(True, label="prepend BOS", scale=1)
+        prompt = gr.Textbox(label="prompt", lines=3, elem_id="prompt")
+        analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                score_map = gr.Radio([(MAP_LABELS[k], k) for k in MAP_LABELS], value="induction",
+                                     label="head score")
+                grid = gr.Plot(elem_id="score-grid", show_label=False)
+            with gr.Column(scale=2):
+                gr.Markdown("### Next-token predictions")
+                preds = gr.Markdown(elem_id="predictions")
+        with gr.Row():
+            head_box = gr.Textbox(label="head (click a grid cell, or type L1H2)", elem_id="head-box")
+            start = gr.Number(-1, label="window start (-1: end of prompt)", precision=0, elem_id="start")
+            size = gr.Slider(4, 128, value=ex.settings.window, step=1, label="window size")
+            show_btn = gr.Button("Show head", elem_id="show-head")
+        pattern = gr.Plot(elem_id="pattern", show_label=False)
+        head_info = gr.Markdown(elem_id="head-info")
+        gr.Markdown("### Edit heads and compare")
+        with gr.Row():
+            edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
+            add_btn = gr.Button("+ selected head", elem_id="add-head", scale=1)
+            how = gr.Radio(list(HOW), value="zero", label="edit", elem_id="how", scale=2)
+            factor = gr.Number(0.5, label="scale factor", elem_id="factor", scale=1)
+            apply_btn = gr.Button("Apply edit", variant="primary", elem_id="apply-edit", scale=1)
+        comparison = gr.Markdown(elem_id="comparison")
+    view = [status, grid, preds, session, head_box, pattern, head_info, comparison]
+    settings = [model_box, prompt, bos, score_map, start, size]
+    show_head = dict(fn=guarded(ex.head_view, 3), inputs=[session, head_box, start, size],
+                     outputs=[status, pattern, head_info])
+    opened = dict(fn=guarded(ex.open_model, 9), inputs=settings, outputs=[view[0], prompt, *view[1:]])
+
+    demo.load(**opened)
+    model_box.change(**opened)
+    gr.on([analyse_btn.click, prompt.submit], guarded(ex.analyse_and_show, 8), inputs=settings, outputs=view)
+    gr.on([show_btn.click, head_box.submit, start.submit, size.release], **show_head)
+    score_map.change(guarded(ex.show_map, 2), [session, score_map], [status, grid])
+    add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
+    gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],
+          [status, comparison])
+    return dict(model=model_box, prompt=prompt, status=status, head=head_box)
+
+
+def circuit_tab(demo: gr.Blocks, circuit) -> None:
+    """The Circuit tab: a circuit opened at launch (`--circuit DIR`), its graph, a head on a task prompt, patched."""
+    with gr.Tab("Circuit", elem_id="tab-circuit"):
+        circuit_summary = gr.Markdown(elem_id="circuit-summary")
+        circuit_graph = gr.Plot(elem_id="circuit-graph", show_label=False)
+        with gr.Row():
+            circuit_head = gr.Dropdown([], label="circuit head", allow_custom_value=True, elem_id="circuit-head")
+            circuit_box = gr.Textbox(label="head (click a node, pick one, or type L12H3)",
+                                     elem_id="circuit-head-box")
+            circuit_index = gr.Number(0, label="task prompt", precision=0, elem_id="circuit-prompt")
+            circuit_show = gr.Button("Show head on the prompt", elem_id="circuit-show")
+            circuit_patch = gr.Button("Patch it from the corrupted prompt", variant="primary",
+                                      elem_id="circuit-patch")
+        circuit_prompt = gr.Markdown(elem_id="circuit-prompt-text")
+        circuit_pattern = gr.Plot(elem_id="circuit-pattern", show_label=False)
+        circuit_result = gr.Markdown(elem_id="circuit-result")
+    if circuit is None:
+        demo.load(lambda: ("No circuit opened: start the explorer with `headlab explore --circuit DIR` (a folder "
+                           "written by `headlab circuit discover`).", gr.skip(), gr.skip()),
+                  outputs=[circuit_summary, circuit_graph, circuit_head])
+        return
+    demo.load(lambda: (circuit.summary_md(), circuit.figure(),
+                       gr.update(choices=circuit.head_choices(), value=circuit.head_choices()[0]),
+                       circuit.head_choices()[0]),
+              outputs=[circuit_summary, circuit_graph, circuit_head, circuit_box])
+    circuit_head.input(lambda head: head, circuit_head, circuit_box)
+
+    def show(head_text, index):
+        info, fig = circuit.head_pattern(head_text, index)
+        return info + "\n\n" + circuit.prompt_md(index), fig
+
+    gr.on([circuit_show.click, circuit_box.submit], guarded(show, 2), [circuit_box, circuit_index],
+          [circuit_prompt, circuit_pattern])
+    circuit_patch.click(guarded(circuit.patch, 1), [circuit_box, circuit_index], circuit_result)
+
+
+def moh_tab(ex: Explorer, session: gr.State) -> None:
+    """The MoH routing tab: the analysed prompt routed by the query-norm router, the edit toggled on and off."""
+    with gr.Tab("MoH routing", elem_id="tab-moh"):
+        gr.Markdown("Mixture-of-head routing of the prompt analysed in the Heads tab (MoH's training-free "
+                    "query-norm router): which routed heads each token keeps, and what the edit does to the "
+                    "predictions.")
+        with gr.Row():
+            moh_active = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="share of routed heads kept per token",
+                                   elem_id="moh-active")
+            moh_layer = gr.Number(0, label="layer", precision=0, elem_id="moh-layer")
+            moh_on = gr.Checkbox(True, label="apply the MoH edit to the predictions", elem_id="moh-on")
+            moh_btn = gr.Button("Route", variant="primary", elem_id="moh-route")
+        moh_status = gr.Markdown(elem_id="moh-status")
+        moh_plot = gr.Plot(elem_id="moh-plot", show_label=False)
+        moh_info = gr.Markdown(elem_id="moh-info")
+    gr.on([moh_btn.click, moh_layer.submit, moh_on.change], guarded(ex.moh_view, 3),
+          [session, moh_active, moh_layer, moh_on], [moh_status, moh_plot, moh_info])
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""The head explorer's logic, free of Gradio: the app in apps/explorer.py only wires these to components.
+"""The explorer's shared core, free of Gradio: settings, caches, the Session, the Heads and MoH routing tabs.
 
 An `Explorer` holds what every browser session shares: the settings and a per-process
 model cache (name → HeadModel, loaded once, guarded by a lock). Everything a session

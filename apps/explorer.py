@@ -11,12 +11,17 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it phones home at import otherwise
 
+from functools import partial  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
 from headlab.errors import HeadlabError  # noqa: E402
 from headlab.explore import DEFAULT_MODEL, HOW, MAP_LABELS, Explorer  # noqa: E402
+from headlab.explore.kinds import DEFAULT_TEXT, DEFAULT_TWINS, TWINS, twins_view  # noqa: E402
+from headlab.explore.retrieval import needle_steps  # noqa: E402
+from headlab.analyses.retrieval import needle_sets  # noqa: E402
+from headlab.explore.sinks import SINK_MAPS, calibrate_view, sinks_view  # noqa: E402
 from headlab.models.bundled import BUNDLED  # noqa: E402
 
 # Gradio's Plot has no click event: hook plotly's own on the score grid, fill the head box, show the head.
@@ -54,6 +59,18 @@ CLICK_JS = """
 """
 
 
+def guarded_steps(steps: Callable, n_outputs: int) -> Callable:
+    """Like `guarded`, for an action that yields its outputs stage by stage (the app shows each; a Cancel button
+    stops it between stages)."""
+    def call(*args):
+        try:
+            yield from steps(*args)
+        except HeadlabError as err:
+            gr.Warning(str(err))
+            yield (f"⚠️ {err}",) + (gr.skip(),) * (n_outputs - 1)
+    return call
+
+
 def guarded(action: Callable, n_outputs: int) -> Callable:
     """Run an explorer action; on a HeadlabError warn, set the status (first output) and leave the rest as is."""
     def call(*args):
@@ -79,6 +96,9 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
         heads_tab(demo, ex, session, model)
         circuit_tab(demo, circuit)
         moh_tab(ex, session)
+        sinks_tab(ex, session)
+        retrieval_tab(ex, session)
+        kinds_tab(ex)
     return demo
 
 
@@ -185,6 +205,91 @@ def moh_tab(ex: Explorer, session: gr.State) -> None:
         moh_info = gr.Markdown(elem_id="moh-info")
     gr.on([moh_btn.click, moh_layer.submit, moh_on.change], guarded(ex.moh_view, 3),
           [session, moh_active, moh_layer, moh_on], [moh_status, moh_plot, moh_info])
+
+
+def sinks_tab(ex: Explorer, session: gr.State) -> None:
+    """The Sinks tab: per-key received attention of the analysed prompt, ACT calibration of chosen heads on/off."""
+    with gr.Tab("Sinks", elem_id="tab-sinks"):
+        gr.Markdown("Attention sinks of the prompt analysed in the Heads tab (ACT's column scores from the streaming "
+                    "statistics: no T×T pattern), and ACT's calibration of chosen heads, measured on the prompt.")
+        with gr.Row():
+            sink_map = gr.Radio([(v, k) for k, v in SINK_MAPS.items()], value="sink_share", label="head score",
+                                elem_id="sink-map")
+            sink_head = gr.Textbox(label="head (empty: the first suggested)", elem_id="sink-head")
+            sink_tail = gr.Number(8, label="tail rule: queries that must see a key", precision=0,
+                                  elem_id="sink-tail")
+            sink_btn = gr.Button("Scan sinks", variant="primary", elem_id="sink-scan")
+        sink_status = gr.Markdown(elem_id="sink-status")
+        with gr.Row():
+            sink_grid = gr.Plot(elem_id="sink-grid", show_label=False)
+            sink_tokens = gr.Markdown(elem_id="sink-tokens")
+        sink_column = gr.Plot(elem_id="sink-column", show_label=False)
+        gr.Markdown("### ACT calibration")
+        with gr.Row():
+            calib_heads = gr.Textbox(label="heads to calibrate (filled with the suggested ones by a scan)",
+                                     elem_id="calib-heads", scale=2)
+            calib_beta = gr.Number(0.4, label="β: share of the sinks' attention kept", elem_id="calib-beta")
+            calib_on = gr.Checkbox(True, label="calibration on", elem_id="calib-on")
+            calib_btn = gr.Button("Calibrate", variant="primary", elem_id="calib-apply")
+        calib_info = gr.Markdown(elem_id="calib-info")
+    gr.on([sink_btn.click, sink_head.submit, sink_map.change], guarded(partial(sinks_view, ex), 5),
+          [session, sink_head, sink_map, sink_tail], [sink_status, sink_grid, sink_column, sink_tokens, calib_heads])
+    gr.on([calib_btn.click, calib_on.change, calib_heads.submit], guarded(partial(calibrate_view, ex), 2),
+          [session, calib_heads, calib_beta, sink_tail, calib_on], [sink_status, calib_info])
+
+
+def retrieval_tab(ex: Explorer, session: gr.State) -> None:
+    """The Retrieval tab: a needle decoded live; top-K vs random-K heads masked; RazorAttention's cache on/off."""
+    with gr.Tab("Retrieval", elem_id="tab-retrieval"):
+        gr.Markdown("A needle in a KJV haystack, answered by greedy decoding with the model of the Heads tab: "
+                    "per-head retrieval scores from the decode, the top-K heads masked (uniform attention) against "
+                    "K random heads, and RazorAttention's KV cache (retrieval heads full, the rest sinks + window + a "
+                    "compensation token) against the same window on every head.")
+        with gr.Row():
+            needle = gr.Dropdown([(s.question, i) for i, s in enumerate(needle_sets())], value=0, label="needle",
+                                 elem_id="needle")
+            needle_len = gr.Slider(128, ex.settings.max_tokens, value=min(512, ex.settings.max_tokens), step=64,
+                                   label="haystack tokens", elem_id="needle-length")
+            needle_depth = gr.Slider(0, 100, value=50, step=5, label="depth (%)", elem_id="needle-depth")
+            needle_k = gr.Number(10, label="K heads masked", precision=0, elem_id="needle-k")
+            razor_w = gr.Number(64, label="RazorAttention window", precision=0, elem_id="razor-window")
+        with gr.Row():
+            needle_btn = gr.Button("Decode", variant="primary", elem_id="needle-run")
+            needle_stop = gr.Button("Cancel", elem_id="needle-cancel")
+        needle_status = gr.Markdown(elem_id="needle-status")
+        needle_grid = gr.Plot(elem_id="needle-grid", show_label=False)
+        needle_table = gr.Markdown(elem_id="needle-table")
+    run = needle_btn.click(guarded_steps(partial(needle_steps, ex), 3),
+                           [session, needle, needle_len, needle_depth, needle_k, razor_w],
+                           [needle_status, needle_grid, needle_table])
+    needle_stop.click(lambda: "Cancelled.", None, needle_status, cancels=[run])
+
+
+def kinds_tab(ex: Explorer) -> None:
+    """The Linear vs softmax tab: one prompt through two bundled twins, one head side by side, zeroed in both."""
+    with gr.Tab("Linear vs softmax", elem_id="tab-kinds"):
+        gr.Markdown("Two of the bundled twins (same data and recipe, a different attention kind) read the same "
+                    "text; one head's pattern side by side. Linear heads show their implicit pattern (pattern @ v "
+                    "equals the output); GLA and DeltaNet weights are signed, on a diverging scale.")
+        with gr.Row():
+            left = gr.Dropdown(list(TWINS), value=DEFAULT_TWINS[0], label="left twin", elem_id="twin-left")
+            right = gr.Dropdown(list(TWINS), value=DEFAULT_TWINS[1], label="right twin", elem_id="twin-right")
+            twin_layer = gr.Number(1, label="layer", precision=0, elem_id="twin-layer")
+            twin_head = gr.Number(0, label="head", precision=0, elem_id="twin-head")
+            twin_zero = gr.Checkbox(False, label="zero the head in both", elem_id="twin-zero")
+        twin_text = gr.Textbox(DEFAULT_TEXT, label="text (the twins read bytes)", elem_id="twin-text")
+        twin_btn = gr.Button("Compare", variant="primary", elem_id="twin-run")
+        twin_status = gr.Markdown(elem_id="twin-status")
+        with gr.Row():
+            with gr.Column():
+                left_plot = gr.Plot(elem_id="twin-left-plot", show_label=False)
+                left_info = gr.Markdown(elem_id="twin-left-info")
+            with gr.Column():
+                right_plot = gr.Plot(elem_id="twin-right-plot", show_label=False)
+                right_info = gr.Markdown(elem_id="twin-right-info")
+    gr.on([twin_btn.click, twin_text.submit, twin_zero.change], guarded(partial(twins_view, ex), 5),
+          [left, right, twin_text, twin_layer, twin_head, twin_zero],
+          [twin_status, left_plot, left_info, right_plot, right_info])
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:

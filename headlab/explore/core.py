@@ -255,6 +255,8 @@ class Explorer:
         self.cache = cache or ModelCache(allowed=settings.allowed, allow_folders=settings.allow_folders,
                                          max_models=settings.max_models)
         self.records = RecordCache(settings.cached_prompts)
+        # the linear-vs-softmax tab's bundled twins (tiny): a cache of their own, so they never evict the main model
+        self.twins = ModelCache(allow_folders=False, max_models=4)
 
     def model_info(self, name: str, prompt: str = "") -> tuple[str, str]:
         """(status Markdown on the model, a prompt it can read: `prompt` itself when it can)."""

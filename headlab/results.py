@@ -174,6 +174,20 @@ class HeadScores:
         key = map or self.primary
         return heatmap(self.maps[key], title=f"{self.analysis}: {key} — {self.model}", colorbar=key)
 
+    def grid_view(self, map: str | None = None):
+        """The layer × head grid of a map as self-contained HTML (`HtmlView`: inline in Jupyter, `.save(path)`):
+        hover a cell for its value, click it to select the head."""
+        from headlab.viz.html import grid_view
+
+        key = map or self.primary
+        if key not in self.maps:
+            raise ResultError(f"no map {key!r} in this result: it has {', '.join(sorted(self.maps))}")
+        return grid_view(self.maps[key], title=f"{self.analysis}: {key} — {self.model}", colorbar=key)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows scores as the grid of the primary map (`grid_view()`)."""
+        return self.grid_view()._repr_html_()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "analysis": self.analysis,

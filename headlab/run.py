@@ -97,6 +97,32 @@ class Run:
         return pattern(self.pattern(head)[index], self.tokens(index), window=window,
                        title=title or f"{head} pattern — {self.model.name}")
 
+    def token_view(self, layer: int | None = None, heads: Any = None, *, index: int = 0, mode: str = "auto",
+                   topk: int = 8, max_bytes: int | None = None):
+        """The token view of batch item `index` as self-contained HTML (`HtmlView`: shows inline in Jupyter,
+        `.save(path)` writes a page): hover or click a token for where it attends and what attends to it.
+
+        Args:
+            layer: show this layer's heads (all, or `heads` given as indices); heads: HeadRefs / `L1H2` strings.
+                Neither: the heads the run was asked for, else every head of the first captured layer.
+            mode: "dense" (the exact patterns, weights to 4 decimals), "stats" (per-token entropy, received
+                attention and each query's `topk` keys, computed from the run's q and k: no T×T matrix), or "auto"
+                (dense when the payload fits `max_bytes`, default `viz.html.DENSE_BYTES`, else stats).
+
+        Raises:
+            HeadIndexError: a head out of range or of a layer the run did not capture.
+            ViewTooLarge: mode "dense" over the budget.
+        """
+        from headlab.views import run_view
+
+        return run_view(self, layer, heads, index=index, mode=mode, topk=topk, max_bytes=max_bytes)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows a run as its default token view (`token_view()`)."""
+        from headlab.views import html_or_message
+
+        return html_or_message(self.token_view)
+
     def tokens(self, index: int = 0) -> list[str]:
         """Display strings of the (unpadded) tokens of batch item `index`."""
         n = int(self.batch.attention_mask[index].sum())

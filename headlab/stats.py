@@ -62,6 +62,22 @@ class StatsRun:
                 "n_visible": st.n_visible}
 
 
+    def token_view(self, layer: int | None = None, heads: Any = None, *, index: int = 0,
+                   max_bytes: int | None = None):
+        """The long-prompt token view (`HtmlView`) of batch item `index`: tokens coloured by each row's entropy,
+        the attention each key receives or its column score; hover a token for its top-k keys (exact weights) and
+        the queries that hold it among theirs. Heads as for `Run.token_view` (default: the first reduced layer).
+        Needs statistics="all" (top-k and entropy); `m.stats(prompt, topk=8)` keeps 8 keys per query."""
+        from headlab.views import stats_run_view
+
+        return stats_run_view(self, layer, heads, index=index, max_bytes=max_bytes)
+
+    def _repr_html_(self) -> str:
+        from headlab.views import html_or_message
+
+        return html_or_message(self.token_view)
+
+
 def lse_only_stats(record: LayerRecord, batch: Batch) -> HeadStats:
     """HeadStats holding only the lse the fused kernel returned with the layer's output (padded queries: -inf, as
     `head_stats` gives them); top-k keys and key sets are empty, entropy / received / n_visible NaN (not asked for)."""

@@ -53,6 +53,8 @@ class ExplorerSettings:
         allow_folders: let clients load any local HF folder on the server by typing its path (off by default:
             any client could otherwise make the server read and keep arbitrary folders).
         max_models: models kept loaded at once (least recently used dropped first).
+        token_view_bytes: budget of the Heads tab's token view payload; a head (or layer) whose T×T patterns would
+            exceed it is shown through streaming statistics instead (explore/tokens.py).
     """
 
     max_tokens: int = 2048
@@ -62,6 +64,7 @@ class ExplorerSettings:
     allowed: tuple[str, ...] = ()
     allow_folders: bool = False
     max_models: int = 2
+    token_view_bytes: int = 1_500_000
 
 
 @dataclass(frozen=True)

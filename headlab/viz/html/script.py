@@ -112,7 +112,7 @@ RENDERER_JS = r"""
       const row = p.rows[hd][q - q0];
       return row && s < row.length ? row[s] / p.scale : 0;
     };
-    const st = {head: 0, dir: 'row', hover: null, lock: null};
+    const st = {head: Math.min(p.focus || 0, H - 1), dir: 'row', hover: null, lock: null};
     const controls = h('div', 'hlv-controls');
     toggle(controls, 'colour tokens by: ', [['row', 'where it attends (row)'], ['col', 'what attends to it (column)']],
       'row', (k) => { st.dir = k; update(); });
@@ -227,7 +227,7 @@ RENDERER_JS = r"""
       rows.forEach((keys, q) => keys.forEach((k, r) => inv[k].push([q, p.topk_w[hd][q][r]])));
       return inv;
     });
-    const st = {head: 0, stat: 'entropy', hover: null, lock: null};
+    const st = {head: Math.min(p.focus || 0, H - 1), stat: 'entropy', hover: null, lock: null};
     const controls = h('div', 'hlv-controls');
     toggle(controls, 'colour tokens by: ', names.map(([k]) => [k, k]), 'entropy', (k) => { st.stat = k; update(); });
     const legend = h('span', 'hlv-legend');

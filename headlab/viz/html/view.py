@@ -54,6 +54,10 @@ class HtmlView:
         """Size of the escaped payload in bytes (what travels to the browser besides the ~15 kB renderer)."""
         return len(html.escape(self._json, quote=True))
 
+    def with_payload(self, **changes: Any) -> "HtmlView":
+        """The same view with some payload fields changed (e.g. `note`, or `focus`: the head shown first)."""
+        return HtmlView({**self.payload, **changes}, self.summary)
+
     def markup(self, element_id: str | None = None) -> str:
         """The view's `<div>` only (no script): for a page that loads the renderer itself (the explorer)."""
         ident = f' id="{element_id}"' if element_id else ""

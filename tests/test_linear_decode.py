@@ -3,7 +3,8 @@
 The cache must change nothing but the cost: greedy tokens equal the prefix rerun's (use_cache=False) token for token,
 each decode step's logits equal the full forward's last position, for every kind, hybrid stacks, padded batches and
 the committed twins; and a decode step still goes through headlab's seam (patterns with keep_keys, a clear error
-without, edits).
+without, edits). The same with short convolutions on q, k, v (`conv-<stack>`: the cache keeps each layer's last K − 1
+convolution inputs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ STACKS = {kind: [kind, kind] for kind in KINDS}
 STACKS["hybrid"] = ["swa", "deltanet", "gla", "based"]
 STACKS["based+swa"] = ["swa", "based"]  # the BASED twin's stack
 STACKS["moh"] = ["swa", "softmax"]
+# the same stacks with a short convolution (kernel 3) on every layer's q, k, v
+STACKS.update({f"conv-{name}": kinds for name, kinds in list(STACKS.items()) if name != "moh"})
 LINEAR = ("linear", "hedgehog", "based", "gla", "deltanet")
+CONV = 3
 
 
 def make(kinds, *, seed=0, max_positions=64, **kw):
@@ -45,7 +49,7 @@ def make(kinds, *, seed=0, max_positions=64, **kw):
 
 
 def stack_model(stack):
-    return make(STACKS[stack], moh=stack == "moh")
+    return make(STACKS[stack], moh=stack == "moh", short_conv=CONV if stack.startswith("conv-") else 0)
 
 
 def prompts(batch=3, length=11, seed=1):
@@ -164,7 +168,8 @@ def _left(ids, lengths):
     return out
 
 
-@pytest.mark.parametrize("stack", ["hybrid", "based+swa", "softmax", "linear", "hedgehog"])
+@pytest.mark.parametrize("stack", ["hybrid", "based+swa", "softmax", "linear", "hedgehog", "conv-hybrid",
+                                   "conv-based+swa", "conv-linear"])
 def test_decode_patterns_through_the_seam_with_keep_keys(stack):
     """forward_cached with keep_keys: each layer's decode record has the full forward's last pattern row(s), and
     pattern @ v is the layer's output z there too."""
@@ -226,13 +231,38 @@ def test_edits_apply_at_decode_steps_as_in_the_prefix_rerun():
     assert not torch.equal(plain, rerun)  # the edits did something
 
 
-def test_beam_search_reorders_the_cache():
-    model = stack_model("hybrid")
+@pytest.mark.parametrize("stack", ["hybrid", "conv-hybrid"])
+def test_beam_search_reorders_the_cache(stack):
+    model = stack_model(stack)
     ids = prompts(batch=2, length=7)
     with torch.no_grad():
         cached = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3)
         rerun = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, use_cache=False)
     assert torch.equal(cached, rerun)
+
+
+def test_the_cache_keeps_and_reorders_the_convolution_inputs():
+    """Each layer keeps its last K − 1 (masked) q, k, v projection inputs, zeros before the first token; batch
+    reshuffles move them with the rows."""
+    model = stack_model("conv-hybrid")
+    ids, mask = left_padded(prompts(length=6), [6, 1, 4])
+    inputs = {}
+    for i, block in enumerate(model.model.layers):
+        block.attn.q_proj.register_forward_hook(lambda m, a, out, i=i: inputs.__setitem__(i, out))
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+    for i, layer in enumerate(cache.layers):
+        q = layer.conv[0]
+        assert q.shape == (3, CONV - 1, model.config.num_attention_heads * model.model.layers[i].attn.qk_dim)
+        assert torch.equal(q[0], inputs[i][0, -2:]) and torch.equal(q[2], inputs[i][2, -2:])
+        assert torch.equal(q[1, 0], torch.zeros_like(q[1, 0])) and torch.equal(q[1, 1], inputs[i][1, -1])  # padding
+        assert [t.shape[2] for t in layer.conv] == [q.shape[2], q.shape[2], 2 * 16]
+    before = [tuple(t.clone() for t in layer.conv) for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    for old, layer in zip(before, cache.layers):
+        assert all(torch.equal(new, o[[2, 0, 0]]) for new, o in zip(layer.conv, old))
+    cache.reset()
+    assert all(layer.conv is None for layer in cache.layers)
 
 
 def test_positions_past_the_learned_ones_are_refused_clearly():

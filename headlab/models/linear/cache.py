@@ -7,7 +7,9 @@ What each layer keeps (B batch, H heads, F feature dim of the mapped q/k, D head
 - gla: the decayed state S = Σ_j diag(Π_{t>j} α_t) k_j v_jᵀ `[B, H, F, D]`;
 - deltanet: the delta-rule state `[B, H, D, F]` (the kernels' layout: it maps keys to values);
 - swa: the keys and values of the last window − 1 tokens (all a new token's window can still reach);
-- softmax: every key and value (a KV cache).
+- softmax: every key and value (a KV cache);
+- with short convolutions (config.short_conv = K > 0), every layer also keeps its last K − 1 q, k, v projection inputs
+  to the convolution (`conv`, padded ones zeroed), so a decode step convolves over the same tokens as the full forward.
 
 A prefill (an empty cache) runs the layers' chunked forms and keeps the state they return; a decode step of Q ≥ 1 new
 tokens runs the recurrence from the kept state (O(1) work per token and layer for the linear kinds). Positions: the
@@ -113,6 +115,8 @@ class HeadlabLinearLayerCache(RecurrentLayerCache):
         state: a linear layer's recurrent state (linear kinds: (S, z); gla: S; deltanet: S `[B, H, D, F]`).
         fk, g, beta: with keep_keys, a linear layer's feature-mapped keys `[B, H, S, F]`, GLA's log decays
             `[B, H, S, F]`, DeltaNet's β `[B, H, S]` of every token (what the decode pattern rows need).
+        conv: with short convolutions, the last K − 1 inputs of the q, k and v convolutions, three `[B, K − 1, ·]`
+            (zeros before the first token, as the full forward pads), else None.
     """
 
     cache_name = "HeadlabLinearCache"
@@ -127,9 +131,10 @@ class HeadlabLinearLayerCache(RecurrentLayerCache):
         self.fk: torch.Tensor | None = None
         self.g: torch.Tensor | None = None
         self.beta: torch.Tensor | None = None
+        self.conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
-        held = [name for name in ("keys", "state", "fk") if getattr(self, name) is not None]
+        held = [name for name in ("keys", "state", "fk", "conv") if getattr(self, name) is not None]
         return f"HeadlabLinearLayerCache({self.kind}, holds {', '.join(held) or 'nothing'})"
 
     @property
@@ -145,9 +150,11 @@ class HeadlabLinearLayerCache(RecurrentLayerCache):
             self.state = tuple(fn(t) for t in self.state)
         elif self.state is not None:
             self.state = fn(self.state)
+        if self.conv is not None:
+            self.conv = tuple(fn(t) for t in self.conv)
 
     def reset(self) -> None:
-        self.keys = self.values = self.state = self.fk = self.g = self.beta = None
+        self.keys = self.values = self.state = self.fk = self.g = self.beta = self.conv = None
 
 
 class HeadlabLinearCache(Cache):
@@ -250,6 +257,22 @@ class HeadlabLinearCache(Cache):
         if self._step is None:
             raise RuntimeError("a layer used the HeadlabLinearCache outside a forward (call begin first)")
         return self._step
+
+    def conv_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The last K − 1 inputs of a layer's q, k, v short convolutions before this forward (None at the prefill)."""
+        past, _, _ = self._current()
+        if not past:
+            return None
+        conv = self.layers[layer_idx].conv
+        if conv is None:
+            raise RuntimeError(f"layer {layer_idx} has no cached short-convolution inputs after {past} tokens: the cache "
+                               "is not this model's (or was reset); start from a new cache")
+        return conv
+
+    def keep_conv_state(self, layer_idx: int, conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Keep the last K − 1 inputs of a layer's q, k, v short convolutions for the next step."""
+        self._current()
+        self.layers[layer_idx].conv = tuple(conv)
 
     def softmax_step(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

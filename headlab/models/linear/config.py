@@ -48,6 +48,10 @@ class HeadlabLinearConfig(PretrainedConfig):
             other H − h_s are routed. 0 (pure routing) is allowed; needs moh_active_heads ≥ 1.
         moh_balance_coef: weight of the load-balance loss added to the LM loss when labels are given
             (loss = cross-entropy + coef · mean over layers of L_b, as MoH's training code).
+        short_conv: kernel size K of a short causal depthwise convolution (no bias, then SiLU, as fla's GLA / DeltaNet)
+            on the q, k and v projections of every layer, whatever its kind, before feature maps and RoPE (conv.py);
+            0 (the default, so saved models load unchanged) has none. It gives each token its K − 1 predecessors'
+            features, so binding a key to the next token's value takes one layer (MQAR).
     """
 
     model_type = "headlab_linear"
@@ -61,7 +65,7 @@ class HeadlabLinearConfig(PretrainedConfig):
                  layer_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  tie_word_embeddings: bool = True, bos_token_id: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, moh_active_heads: int = 0, moh_shared_heads: int = 0,
-                 moh_balance_coef: float = 0.01, **kwargs) -> None:
+                 moh_balance_coef: float = 0.01, short_conv: int = 0, **kwargs) -> None:
         if isinstance(layer_kinds, str):
             layer_kinds = [layer_kinds] * num_hidden_layers
         layer_kinds = list(layer_kinds)
@@ -86,6 +90,10 @@ class HeadlabLinearConfig(PretrainedConfig):
         if max_position_embeddings is None and position == "learned":
             max_position_embeddings = 512
         check_moh(num_attention_heads, layer_kinds, moh_active_heads, moh_shared_heads, moh_balance_coef)
+        if isinstance(short_conv, bool) or int(short_conv) != short_conv or short_conv < 0:
+            raise ValueError(f"short_conv is a kernel size (0 = no convolution): a non-negative integer, got "
+                             f"{short_conv!r}")
+        self.short_conv = int(short_conv)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

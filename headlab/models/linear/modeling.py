@@ -35,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from headlab.models.linear.cache import HeadlabLinearCache
 from headlab.models.linear.config import LINEAR_KINDS, SOFTMAX_KINDS, HeadlabLinearConfig
+from headlab.models.linear.conv import ShortConv, convolve_qkv
 from headlab.models.linear.mixer import LinearMixer
 
 
@@ -148,6 +149,10 @@ class HeadlabLinearAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, H * Dqk, bias=False)
         self.v_proj = nn.Linear(hidden, H * D, bias=False)
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
+        self.short_conv = int(getattr(config, "short_conv", 0))
+        if self.short_conv:  # causal depthwise convolutions of q, k, v (conv.py)
+            self.q_conv, self.k_conv = ShortConv(H * Dqk, self.short_conv), ShortConv(H * Dqk, self.short_conv)
+            self.v_conv = ShortConv(H * D, self.short_conv)
         if self.kind == "hedgehog":
             self.feature_map = nn.Parameter(torch.zeros(H, D, config.hedgehog_feature_dim))
             self.feature_bias = nn.Parameter(torch.zeros(H, config.hedgehog_feature_dim))
@@ -248,9 +253,12 @@ class HeadlabLinearAttention(nn.Module):
         cache: HeadlabLinearCache | None = kwargs.get("cache")
         routing = self.route(hidden_states, key_mask) if self.moh else None
         self.moh_balance = routing.balance if routing is not None else None
-        q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.short_conv:  # before feature maps / RoPE / the seam: everything downstream sees the convolved q, k, v
+            q, k, v = convolve_qkv(self, q, k, v, key_mask, cache)
+        q = q.view(B, T, H, self.qk_dim).transpose(1, 2)
+        k = k.view(B, T, H, self.qk_dim).transpose(1, 2)
+        v = v.view(B, T, H, self.head_dim).transpose(1, 2)
         if self.kind in SOFTMAX_KINDS and getattr(self.config, "position", "learned") == "rotary":
             # RoPE on softmax layers only (the seam sees the rotated q, k); kwarg position_ids `[T]` / `[B, T]`,
             # default 0..T-1
@@ -346,6 +354,8 @@ class HeadlabLinearPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, ShortConv):
+            module.reset_parameters()
         elif isinstance(module, HeadlabLinearAttention) and module.kind == "hedgehog":
             with torch.no_grad():  # the identity map: softmax(±x) features at the start
                 module.feature_map.zero_()

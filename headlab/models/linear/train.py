@@ -88,6 +88,8 @@ class TwinParams:
         moh_shared, moh_active, moh_balance_coef: Mixture-of-Head layers (MOH_STACKS kinds only): h_s shared heads,
             the top-K of the other heads per token, and the load-balance loss weight (HeadlabLinearConfig's
             moh_shared_heads / moh_active_heads / moh_balance_coef).
+        short_conv: HeadlabLinearConfig.short_conv, a short causal convolution of kernel K on every layer's q, k, v
+            (0: none, the recipe every twin before it had).
     """
 
     task: str
@@ -113,6 +115,7 @@ class TwinParams:
     mqar_vocab: int = 64
     mqar_pairs: int = 16
     mqar_queries: int = 0
+    short_conv: int = 0
 
     def __post_init__(self) -> None:
         twin_stack(self.kind)
@@ -156,7 +159,7 @@ class TwinParams:
             num_attention_heads=self.heads, intermediate_size=self.mlp, layer_kinds=list(layers), **moh,
             window=self.window, max_position_embeddings=positions, position=self.position,
             initializer_range=self.init_std, bos_token_id=256 if text else 0, eos_token_id=256 if text else 0,
-            pad_token_id=256 if text else 0)
+            pad_token_id=256 if text else 0, short_conv=self.short_conv)
 
 
 def twin_name(task: str, kind: str) -> str:
@@ -541,6 +544,9 @@ def model_card(record: dict) -> str:
             f"and the top-{moh['active_heads']} of {moh['routed_heads']} routed heads per token "
             f"({moh['shared_heads'] + moh['active_heads']} of {p['heads']} heads active); load-balance loss weight "
             f"{moh['balance_coef']} (the training loss above is the cross-entropy alone)"]
+    if p.get("short_conv"):
+        lines[-1:-1] = [f"- short convolution: a causal depthwise Conv1d of kernel {p['short_conv']} (no bias, then SiLU) "
+                        "on every layer's q, k and v projections (HeadlabLinearConfig.short_conv)"]
     if p["task"] == "recall":
         lines += ["Data: `[BOS]` + a periodic sequence of random tokens (vocabulary 1..127), period drawn per sequence "
                   f"from {p['period_range'][0]}..{p['period_range'][1]} (toy-induction's data).", "",
@@ -711,8 +717,9 @@ def moh_summary_markdown(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- MQAR twins
 
-def mqar_twin_name(kind: str, hidden: int) -> str:
-    return f"{kind}-h{hidden}"
+def mqar_twin_name(kind: str, hidden: int, short_conv: int = 0) -> str:
+    """`<kind>-h<hidden>`, or `<kind>-conv<K>-h<hidden>` with a short convolution of kernel K."""
+    return f"{kind}-conv{short_conv}-h{hidden}" if short_conv else f"{kind}-h{hidden}"
 
 
 def train_mqar_twins(out_dir: Path | str = MQAR_TWINS_DIR, *, kinds: Iterable[str] = tuple(STACKS),
@@ -740,8 +747,8 @@ def train_mqar_twins(out_dir: Path | str = MQAR_TWINS_DIR, *, kinds: Iterable[st
         overrides["steps"] = steps
     jobs = [(kind, hidden) for hidden in hiddens for kind in kinds]
     for kind, hidden in tqdm(jobs, desc="mqar twins", disable=not progress):
-        name = mqar_twin_name(kind, hidden)
         params = TwinParams.for_task(MQAR, kind, **{"hidden": hidden, **overrides})
+        name = mqar_twin_name(kind, hidden, params.short_conv)
         folder = out / name
         record = read_json(folder / "run.json", missing_ok=True) if not force else None
         if record is not None:
@@ -770,26 +777,32 @@ def mqar_summary(out_dir: Path | str = MQAR_TWINS_DIR) -> dict:
         head_dim = p["hidden"] // p["heads"]
         linear = [s["state"] for s in r["state"] if "state" in s]
         kv = [s["kv_cache_per_token"] for s in r["state"] if "kv_cache_per_token" in s and "kv_cache_max" not in s]
+        conv = p.get("short_conv", 0)
         m = {"kind": p["kind"], "layer_kinds": r["layer_kinds"], "position": p["position"], "hidden": p["hidden"],
-             "heads": p["heads"], "head_dim": head_dim, "n_params": r["n_params"], "state": r["state"],
+             "short_conv": conv, "heads": p["heads"], "head_dim": head_dim, "n_params": r["n_params"],
+             "state": r["state"],
              # per head, largest layer: a linear layer's F×D state; softmax layers: their KV cache grows per token
              "state_per_head": max(linear) if linear else None,
              "kv_cache_per_token_per_head": max(kv) if kv else None,
+             # a decode step also needs the last K − 1 inputs of the q, k, v convolutions: (K − 1)(2·D_qk + D) per head
+             "conv_state_per_head": (conv - 1) * (2 * _qk_dim(r, head_dim) + head_dim) if conv else 0,
              "accuracy": {k: v["accuracy"] for k, v in ev["lengths"].items()},
              "loss": {k: v["loss"] for k, v in ev["lengths"].items()},
              "train_distribution_accuracy": ev["train_distribution"]["accuracy"],
              "train_seconds": r["train_seconds"], "threads": r["threads"], "final_train_loss": r["final_train_loss"],
              "steps": p["steps"]}
         models[r["name"]] = m
-        table.append({"model": r["name"], "kind": m["kind"], "hidden": m["hidden"], "head_dim": head_dim,
+        table.append({"model": r["name"], "kind": m["kind"], "short_conv": conv, "hidden": m["hidden"],
+                      "head_dim": head_dim,
                       "position": m["position"], "state_per_head": m["state_per_head"],
                       "kv_cache_per_token_per_head": m["kv_cache_per_token_per_head"],
+                      "conv_state_per_head": m["conv_state_per_head"],
                       "acc_train_dist": round(m["train_distribution_accuracy"], 4),
                       **{f"acc_{k}": round(v, 4) for k, v in m["accuracy"].items()},
                       "train_s": r["train_seconds"]})
     p0 = records[0]["params"]
-    recipe = {k: v for k, v in p0.items() if k not in ("kind", "position", "hidden") and not k.startswith("moh_")
-              and k != "period_range"}
+    recipe = {k: v for k, v in p0.items() if k not in ("kind", "position", "hidden", "short_conv")
+              and not k.startswith("moh_") and k != "period_range"}
     lengths = list(records[0]["eval"]["lengths"])
     return {"task": MQAR, "recipe": recipe,
             "eval": {"lengths": [int(k) for k in lengths], "sequences_per_length": MQAR_EVAL_SEQUENCES,
@@ -801,6 +814,13 @@ def mqar_summary(out_dir: Path | str = MQAR_TWINS_DIR) -> dict:
             "models": models, "table": table, "torch": records[0]["torch"]}
 
 
+def _qk_dim(record: dict, head_dim: int) -> int:
+    """The q/k width per head of a run's largest q/k (BASED's based_feature_dim is head_dim in these twins)."""
+    based = [s for s in record["state"] if s["kind"] == "based"]
+    # BASED's Taylor map has 1 + d + d² features: recover d
+    return max([head_dim] + [int(round((-1 + (4 * s["feature_dim"] - 3) ** 0.5) / 2)) for s in based])
+
+
 def mqar_summary_markdown(summary: dict) -> str:
     """The index of an MQAR twins folder (written by `train_mqar_twins`): accuracy by kind × length × width."""
     rc, ev = summary["recipe"], summary["eval"]
@@ -809,7 +829,10 @@ def mqar_summary_markdown(summary: dict) -> str:
              "Trained here by `headlab.models.linear.train.train_mqar_twins`, one model per twin kind with one recipe: "
              f"{rc['steps']} steps × batch {rc['batch']} × {rc['seq_len']} tokens, AdamW lr {rc['lr']} (warm-up "
              f"{rc['warmup']}, cosine to 10%), init std {rc['init_std']}, seed {rc['seed']}; 2 layers × {rc['heads']} "
-             "heads, attention-only. Task (`headlab.inputs.mqar`, Zoology's MQAR): vocabulary "
+             "heads, attention-only. Rows with conv K add a short causal depthwise convolution of kernel K (no bias, "
+             "then SiLU, as fla's GLA / DeltaNet) on every layer's q, k and v projections "
+             "(`HeadlabLinearConfig.short_conv`); conv — is the recipe without it. Task (`headlab.inputs.mqar`, "
+             "Zoology's MQAR): vocabulary "
              f"{rc['mqar_vocab']} (keys and values from disjoint halves, token 0 the filler), {ev['pairs']} key-value "
              f"pairs `k1 v1 k2 v2 …`, then {ev['train_queries']} queries `k v` at random places among filler in the "
              "rest of the sequence (keys asked again); the loss reads only the answers. Positions: RoPE on the "
@@ -821,15 +844,24 @@ def mqar_summary_markdown(summary: dict) -> str:
              f"prediction at its key. Chance: {ev['chance']['uniform_value']:.4f} (a uniform value), "
              f"{ev['chance']['value_in_context']:.4f} (a value of the context).", "",
              "State per head: what a linear layer keeps, F × D floats (its largest layer); a softmax layer's KV "
-             "cache instead grows by 2·D floats per token (BASED's window layer keeps at most its window of it).", "",
-             "| model | layers | positions | params | state per head | KV cache per token per head | train dist. | "
-             + " | ".join(f"acc @ {n}" for n in lengths) + " | train s |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(lengths) + "---|"]
-    for name, m in sorted(summary["models"].items(), key=lambda kv: (kv[1]["hidden"], list(STACKS).index(kv[1]["kind"])
-                                                                       if kv[1]["kind"] in STACKS else 99)):
-        lines.append(f"| {name} | {'+'.join(m['layer_kinds'])} | {m['position']} | {m['n_params']:,} | "
-                     f"{m['state_per_head'] or '—'} | {m['kv_cache_per_token_per_head'] or '—'} | "
-                     f"{m['train_distribution_accuracy']:.4f} | " + " | ".join(f"{m['accuracy'][n]:.4f}" for n in lengths) + f" | {m['train_seconds']} |")
+             "cache instead grows by 2·D floats per token (BASED's window layer keeps at most its window of it). "
+             "With conv K every layer also keeps its last K − 1 q, k, v inputs to the convolution, (K − 1)(2·D_qk + D) "
+             "floats per head (the `+ … conv` part).", "",
+             "| model | kind | conv | width | layers | positions | params | state per head | KV cache per token per head "
+             "| train dist. | " + " | ".join(f"acc @ {n}" for n in lengths) + " | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(lengths) + "---|"]
+
+    def order(item):
+        m = item[1]
+        return m.get("short_conv", 0), m["hidden"], list(STACKS).index(m["kind"]) if m["kind"] in STACKS else 99
+
+    for name, m in sorted(summary["models"].items(), key=order):
+        conv, extra = m.get("short_conv", 0), m.get("conv_state_per_head", 0)
+        state = " + ".join([str(m["state_per_head"])] * bool(m["state_per_head"]) + [f"{extra} conv"] * bool(extra)) or "—"
+        lines.append(f"| {name} | {m['kind']} | {conv or '—'} | {m['hidden']} | {'+'.join(m['layer_kinds'])} | "
+                     f"{m['position']} | {m['n_params']:,} | {state} | {m['kv_cache_per_token_per_head'] or '—'} | "
+                     f"{m['train_distribution_accuracy']:.4f} | " + " | ".join(f"{m['accuracy'][n]:.4f}" for n in lengths)
+                     + f" | {m['train_seconds']} |")
     lines += ["", "Training times are wall-clock on a shared 2-core machine (other jobs ran beside them): compare",
               "them only loosely.", ""]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from headlab.explore.kinds import DEFAULT_TEXT, DEFAULT_TWINS, TWINS, twins_view
 from headlab.explore.retrieval import needle_steps  # noqa: E402
 from headlab.analyses.retrieval import needle_sets  # noqa: E402
 from headlab.explore.sinks import SINK_MAPS, calibrate_view, sinks_view  # noqa: E402
+from headlab.explore.tokens import ON_LOAD_JS as TOKEN_VIEW_JS, token_view_html  # noqa: E402
 from headlab.models.bundled import BUNDLED  # noqa: E402
 
 # Gradio's Plot has no click event: hook plotly's own on the score grid, fill the head box, show the head.
@@ -127,6 +128,10 @@ def heads_tab(demo: gr.Blocks, ex: Explorer, session: gr.State, model: str) -> d
             show_btn = gr.Button("Show head", elem_id="show-head")
         pattern = gr.Plot(elem_id="pattern", show_label=False)
         head_info = gr.Markdown(elem_id="head-info")
+        token_scope = gr.Radio([("this head", "head"), ("its whole layer", "layer")], value="head",
+                               label="token view: hover or click a token (long prompts: top-k statistics)",
+                               elem_id="token-scope")
+        token_view = gr.HTML(elem_id="token-view", js_on_load=TOKEN_VIEW_JS)
         gr.Markdown("### Edit heads and compare")
         with gr.Row():
             edit_heads = gr.Textbox(label="heads to edit (e.g. L1H0, L0H3)", elem_id="edit-heads", scale=2)
@@ -141,10 +146,19 @@ def heads_tab(demo: gr.Blocks, ex: Explorer, session: gr.State, model: str) -> d
                      outputs=[status, pattern, head_info])
     opened = dict(fn=guarded(ex.open_model, 9), inputs=settings, outputs=[view[0], prompt, *view[1:]])
 
-    demo.load(**opened)
-    model_box.change(**opened)
-    gr.on([analyse_btn.click, prompt.submit], guarded(ex.analyse_and_show, 8), inputs=settings, outputs=view)
-    gr.on([show_btn.click, head_box.submit, start.submit, size.release], **show_head)
+    def tokens_after(*args):  # follows the head view, which has already reported any bad input: keep quiet
+        try:
+            return token_view_html(ex, *args)
+        except HeadlabError:
+            return gr.skip()
+
+    tokens = dict(inputs=[session, head_box, token_scope], outputs=token_view)
+    demo.load(**opened).then(tokens_after, **tokens)
+    model_box.change(**opened).then(tokens_after, **tokens)
+    gr.on([analyse_btn.click, prompt.submit], guarded(ex.analyse_and_show, 8), inputs=settings,
+          outputs=view).then(tokens_after, **tokens)
+    gr.on([show_btn.click, head_box.submit, start.submit, size.release], **show_head).then(tokens_after, **tokens)
+    token_scope.change(guarded(partial(token_view_html, ex), 1), **tokens)
     score_map.change(guarded(ex.show_map, 2), [session, score_map], [status, grid])
     add_btn.click(guarded(ex.select_head, 2), [edit_heads, head_box], [status, edit_heads])
     gr.on([apply_btn.click, edit_heads.submit], guarded(ex.apply_edit, 2), [session, edit_heads, how, factor],

@@ -22,9 +22,10 @@ RENDERER_JS = r"""
 .hlv-title{font-weight:600;margin:0 0 2px}
 .hlv-note{color:#555;font-size:12px;margin:0 0 6px}
 .hlv-controls{display:flex;gap:6px;align-items:center;flex-wrap:wrap;margin:4px 0 6px;font-size:12px}
-.hlv-controls button{font:inherit;padding:2px 8px;border:1px solid #bbb;background:#f6f6f6;border-radius:4px;
-  cursor:pointer;color:#222}
-.hlv-controls button.on{background:#1f77b4;color:#fff;border-color:#1f77b4}
+.hlv .hlv-controls button{font:inherit!important;font-size:12px!important;padding:2px 8px!important;
+  border:1px solid #bbb!important;background:#f6f6f6!important;border-radius:4px!important;cursor:pointer;
+  color:#222!important;min-width:0!important;box-shadow:none!important;width:auto!important}
+.hlv .hlv-controls button.on{background:#1f77b4!important;color:#fff!important;border-color:#1f77b4!important}
 .hlv-heads{display:flex;flex-wrap:wrap;gap:6px;margin:4px 0 8px}
 .hlv-card{border:1px solid #ddd;border-radius:4px;padding:3px;cursor:pointer;background:#fff;font-size:11px;
   max-width:170px}

@@ -49,7 +49,7 @@ def cmd_prune(args) -> int:
     from headlab.errors import HeadlabError
     from headlab.prune.experiment import PruneParams, parse_fractions, prune_experiment
     from headlab.prune.experiment import slug
-    from headlab.prune.rankers import RankParams, n_to_remove, prune_order
+    from headlab.prune.rankers import RankParams
     from headlab.prune.structural import prune_and_save
 
     params = PruneParams(
@@ -91,7 +91,7 @@ def cmd_prune(args) -> int:
               f"top-{c['k']} overlap {c['top_k_overlap']:.2f}{speed}")
     if save is not None:
         ranker, fraction = save
-        heads = prune_order(result.rankings[ranker].scores)[:n_to_remove(fraction, model.n_layers * model.n_heads)]
+        heads = result.mask(ranker, fraction)
         folder = result.out / f"pruned-{slug(ranker)}-{fraction:g}"
         print(json.dumps(prune_and_save(model, heads, folder), indent=1))
     print(f"wrote {args.out}/ (results.jsonl, run.json, rankings/, curve_*.html)")

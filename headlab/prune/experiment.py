@@ -1,7 +1,7 @@
 """Scripted head-pruning experiments: rank heads, remove them progressively, evaluate, plot; resumable.
 
 For each ranker, the heads are ordered least important first (`rankers.prune_order`) once, on the
-unpruned model; removing a fraction f masks the first round(f · L · H) of them (zero ablation inside
+unpruned model; removing a fraction f masks the first round(f · L · H) of them (`removed_heads`; zero ablation inside
 an edit scope, so the model is restored after each evaluation). Each (ranker, fraction, eval) is one
 row of `results.jsonl`; a rerun with the same `--out` skips the rows already there and reuses the
 rankings saved under `rankings/`. `run.json` holds the settings (seeds included) and refuses a rerun
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from headlab.edits.heads import ablate, edit
 from headlab.errors import HeadlabError
+from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
 from headlab.prune.evals import parse_eval
 from headlab.viz.prune import curves
@@ -85,6 +86,13 @@ class PruneResults:
         return cls(out=out, rows=read_rows(out), rankings=rankings,
                    atp_vs_ablation=read_json(out / "atp_vs_ablation.json", missing_ok=True))
 
+    def mask(self, ranker: str, fraction: float) -> list[HeadRef]:
+        """The heads this experiment removes (zero-ablates) for `ranker` at `fraction` (`removed_heads` of its saved
+        ranking: the same heads as its rows' `removed`, at any fraction in [0, 1])."""
+        if ranker not in self.rankings:
+            raise HeadlabError(f"{self.out} has no ranking {ranker!r}: its rankers are {', '.join(self.rankings)}")
+        return removed_heads(self.rankings[ranker], fraction)
+
     def table(self, eval_spec: str | None = None) -> dict[str, dict[float, float]]:
         """{ranker: {fraction: primary metric}} for one eval (the first by default)."""
         spec = eval_spec or self.rows[0]["eval"]
@@ -98,6 +106,17 @@ class PruneResults:
 def slug(name: str) -> str:
     """A file-name-safe form of a ranker or eval name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "x"
+
+
+def removed_heads(ranking: HeadScores, fraction: float) -> list[HeadRef]:
+    """The heads a pruning experiment removes at `fraction` for one ranking: the first round(fraction · L · H) of
+    `prune_order` (least important first). `prune_experiment`, `PruneResults.mask` and `--save-model` use it."""
+    return prune_order(ranking.scores)[:n_to_remove(fraction, ranking.scores.numel())]
+
+
+def prune_edits(heads: list[HeadRef]) -> list:
+    """The edits that remove `heads` in a pruning experiment: zero ablation of each (open with `edit`)."""
+    return ablate(heads)
 
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
@@ -153,7 +172,6 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     _check_run(out, model, params)
     cache: dict[str, Any] = {"progress": progress}
     rankings = {name: get_ranking(model, name, params.rank, out, cache) for name in params.rankers}
-    orders = {name: prune_order(r.scores) for name, r in rankings.items()}
     n_total = model.n_layers * model.n_heads
 
     rows = read_rows(out)
@@ -163,13 +181,13 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     memo = {(frozenset(r["removed"]), r["eval"]): r for r in rows}
     # rows are appended one by one (flushed, fsynced; a torn last line is ended first)
     for name, fraction, spec in tqdm(jobs, desc=f"prune {model.name}", disable=not progress):
-        removed = orders[name][:n_to_remove(fraction, n_total)]
+        removed = removed_heads(rankings[name], fraction)
         key = (frozenset(str(h) for h in removed), spec)
         start = time.perf_counter()
         if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
             metrics = memo[key]["metrics"]
         else:
-            with edit(model, ablate(removed)):
+            with edit(model, prune_edits(removed)):
                 metrics = evals[spec].metrics(model)
         row = {"ranker": name, "fraction": fraction, "eval": spec, "primary": evals[spec].primary,
                "value": metrics[evals[spec].primary], "metrics": metrics, "n_removed": len(removed),

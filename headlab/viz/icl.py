@@ -77,6 +77,30 @@ def weights_over_training(run, *, title: str | None = None) -> go.Figure:
     return fig
 
 
+def weights_at(kq, ov, *, step: int, title: str | None = None, kq_max: float | None = None,
+               ov_max: float | None = None) -> go.Figure:
+    """Every head's KQ `[D, D]` (top) and OV `[D]` (bottom) at one checkpoint (`kq` `[H, D, D]`, `ov` `[H, D]`);
+    `kq_max` / `ov_max` fix the colour ranges (e.g. to the whole run's, so checkpoints compare)."""
+    n_heads, dim = kq.shape[0], kq.shape[-1]
+    labels = [f"x{i}" for i in range(dim - 1)] + ["y"]
+    kq_max = float(kq.abs().max()) if kq_max is None else kq_max
+    ov_max = float(ov.abs().max()) if ov_max is None else ov_max
+    fig = make_subplots(rows=2, cols=n_heads, row_heights=[0.78, 0.22], vertical_spacing=0.16,
+                        subplot_titles=[f"{m} head {h}" for m in ("KQ", "OV") for h in range(n_heads)])
+    for head in range(n_heads):
+        fig.add_trace(go.Heatmap(
+            z=kq[head].tolist(), x=labels, y=labels, zmid=0, zmin=-kq_max, zmax=kq_max, colorscale="RdBu_r",
+            showscale=head == 0, colorbar={"title": "KQ", "len": 0.6, "y": 0.72},
+            hovertemplate="key %{y} · query %{x}: %{z:.3f}<extra></extra>"), row=1, col=head + 1)
+        fig.add_trace(go.Heatmap(
+            z=[ov[head].tolist()], x=labels, y=["OV"], zmid=0, zmin=-ov_max, zmax=ov_max, colorscale="PuOr_r",
+            showscale=head == 0, colorbar={"title": "OV", "len": 0.3, "y": 0.12},
+            hovertemplate="%{x}: %{z:.3f}<extra></extra>"), row=2, col=head + 1)
+    fig.update_yaxes(autorange="reversed", row=1)
+    fig.update_layout(title=title or f"KQ and OV at step {step}", height=620, width=max(520, 300 * n_heads))
+    return fig
+
+
 def lsa_distance_curve(run, *, title: str | None = None) -> go.Figure:
     """‖W^PV_22·W^KQ_11 − Γ⁻¹‖/‖Γ⁻¹‖ over training, beside the distance to the (1+1/N)-less Γ₀⁻¹."""
     task, d = run.task, run.task.d

@@ -45,10 +45,10 @@ def _gpt2(layers=3, seed=0):
     return hl.HeadModel(model)
 
 
-def _linear_lm(kinds):
+def _linear_lm(kinds, **kw):
     torch.manual_seed(0)
     cfg = hl.models.linear.HeadlabLinearConfig(vocab_size=50, hidden_size=D_MODEL, num_hidden_layers=len(kinds),
-                                               num_attention_heads=4, layer_kinds=list(kinds))
+                                               num_attention_heads=4, layer_kinds=list(kinds), **kw)
     model = hl.models.linear.HeadlabLinearForCausalLM(cfg).eval()
     for block in model.model.layers:
         block.ln_attn.weight.data = torch.rand(D_MODEL) + 0.5
@@ -300,3 +300,5 @@ def test_unsupported_models_are_refused():
         composition_scores(bert, progress=False)
     with pytest.raises(UnsupportedModelError, match="bilinear"):
         head_matrices(_linear_lm(["softmax", "linear"]))
+    with pytest.raises(UnsupportedModelError, match="short_conv"):  # q, k, v mix neighbouring tokens
+        head_matrices(_linear_lm(["softmax", "softmax"], short_conv=4))

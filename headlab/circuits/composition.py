@@ -116,6 +116,10 @@ def _projections(model: HeadModel) -> Projections:
     if getattr(model.hf.config, "headlab_pruned", None):
         raise UnsupportedModelError(f"{model.name} is structurally pruned: composition scores need every head's "
                                     "weights (compute them on the unpruned model)")
+    if getattr(model.hf.config, "short_conv", 0):
+        raise UnsupportedModelError(f"{model.name} convolves its q, k, v over the last {model.hf.config.short_conv} "
+                                    "tokens (short_conv): a head's scores are not x W_QK yᵀ of one token's residual, "
+                                    "so composition scores from W_Q, W_K, W_V would describe another model")
     bad = sorted({k for k in model.layer_kinds if k not in _BILINEAR_KINDS})
     if bad:
         raise UnsupportedModelError(f"{model.name} has {'/'.join(bad)} layers: W_QK is a bilinear form only for "

@@ -107,7 +107,8 @@ class Run:
                 Neither: the heads the run was asked for, else every head of the first captured layer.
             mode: "dense" (the exact patterns, weights to 4 decimals), "stats" (per-token entropy, received
                 attention and each query's `topk` keys, computed from the run's q and k: no T×T matrix), or "auto"
-                (dense when the payload fits `max_bytes`, default `viz.html.DENSE_BYTES`, else stats).
+                (dense when the payload fits `max_bytes`, default `viz.html.DENSE_BYTES`, else stats; the
+                statistics view has its own budget, `viz.html.STATS_BYTES`).
 
         Raises:
             HeadIndexError: a head out of range or of a layer the run did not capture.

@@ -69,10 +69,10 @@ def run_view(run: "Run", layer: int | None = None, heads: Iterable[Any] | None =
              mode: Mode = "auto", topk: int = 8, max_bytes: int | None = None):
     """`Run.token_view`: dense from the run's patterns when they fit the budget (mode "auto" / "dense"), else (or
     with mode "stats") the statistics view computed from the run's own q and k (`stats.layer_stats`)."""
-    from headlab.viz.html import DENSE_BYTES, ViewTooLarge, estimate_dense_bytes, token_view
+    from headlab.viz.html import DENSE_BYTES, ViewError, ViewTooLarge, estimate_dense_bytes, token_view
 
     if mode not in ("auto", "dense", "stats"):
-        raise ValueError(f"mode must be 'auto', 'dense' or 'stats', got {mode!r}")
+        raise ViewError(f"mode must be 'auto', 'dense' or 'stats', got {mode!r}")
     refs = view_heads(run.model, layer, heads, run.heads, run.records)
     n = _item(run.batch, index)
     tokens = run.tokens(index)
@@ -93,7 +93,7 @@ def run_view(run: "Run", layer: int | None = None, heads: Iterable[Any] | None =
         from headlab.stats import layer_stats
 
         stats[layer_index] = layer_stats(run.model, run.records[layer_index], run.batch, topk=topk)
-    return stats_view_of(run.model, stats, refs, tokens, index, n, note=note, max_bytes=max_bytes)
+    return stats_view_of(run.model, stats, refs, tokens, index, n, note=note)  # max_bytes is the dense budget
 
 
 def _pattern(run: "Run", ref: HeadRef, index: int, n: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from headlab.heads import HeadRef
 from headlab.run import Run
-from headlab.viz.html import RENDERER_JS, estimate_dense_bytes
+from headlab.viz.html import RENDERER_JS, ViewError, estimate_dense_bytes
 
 SCOPES = ("head", "layer")
 TOPK = 8  # top keys per query in the statistics view
@@ -39,7 +39,7 @@ def token_view_html(ex, session, head_text: str, scope: str = "head") -> str:
 
     _require(session)
     if scope not in SCOPES:
-        raise ValueError(f"token view scope must be one of {SCOPES}, got {scope!r}")
+        raise ViewError(f"token view scope must be one of {SCOPES}, got {scope!r}")
     model = ex.cache.get(session.model)
     head = HeadRef.parse(head_text or "")
     model.check_heads([head])

@@ -6,7 +6,7 @@ from headlab.viz.html.script import RENDERER_JS
 from headlab.viz.html.tokens import (
     DENSE_BYTES, STATS_BYTES, estimate_dense_bytes, grid_view, token_stats_view, token_view,
 )
-from headlab.viz.html.view import SCALE, HtmlView, ViewTooLarge, read_payload
+from headlab.viz.html.view import SCALE, HtmlView, ViewError, ViewTooLarge, read_payload
 
-__all__ = ["DENSE_BYTES", "RENDERER_JS", "SCALE", "STATS_BYTES", "HtmlView", "ViewTooLarge", "estimate_dense_bytes",
-           "grid_view", "read_payload", "token_stats_view", "token_view"]
+__all__ = ["DENSE_BYTES", "RENDERER_JS", "SCALE", "STATS_BYTES", "HtmlView", "ViewError", "ViewTooLarge",
+           "estimate_dense_bytes", "grid_view", "read_payload", "token_stats_view", "token_view"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from headlab.viz.html.view import SCALE, HtmlView, check_budget, rounded
+from headlab.viz.html.view import SCALE, HtmlView, ViewError, check_budget, rounded
 
 DENSE_BYTES = 4_000_000   # default budget of a dense view's payload (T x T weights per head)
 STATS_BYTES = 16_000_000  # default budget of a statistics view (per-token values and top-k keys per head)
@@ -22,14 +22,14 @@ BYTES_PER_CELL = 2.5      # bytes per visible (query, key) cell of a typical pat
 def _labels(labels: list[str] | None, n: int) -> list[str]:
     labels = [str(x) for x in labels] if labels is not None else [f"head {i}" for i in range(n)]
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} heads")
+        raise ViewError(f"{len(labels)} labels for {n} heads")
     return labels
 
 
 def _tokens(tokens: list[str], n: int, what: str) -> list[str]:
     tokens = [str(t) for t in tokens]
     if len(tokens) != n:
-        raise ValueError(f"{len(tokens)} tokens for {what} over {n} positions")
+        raise ViewError(f"{len(tokens)} tokens for {what} over {n} positions")
     return tokens
 
 
@@ -57,10 +57,10 @@ def token_view(tokens: list[str], weights: torch.Tensor, labels: list[str] | Non
     if weights.dim() == 2:
         weights = weights[None]
     if weights.dim() != 3:
-        raise ValueError(f"token_view takes weights [H, Q, S] (or one head's [Q, S]), got {tuple(weights.shape)}")
+        raise ViewError(f"token_view takes weights [H, Q, S] (or one head's [Q, S]), got {tuple(weights.shape)}")
     n_heads, n_q, n_s = weights.shape
     if n_q > n_s:
-        raise ValueError(f"more queries ({n_q}) than keys ({n_s})")
+        raise ViewError(f"more queries ({n_q}) than keys ({n_s})")
     tokens, labels = _tokens(tokens, n_s, "weights"), _labels(labels, n_heads)
     what = f"a dense token view of {n_heads} head(s) × {n_q}×{n_s} positions"
     advice = "show fewer heads or use the statistics view (StatsRun.token_view, or mode='stats')"
@@ -92,14 +92,14 @@ def token_stats_view(tokens: list[str], *, entropy: torch.Tensor, received: torc
         max_bytes: budget of the payload (None: no limit); over it, ViewTooLarge.
     """
     if entropy.dim() != 2 or topk_idx.dim() != 3 or topk_idx.shape != topk_weight.shape:
-        raise ValueError(f"token_stats_view takes entropy [H, T] and top-k [H, T, k]; got {tuple(entropy.shape)}, "
+        raise ViewError(f"token_stats_view takes entropy [H, T] and top-k [H, T, k]; got {tuple(entropy.shape)}, "
                          f"{tuple(topk_idx.shape)}, {tuple(topk_weight.shape)}")
     n_heads, n = entropy.shape
     if topk_idx.shape[:2] != (n_heads, n) or received.shape != (n_heads, n) or n_visible.shape != (n,):
-        raise ValueError(f"statistics disagree in shape: entropy {tuple(entropy.shape)}, received "
+        raise ViewError(f"statistics disagree in shape: entropy {tuple(entropy.shape)}, received "
                          f"{tuple(received.shape)}, n_visible {tuple(n_visible.shape)}, top-k {tuple(topk_idx.shape)}")
     if topk_idx.shape[-1] == 0 or not bool(torch.isfinite(entropy).any()):
-        raise ValueError("these statistics hold no top-k keys or entropy (an lse-only StatsRun): run "
+        raise ViewError("these statistics hold no top-k keys or entropy (an lse-only StatsRun): run "
                          "model.stats(..., topk=8) with statistics='all'")
     tokens, labels = _tokens(tokens, n, "statistics"), _labels(labels, n_heads)
     idx = topk_idx.detach().cpu().long()
@@ -123,7 +123,7 @@ def grid_view(scores: torch.Tensor, *, title: str = "", colorbar: str = "score")
     """A layer × head heatmap of a `[L, H]` map as HTML: hover a cell for its value (4 decimals), click it to select
     the head (in the explorer the selection shows that head). Undefined (NaN) cells are grey."""
     if scores.dim() != 2:
-        raise ValueError(f"grid_view takes a [L, H] score map, got shape {tuple(scores.shape)}")
+        raise ViewError(f"grid_view takes a [L, H] score map, got shape {tuple(scores.shape)}")
     values = rounded(scores.detach().float().cpu().tolist())
     return HtmlView({"kind": "grid", "title": title, "colorbar": colorbar, "values": values},
                     summary=f"layer × head grid of {colorbar}: {scores.shape[0]} × {scores.shape[1]}")

@@ -25,7 +25,11 @@ SCALE = 10_000  # weights travel as integers round(w * SCALE): exact to 4 decima
 _ATTR = re.compile(r'data-headlab="([^"]*)"')
 
 
-class ViewTooLarge(HeadlabError, ValueError):
+class ViewError(HeadlabError, ValueError):
+    """Data a view cannot show (mismatched shapes, statistics without top-k keys, a bad label list)."""
+
+
+class ViewTooLarge(ViewError):
     """A view whose payload would exceed its byte budget (ask for fewer heads, or the statistics view)."""
 
 

@@ -15,7 +15,8 @@ from headlab.inputs import mqar
 from headlab.models.linear import HeadlabLinearConfig, HeadlabLinearForCausalLM
 from headlab.models.linear import train as twins
 from headlab.models.linear.modeling import apply_rotary, causal_masks
-from headlab.models.linear.train import MQAR, TwinParams, evaluate_mqar, same_recipe, train_mqar_twins
+from headlab.models.linear.mqar_twins import mqar_summary_markdown, mqar_twin_name, train_mqar_twins
+from headlab.models.linear.train import MQAR, TwinParams, evaluate_mqar, same_recipe
 from headlab.paths import MOH_TWINS_DIR, MQAR_TWINS_DIR, TWINS_DIR
 
 # ----------------------------------------------------------------------------------------------- the generator
@@ -242,6 +243,30 @@ def test_train_mqar_twins_writes_resumes_and_refuses_another_recipe(tmp_path, mo
     assert train_mqar_twins(tmp_path, **kw)["table"] == summary["table"]
     with pytest.raises(ValueError, match="another recipe"):
         train_mqar_twins(tmp_path, **{**kw, "lr": 1e-2})
+
+
+def test_mqar_twins_with_a_short_convolution(tmp_path, monkeypatch):
+    """short_conv=K names the models <kind>-conv<K>-h<width>, beside the no-conv ones of the same folder, and the
+    summary keeps the convolution per model (not in the shared recipe) with the state it adds."""
+    monkeypatch.setattr(twins, "MQAR_EVAL_LENGTHS", (64,))
+    kw = dict(kinds=("gla", "based"), hiddens=(16,), steps=2, seq_len=64, mqar_pairs=4, batch=4, progress=False)
+    train_mqar_twins(tmp_path, **kw)
+    summary = train_mqar_twins(tmp_path, **kw, short_conv=3)
+    assert set(summary["models"]) == {"gla-h16", "based-h16", "gla-conv3-h16", "based-conv3-h16"}
+    conv, plain = summary["models"]["gla-conv3-h16"], summary["models"]["gla-h16"]
+    # per head: the last 2 inputs of q, k (4 each) and v (4)
+    assert conv["short_conv"] == 3 and conv["conv_state_per_head"] == 2 * (4 + 4 + 4)
+    assert plain["short_conv"] == 0 and plain["conv_state_per_head"] == 0 and "short_conv" not in summary["recipe"]
+    assert conv["n_params"] - plain["n_params"] == 2 * 3 * (16 + 16 + 16)  # 2 layers × K × (q, k, v channels)
+    assert json.loads((tmp_path / "gla-conv3-h16" / "config.json").read_text())["short_conv"] == 3
+    assert "short convolution: a causal depthwise Conv1d of kernel 3" in (tmp_path / "gla-conv3-h16" / "README.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "| gla-conv3-h16 | gla | 3 | 16 | gla+gla | none |" in readme and "| 16 + 24 conv |" in readme
+    assert "| gla-h16 | gla | — | 16 |" in readme
+    assert readme.index("| gla-h16 |") < readme.index("| gla-conv3-h16 |")  # the no-conv rows first
+    assert mqar_summary_markdown(summary) == readme
+    assert mqar_twin_name("gla", 16, 3) == "gla-conv3-h16" and mqar_twin_name("gla", 16) == "gla-h16"
+    assert twins.train_mqar_twins is train_mqar_twins  # the old import path still works
 
 
 def test_committed_mqar_summary_is_reproduced():

@@ -14,7 +14,7 @@ import time
 import torch
 
 from headlab.models.linear.config import STACKS
-from headlab.models.linear.train import train_mqar_twins
+from headlab.models.linear.mqar_twins import train_mqar_twins
 
 KERNEL = 4
 HIDDENS = (64, 128)

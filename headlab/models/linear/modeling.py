@@ -14,6 +14,9 @@ Generation decodes recurrently with a `HeadlabLinearCache` (cache.py): per layer
 window − 1 keys / values, softmax's full K/V; a decode step costs O(1) per token in a linear layer and still goes through
 the seam (`use_cache=False` reruns the whole prefix every step instead, the same tokens).
 
+Short convolutions (config.short_conv = K > 0; conv.py): every layer convolves its q, k, v projections causally over the
+last K tokens (depthwise, no bias, SiLU) before feature maps and RoPE, so the seam records the q, k, v the layer mixes.
+
 Mixture-of-Head layers (config.moh_active_heads > 0; Jin et al. 2024): softmax layers whose heads are experts gated
 per token, output = Σ_i g_i H_i W_O^i. The layer computes its gates from its input (`HeadlabLinearAttention.route`)
 and multiplies the heads' outputs by them itself, after the attention function, so any attention implementation

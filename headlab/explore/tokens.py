@@ -56,6 +56,10 @@ def token_view_html(ex, session, head_text: str, scope: str = "head") -> str:
     note = view.payload["note"]
     if not dense:
         note = (f"statistics view: {len(refs)} head(s) × {n}² weights would be about "
-                f"{estimate_dense_bytes(len(refs), n, n) / 1e6:.1f} MB, over the explorer's {budget / 1e6:.1f} MB "
-                f"budget for the browser; hover a token for its top-{TOPK} keys")
+                f"{_size(estimate_dense_bytes(len(refs), n, n))}, over the explorer's {_size(budget)} budget for "
+                f"the browser; hover a token for its top-{TOPK} keys")
     return view.with_payload(note=note, focus=refs.index(head)).markup()
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes / 1e3:.1f} kB"

@@ -18,6 +18,8 @@ import gradio as gr  # noqa: E402
 
 from headlab.errors import HeadlabError  # noqa: E402
 from headlab.explore import DEFAULT_MODEL, HOW, MAP_LABELS, Explorer  # noqa: E402
+from headlab.explore.icl import icl_open, icl_view  # noqa: E402
+from headlab.explore.pruning import apply as prune_apply, prune_view, remeasure as prune_remeasure  # noqa: E402
 from headlab.explore.kinds import DEFAULT_TEXT, DEFAULT_TWINS, TWINS, twins_view  # noqa: E402
 from headlab.explore.retrieval import needle_steps  # noqa: E402
 from headlab.analyses.retrieval import needle_sets  # noqa: E402
@@ -84,12 +86,14 @@ def guarded(action: Callable, n_outputs: int) -> Callable:
     return call
 
 
-def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, circuit=None) -> gr.Blocks:
+def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, circuit=None,
+              reports=None) -> gr.Blocks:
     """The explorer's Blocks for one shared Explorer (settings and model cache); no per-session state outside it.
 
     `circuit`: a `headlab.circuits.view.CircuitView` for the Circuit tab (the graph, a head's pattern on a task
-    prompt, the head patched live), or None. Each tab is built by its own function below (components and events);
-    the analysed prompt (`session`, a gr.State) is what they share."""
+    prompt, the head patched live), or None. `reports`: a `headlab.explore.reports.ReportLibrary` (the report folders
+    served: --report, --reports-root) for the Reports, Pruning and ICL tabs, or None. Each tab is built by its own
+    function below (components and events); the analysed prompt (`session`, a gr.State) is what they share."""
     ex = explorer or Explorer()
     with gr.Blocks(title="headlab head explorer", analytics_enabled=False) as demo:
         session = gr.State(None)
@@ -100,6 +104,9 @@ def build_app(explorer: Explorer | None = None, *, model: str = DEFAULT_MODEL, c
         sinks_tab(ex, session)
         retrieval_tab(ex, session)
         kinds_tab(ex)
+        reports_tab(demo, reports)
+        prune_tab(demo, ex, session, reports)
+        icl_tab(demo, reports)
     return demo
 
 
@@ -304,6 +311,141 @@ def kinds_tab(ex: Explorer) -> None:
     gr.on([twin_btn.click, twin_text.submit, twin_zero.change], guarded(partial(twins_view, ex), 5),
           [left, right, twin_text, twin_layer, twin_head, twin_zero],
           [twin_status, left_plot, left_info, right_plot, right_info])
+
+
+NO_REPORTS = "No reports served: start the explorer with `headlab explore --report DIR` (or --reports-root DIR)."
+
+
+def reports_tab(demo: gr.Blocks, reports) -> None:
+    """The Reports tab: a saved report folder (`--report DIR`, or picked among those under `--reports-root`): its
+    figures, top heads and settings (`headlab.explore.reports`)."""
+    typed = bool(reports is not None and reports.allow_folders)
+    with gr.Tab("Reports", elem_id="tab-reports"):
+        with gr.Row():
+            picker = gr.Dropdown([], label="report folder" + (" (pick one, or type a folder on the server)" if typed
+                                                              else ""), allow_custom_value=typed,
+                                 elem_id="report-picker", scale=4)
+            refresh = gr.Button("Refresh the list", elem_id="report-refresh", scale=1)
+            open_btn = gr.Button("Open", variant="primary", elem_id="report-open", scale=1)
+        report_status = gr.Markdown(elem_id="report-status")
+        figure = gr.Dropdown([], label="figure", elem_id="report-figure")
+        plot = gr.Plot(elem_id="report-plot", show_label=False)
+        info = gr.Markdown(elem_id="report-info")
+    if reports is None:
+        demo.load(lambda: NO_REPORTS, outputs=report_status)
+        return
+
+    def show(folder, name=None):
+        status, md, names, fig = reports.view(folder, name)
+        return status, md, gr.update(choices=names, value=name if name in names else (names[0] if names else None)), fig
+
+    def first():
+        choices = reports.choices()
+        listed = gr.update(choices=choices, value=choices[0][1] if reports.opened and choices else None)
+        if not reports.opened:
+            return (f"{len(choices)} report folders found under {', '.join(map(str, reports.roots)) or 'no root'}: "
+                    "pick one.", gr.skip(), gr.skip(), gr.skip(), listed)
+        return (*show(choices[0][1]), listed)
+
+    outputs = [report_status, info, figure, plot]
+    demo.load(guarded(first, 5), outputs=[*outputs, picker])
+    refresh.click(lambda: gr.update(choices=reports.choices()), outputs=picker)
+    gr.on([picker.input, open_btn.click], guarded(show, 4), picker, outputs)
+    figure.input(guarded(show, 4), [picker, figure], outputs)
+
+
+def _runs_of(reports, kind: str):
+    """The dropdown update listing the served reports of a kind (the first opened one, else the first, chosen)."""
+    choices = reports.of_kind(kind)
+    opened = [v for _, v in choices if v in {str(p) for p in reports.opened}]
+    return gr.update(choices=choices, value=(opened or [v for _, v in choices] or [None])[0])
+
+
+def prune_tab(demo: gr.Blocks, ex: Explorer, session: gr.State, reports) -> None:
+    """The Pruning tab: a saved `headlab prune` run's curves; a ranker's mask at a fraction applied to the analysed
+    prompt (the experiment's own heads, zero-ablated), compared with the original (`headlab.explore.pruning`)."""
+    with gr.Tab("Pruning", elem_id="tab-prune"):
+        gr.Markdown("A saved pruning run (`headlab prune`): its curves, and a ranker's mask at a fraction applied to "
+                    "the prompt analysed in the Heads tab: the very heads the run removes at that fraction, "
+                    "zero-ablated, inside the call (the shared model is untouched).")
+        with gr.Row():
+            run_box = gr.Dropdown([], label="pruning run (opened reports of kind prune)", elem_id="prune-run", scale=4)
+            refresh = gr.Button("Refresh the list", elem_id="prune-refresh", scale=1)
+        prune_status = gr.Markdown(elem_id="prune-status")
+        with gr.Row():
+            curves = gr.Plot(elem_id="prune-curves", show_label=False)
+            table = gr.Markdown(elem_id="prune-table")
+        with gr.Row():
+            ranker = gr.Radio([], label="ranker", elem_id="prune-ranker")
+            fraction = gr.Slider(0, 1, value=0.25, step=0.01, label="fraction of heads removed",
+                                 elem_id="prune-fraction")
+            apply_btn = gr.Button("Apply the mask", variant="primary", elem_id="prune-apply")
+            again = gr.Button("Re-measure the run's eval", elem_id="prune-remeasure")
+        comparison = gr.Markdown(elem_id="prune-comparison")
+        remeasured = gr.Markdown(elem_id="prune-remeasured")
+    if reports is None:
+        demo.load(lambda: NO_REPORTS, outputs=prune_status)
+        return
+
+    def show(folder):
+        status, fig, rankers, fractions, md = prune_view(reports, folder)
+        return (status, fig, gr.update(choices=rankers, value=rankers[0]), gr.update(value=max(fractions)), md)
+
+    def listing():
+        update = _runs_of(reports, "prune")
+        if not update["value"]:
+            return ("No pruning run under the report roots: start the explorer with --report DIR (a `headlab prune` "
+                    "folder).", gr.skip(), gr.skip(), gr.skip(), gr.skip(), update)
+        return (*show(update["value"]), update)
+
+    view = [prune_status, curves, ranker, fraction, table]
+    demo.load(guarded(listing, 6), outputs=[*view, run_box])
+    refresh.click(lambda: _runs_of(reports, "prune"), outputs=run_box)
+    run_box.input(guarded(show, 5), run_box, view)
+    gr.on([apply_btn.click, fraction.release, ranker.input],
+          guarded(lambda *a: prune_apply(ex, reports, *a)[:2], 2), [session, run_box, ranker, fraction],
+          [prune_status, comparison])
+    again.click(guarded(lambda *a: prune_remeasure(ex, reports, *a)[:2], 2), [session, run_box, ranker, fraction],
+                [prune_status, remeasured])
+
+
+def icl_tab(demo: gr.Blocks, reports) -> None:
+    """The ICL tab: a saved `headlab icl train` run: KQ and OV at the checkpoint a step slider picks, the loss curves
+    (`headlab.explore.icl`)."""
+    with gr.Tab("ICL", elem_id="tab-icl"):
+        gr.Markdown("A saved in-context regression run (`headlab icl train`): every head's KQ and OV at the saved "
+                    "checkpoint nearest the chosen step, and the losses over training.")
+        with gr.Row():
+            run_box = gr.Dropdown([], label="icl run (opened reports of kind icl)", elem_id="icl-run", scale=4)
+            refresh = gr.Button("Refresh the list", elem_id="icl-refresh", scale=1)
+        icl_status = gr.Markdown(elem_id="icl-status")
+        step = gr.Slider(0, 1, value=1, step=1, label="training step (saved checkpoints)", elem_id="icl-step")
+        weights = gr.Plot(elem_id="icl-weights", show_label=False)
+        curves = gr.Plot(elem_id="icl-curves", show_label=False)
+    if reports is None:
+        demo.load(lambda: NO_REPORTS, outputs=icl_status)
+        return
+
+    def show(folder):
+        status, fig, curve, (lo, hi, spacing), shown = icl_open(reports, folder)
+        return status, fig, curve, gr.update(minimum=lo, maximum=hi, step=spacing, value=shown)
+
+    def listing():
+        update = _runs_of(reports, "icl")
+        if not update["value"]:
+            return ("No `icl train` run under the report roots: start the explorer with --report DIR.",
+                    gr.skip(), gr.skip(), gr.skip(), update)
+        return (*show(update["value"]), update)
+
+    view = [icl_status, weights, curves, step]
+    demo.load(guarded(listing, 5), outputs=[*view, run_box])
+    refresh.click(lambda: _runs_of(reports, "icl"), outputs=run_box)
+    run_box.input(guarded(show, 4), run_box, view)
+    def show_step(folder, value):
+        status, fig, shown = icl_view(reports, folder, value)
+        return status, fig, gr.update(value=shown)  # the slider snaps to the checkpoint shown
+
+    step.release(guarded(show_step, 3), [run_box, step], [icl_status, weights, step])
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:

@@ -25,6 +25,13 @@ def register(sub) -> argparse.ArgumentParser:
                         "on demand)")
     p.add_argument("--max-models", type=count, default=ExplorerSettings.max_models,
                    help="models kept loaded at once (least recently used dropped first)")
+    p.add_argument("--report", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder written by a headlab command (scan, calibrate, prune, icl train, circuit discover, "
+                        "moh convert|analyse, linearize analyse ...): opened in the Reports tab at launch; repeatable")
+    p.add_argument("--reports-root", type=Path, action="append", default=None, metavar="DIR",
+                   help="a folder whose report folders the Reports tab's picker lists; repeatable (default: the "
+                        "--report folders and the repo's runs/ folder). Clients pick from that list; any other "
+                        "folder only with --allow-folders")
     p.set_defaults(handler=cmd_explore)
     return p
 
@@ -44,6 +51,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
         print(f"headlab: warning: binding {args.host} serves the explorer beyond this machine: anyone who can reach "
               f"port {args.port} can run models here{'' if not args.allow_folders else ' and load any folder'}",
               file=sys.stderr)
+    from headlab.explore.reports import ReportLibrary
+
+    reports = ReportLibrary(args.report, roots=args.reports_root, allow_folders=args.allow_folders)
+    for folder in args.report:  # checked (and cached) before anything is served: a bad folder is named now
+        reports.open(folder)
     app = load_app_module()
     circuit = None
     allowed = [args.model]
@@ -59,6 +71,6 @@ def cmd_explore(args: argparse.Namespace) -> int:
         circuit = CircuitView.open(args.circuit, explorer.cache.get)
     print(f"loading {args.model} ...", flush=True)
     explorer.open_model(args.model, "", True, "induction", -1, None)  # load and warm up before the first page
-    demo = app.build_app(explorer, model=args.model, circuit=circuit)
+    demo = app.build_app(explorer, model=args.model, circuit=circuit, reports=reports)
     app.launch(demo, host=args.host, port=args.port or None, block=True)
     return 0

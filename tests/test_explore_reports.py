@@ -19,6 +19,7 @@ from headlab.explore.icl import icl_open, icl_view
 from headlab.explore.pruning import apply, prune_view, remeasure
 from headlab.explore.reports import KINDS, ReportError, ReportLibrary, detect, find_reports, open_report
 from headlab.errors import EditError
+from headlab.paths import TWINS_DIR
 from headlab.results import HeadScores
 from test_explore import PROMPT, make_text_model
 
@@ -69,7 +70,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     model = str(make_text_model(root / "model"))
     text = root / "text.txt"
     text.write_text(" ".join([PROMPT + " ."] * 40))
-    out = {k: root / "runs" / k for k in KINDS if k != "scores"}
+    out = {k: root / "runs" / k for k in KINDS if k not in ("scores", "twins")}
     _run(["scan", "induction", "--model", model, "--out", str(out["induction"]), "--seq-len", "8", "--batch", "2"])
     _run(["scan", "sinks", "--model", model, "--out", str(out["sinks"]), "--n-prompts", "2", "--max-tokens", "48",
           "--min-visible", "8"])
@@ -93,6 +94,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     _run(["linearize", "analyse", "--model", llama, "--linearized", str(root / "lin" / "model"), "--out",
           str(out["linearize"]), "--ks", "0,8", "--needle-lengths", "", "--windows", "2"])
     out["scores"] = out["prune"] / "rankings" / "induction"  # any saved HeadScores opens too
+    out["twins"] = TWINS_DIR  # `headlab train twins` output, committed (training even 5 steps takes ~1 min here)
     return {**out, "model": Path(model), "text": text, "root": root / "runs"}
 
 
@@ -165,6 +167,14 @@ def test_each_kind_opens_with_top_heads_settings_and_figures(built, kind):
     elif kind == "linearize":
         _check_top(report, report.result, ["rel_error"])
         assert "hybrid" in report.names
+    elif kind == "twins":
+        runs = {p.name: json.loads((p / "run.json").read_text()) for p in TWINS_DIR.iterdir()
+                if (p / "run.json").is_file()}
+        assert report.top == () and report.names == ["training loss"] and len(report.figures[0][1].data) == len(runs)
+        for name, run in runs.items():
+            assert f"| {run['name']} | {'+'.join(run['layer_kinds'])} | {run['n_params']} | " \
+                   f"{run['final_train_loss']:.4g} |" in report.notes_md
+        assert "recipe.hidden | 64 |" in report.settings_md
     elif kind == "moh_convert":
         assert report.top == () and "| moh:querynorm |" in report.notes_md
 
@@ -226,7 +236,7 @@ def test_unknown_damaged_and_unfinished_folders_are_named(built, tmp_path):
 
 def test_library_lists_reports_and_keeps_clients_inside_its_roots(built, tmp_path):
     found = dict(find_reports([built["root"]]))
-    assert {k for k in KINDS if k != "scores"} == {kind for kind in found.values()}
+    assert {k for k in KINDS if k not in ("scores", "twins")} == {kind for kind in found.values()}
     assert built["prune"].resolve() / "rankings" / "induction" not in found  # a report's parts are not listed
     library = ReportLibrary([built["icl"]], roots=[built["root"]])
     values = [v for _, v in library.choices()]

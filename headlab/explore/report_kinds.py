@@ -238,6 +238,32 @@ def load_linearize(folder: Path) -> Report:
                   notes_md=notes, result=report)
 
 
+def load_twins(folder: Path) -> Report:
+    from headlab.explore.reports import twin_folders
+    from headlab.viz.kinds import loss_curves
+
+    runs = {p.name: read_json(p / "run.json") for p in twin_folders(folder)}
+    rows = []
+    for name, run in runs.items():
+        row = {"twin": run.get("name", name), "layers": "+".join(run.get("layer_kinds", [])),
+               "params": run.get("n_params", ""), "final train loss": run.get("final_train_loss", math.nan),
+               "seconds": run.get("train_seconds", "")}
+        row |= {k: v for k, v in flatten(run.get("eval", {})).items() if isinstance(v, float)}
+        rows.append(row)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    notes = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                      + ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows])
+    recipes = [run.get("params", {}) for run in runs.values()]
+    common = {k: v for k, v in recipes[0].items() if all(r.get(k) == v for r in recipes)}
+    curves = {name: run["curve"] for name, run in runs.items() if run.get("curve")}
+    return Report(kind="twins", folder=folder, model=", ".join(runs),
+                  title=f"trained twins — {len(runs)} models ({', '.join(runs)})",
+                  settings_md=md_table({f"recipe.{k}": v for k, v in flatten(common).items()}),
+                  figures=(("training loss", loss_curves(curves, title=f"training loss — {folder.name}")),),
+                  notes_md=notes, result=runs)
+
+
 def load_scores(folder: Path) -> Report:
     scores = HeadScores.load(folder)
     return Report(kind="scores", folder=folder, model=scores.model, title=f"{scores.analysis} scores — {scores.model}",
@@ -249,5 +275,5 @@ LOADERS: dict[str, Callable[[Path], Report]] = {
     "induction": load_induction, "sinks": load_sinks, "retrieval": load_retrieval, "calibration": load_calibration,
     "prune": load_prune, "icl": load_icl, "kinds": load_kinds, "circuit": load_circuit,
     "moh_convert": load_moh_convert, "moh_routing": load_moh_routing, "linearize": load_linearize,
-    "scores": load_scores,
+    "twins": load_twins, "scores": load_scores,
 }

@@ -31,11 +31,12 @@ KINDS = {
     "calibration": "headlab calibrate", "prune": "headlab prune", "icl": "headlab icl train",
     "kinds": "KindComparison.save (compare_kinds)", "circuit": "headlab circuit discover",
     "moh_convert": "headlab moh convert", "moh_routing": "headlab moh analyse",
-    "linearize": "headlab linearize analyse", "scores": "a saved HeadScores (any analysis)",
+    "linearize": "headlab linearize analyse", "twins": "headlab train twins",
+    "scores": "a saved HeadScores (any analysis)",
 }
 #: Files whose presence makes a folder look like a report (finished, damaged or in progress).
 MARKERS = ("scores.json", "items.safetensors", "run.json", "results.jsonl", "rows.jsonl", "checkpoint.safetensors",
-           "circuit.json", "comparison.json", "state.json", "trials.jsonl")
+           "circuit.json", "comparison.json", "state.json", "trials.jsonl", "summary.json")
 RUNS_DIR = ROOT / "runs"
 
 
@@ -160,6 +161,8 @@ def detect(folder: str | Path) -> str:
         if has("report.json"):
             return "linearize"
         raise _in_progress(folder, "transfer/ is there but report.json (written last by `linearize analyse`) is not")
+    if has("summary.json") and not has("scores.json") and twin_folders(folder):
+        return "twins"
     if has("scores.json"):
         data = _json(folder / "scores.json")
         analysis = data.get("analysis") if isinstance(data, dict) else None
@@ -177,6 +180,12 @@ def detect(folder: str | Path) -> str:
             raise _in_progress(folder, what)
     raise ReportError(f"{folder} is not a headlab report: none of its files is one that a headlab command writes "
                       f"({', '.join(MARKERS)})")
+
+
+def twin_folders(folder: Path) -> list[Path]:
+    """The trained models of a `headlab train twins` folder: subfolders with an HF config.json and a run.json."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "run.json").is_file()
+                  and (p / "config.json").is_file())
 
 
 def open_report(folder: str | Path) -> Report:

@@ -95,3 +95,14 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
         fig.update_yaxes(**axis, autorange="reversed", row=row, col=col)
     fig.update_layout(title=title, height=330 * n_rows + 80, width=330 * cols + 120)
     return fig
+
+
+def loss_curves(curves: dict[str, Sequence[Sequence[float]]], *, title: str = "training loss") -> go.Figure:
+    """One training-loss line per model: `curves` maps a name to (step, loss) pairs (a twin's run.json `curve`)."""
+    fig = go.Figure()
+    for name, curve in curves.items():
+        kind = next((k for k in KIND_COLOURS if name.endswith(k) or f"-{k}" in name), None)
+        fig.add_trace(go.Scatter(x=[p[0] for p in curve], y=[p[1] for p in curve], mode="lines", name=name,
+                                 line={"color": KIND_COLOURS[kind]} if kind else None))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="training loss", height=440, width=760)
+    return fig

@@ -98,11 +98,16 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
 
 
 def loss_curves(curves: dict[str, Sequence[Sequence[float]]], *, title: str = "training loss") -> go.Figure:
-    """One training-loss line per model: `curves` maps a name to (step, loss) pairs (a twin's run.json `curve`)."""
+    """One training-loss line per model: `curves` maps a name to (step, loss) pairs (a twin's run.json `curve`);
+    coloured by the attention kind its name names, dashed for a second model of the same kind."""
     fig = go.Figure()
+    seen: dict[str | None, int] = {}
     for name, curve in curves.items():
-        kind = next((k for k in KIND_COLOURS if name.endswith(k) or f"-{k}" in name), None)
+        kind = next((k for k in KIND_COLOURS if name.endswith(k) or f"-{k}" in name or name.startswith(f"{k}-")),
+                    None)
+        seen[kind] = seen.get(kind, -1) + 1
+        line = {"color": KIND_COLOURS[kind], "dash": ("solid", "dash", "dot")[seen[kind] % 3]} if kind else None
         fig.add_trace(go.Scatter(x=[p[0] for p in curve], y=[p[1] for p in curve], mode="lines", name=name,
-                                 line={"color": KIND_COLOURS[kind]} if kind else None))
+                                 line=line))
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="training loss", height=440, width=760)
     return fig

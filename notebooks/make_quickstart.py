@@ -40,6 +40,22 @@ backend). Token axes are integer positions labelled `i:token`."""),
 run = model.run(scores.items["tokens"][:1], heads=[head])
 print(head, run.pattern(head).shape)
 run.figure(head, window=(0, 30))"""),
+    ("md", """## The token view, inline
+
+A run renders in the notebook as self-contained HTML and JavaScript (no server, nothing fetched): hover or click a
+token to see where it attends (its row) and what attends to it (its column); in a layer view every head is a
+thumbnail of its pattern, and a click focuses it. Weights are exact to 4 decimals. `run` alone shows the heads it
+was asked for; `run.token_view(layer=..., heads=...)` chooses; `.save("view.html")` writes a standalone page.
+Scores render as a layer × head grid (hover a cell for its value)."""),
+    ("code", """view = run.token_view(layer=head.layer)  # every head of the top induction head's layer
+print(view)
+view"""),
+    ("md", """Long prompts go through the streaming statistics instead of T×T patterns: per-token entropy, the attention
+each token receives, and each query's top-k keys with their exact weights (`model.stats(..., topk=8)`), so a
+prompt of thousands of tokens renders in a few MB. `scores.grid_view()` is the layer × head grid."""),
+    ("code", """long = model.stats(torch.randint(1, model.vocab_size, (1, 256)), layers=[head.layer], topk=8)
+long.token_view(heads=[head])"""),
+    ("code", """scores.grid_view()"""),
     ("md", """## Ablate heads and measure the loss on the second copy
 
 Inside `hl.edit(...)` a head's output is zeroed; leaving the block restores the model exactly.

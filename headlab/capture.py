@@ -53,6 +53,10 @@ class LayerRecord:
             them) times those of `Gate` edits (applied in the seam, so `z` is after them); None when nothing routes.
         x: the attention module's input hidden states `[B, Q, C]`, given to `Gate` functions that ask for it
             (`Gate.needs_input`); None in captures.
+        key_bias: `[B|1, G, Q, S]` float32 additive per-KV-group bias of each key slot when the keys come from a
+            compressed cache (`headlab.edits.RazorCache`: its KV heads hold different key sets, padded, and a
+            compensation slot whose logit gets + log|D|): −inf where a slot may not be attended, else the bias; the
+            pattern adds it (then `mask` is None: the bias holds causality too). None otherwise.
     """
 
     layer: int
@@ -67,6 +71,7 @@ class LayerRecord:
     lse: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     x: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -96,9 +101,11 @@ class LayerRecord:
         """
         if self.mixer is not None:
             return self.mixer.pattern(heads, rows=rows)
+        bias = self.key_bias
         if rows is None:
-            return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads)
-        return attention_pattern(self.q[:, :, rows], self.k, self.visible()[:, :, rows], self.scale, heads=heads)
+            return attention_pattern(self.q, self.k, self.visible(), self.scale, heads=heads, bias=bias)
+        return attention_pattern(self.q[:, :, rows], self.k, self.visible()[:, :, rows], self.scale, heads=heads,
+                                 bias=None if bias is None else bias[:, :, rows])
 
 
 @dataclass
@@ -319,23 +326,35 @@ def visible_mask(mask: torch.Tensor | None, *, causal: bool, q_len: int, k_len: 
 
 
 def attention_pattern(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float,
-                      heads: list[int] | None = None) -> torch.Tensor:
+                      heads: list[int] | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention pattern in float32.
 
     Args:
         q: `[B, H, Q, D]`; k: `[B, G, S, D]` with H a multiple of G (grouped-query attention).
         visible: bool `[B|1, 1, Q, S]`.
         heads: query heads to compute (all when None).
+        bias: optional additive per-KV-group bias `[B|1, G, Q, S]` (−inf: not visible), see `LayerRecord.key_bias`.
     Returns:
         `[B, h, Q, S]`; a row with no visible key is all zeros.
     """
     n_heads, n_groups = q.shape[1], k.shape[1]
     idx = torch.arange(n_heads, device=q.device) if heads is None else torch.as_tensor(heads, device=q.device)
+    groups = idx // heads_per_group(n_heads, n_groups)
     qh = q.index_select(1, idx).float()
-    kh = k.index_select(1, idx // heads_per_group(n_heads, n_groups)).float()
+    kh = k.index_select(1, groups).float()
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.index_select(1, groups).float()
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def _bias_mask(key_bias: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A compressed cache's per-KV-group key bias `[B|1, G, Q, S]` as the additive mask `[B|1, H, Q, S]` a backend
+    takes (its query heads repeat their group's row; −inf becomes the dtype's lowest finite value)."""
+    per = heads_per_group(query.shape[1], key_bias.shape[1])
+    bias = key_bias.repeat_interleave(per, dim=1).to(query.dtype)
+    return bias.clamp_min(torch.finfo(query.dtype).min)
 
 
 def _additive(mask: torch.Tensor | None, *, causal: bool, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -385,6 +404,10 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if slot is not None and slot.base_name == "eager":
         base_mask = _additive(attention_mask, causal=causal, query=query, key=key)
     state = _STATE.get().get(slot.owner) if slot is not None else None
+    key_bias = getattr(key, "headlab_key_bias", None)  # [B|1, G, Q, S] from a compressed cache (RazorCache)
+    if key_bias is not None:  # it encodes causality and each KV head's own key set: it replaces the model's mask
+        attention_mask = None
+        base_mask = _bias_mask(key_bias, query)
     mixer = kwargs.get("mixer")  # a linear layer's feature maps / decays (its backend mixes with them)
     gates = kwargs.pop("gates", None)  # a MoH layer's own routing gates [B, Q, H] (it applies them itself)
     layer_ops = state.ops_for(slot.layer) if state is not None else None
@@ -395,11 +418,12 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              float(scale0) if scale0 is not None else query.shape[-1] ** -0.5, mixer)
     routed_out = None
     if gate_values is not None and any(g.routed for g in layer_ops.gates) and not layer_ops.overrides \
-            and mixer is None and not any(c.with_lse and c.wants(slot.layer) for c in state.captures):
+            and mixer is None and key_bias is None \
+            and not any(c.with_lse and c.wants(slot.layer) for c in state.captures):
         routed_out = _routed(query, key, value, attention_mask, gate_values[1], kwargs, causal)
     fused = None
     if (state is not None and mixer is None and base is sdpa_attention_forward and routed_out is None
-            and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
+            and key_bias is None and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
         fused = _sdpa_with_lse(module, query, key, value, attention_mask, kwargs)
     lse = None
     if fused is not None:  # the output and the rows' lse from one kernel call
@@ -420,7 +444,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         n_heads = query.shape[1]
         if ops.overrides:
             inputs = LayerRecord(layer=layer, q=query, k=key, v=value, mask=attention_mask, causal=causal, scale=scale,
-                                 mixer=mixer)
+                                 mixer=mixer, key_bias=key_bias)
             out = out.clone()
             for override in ops.overrides:
                 heads = list(override.heads)
@@ -468,7 +492,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
             mixer=_detached(mixer), lse=lse if cap.with_lse else None,
-            gates=gates.detach() if gates is not None else None,
+            gates=gates.detach() if gates is not None else None, key_bias=key_bias,
         )
         if cap.keep:
             cap.records[layer] = record

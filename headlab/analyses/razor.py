@@ -163,6 +163,8 @@ class Condition:
         mask: heads to mask; `how` = "uniform" (attention made uniform over the cache) or "zero" (output zeroed).
         kv_policy: a RazorKV; its `compress_at` is set to each trial's prefill length.
         score: accumulate retrieval scores (the baseline).
+        real_cache: decode with the policy as a real compressed cache (`RazorCache`, only the kept entries in
+            memory) instead of the `RazorKV` edit over the full cache (the same outputs).
     """
 
     name: str
@@ -170,6 +172,7 @@ class Condition:
     how: str = "uniform"
     kv_policy: RazorKV | None = None
     score: bool = False
+    real_cache: bool = False
 
     @property
     def spec(self) -> str:
@@ -177,7 +180,8 @@ class Condition:
         p = self.kv_policy
         policy = "" if p is None else (f"full={sorted(p.full)};sinks={p.sinks};window={p.window};"
                                        f"frac={p.window_frac};comp={p.compensation}")
-        return f"{self.name}|{self.how}|{','.join(map(str, self.mask))}|{policy}"
+        real = "|real" if self.real_cache and p is not None else ""  # specs of earlier runs stay as they were
+        return f"{self.name}|{self.how}|{','.join(map(str, self.mask))}|{policy}{real}"
 
     def policy(self, prefill: int) -> RazorKV | None:
         """The KV policy compressing a cache of `prefill` tokens (None without a policy)."""
@@ -185,7 +189,7 @@ class Condition:
 
     def edits(self, prefill: int) -> list[Any]:
         """The scoped edits for a trial whose cache holds `prefill` tokens before decoding."""
-        policy = self.policy(prefill)
+        policy = None if self.real_cache else self.policy(prefill)  # a real cache compresses itself
         return [Ablate(h, how=self.how) for h in self.mask] + ([policy] if policy is not None else [])
 
 
@@ -206,16 +210,23 @@ def masking_conditions(scores: HeadScores, ks: Iterable[int], *, draws: int = 3,
 
 
 def razor_conditions(full: frozenset[tuple[int, int]], windows: Iterable[int], *, sinks: int = 4,
-                     window_frac: float = 0.0, controls: bool = True) -> list[Condition]:
+                     window_frac: float = 0.0, controls: bool = True, kv_cache: str = "simulated") -> list[Condition]:
     """RazorAttention at each window ("razor-w{W}", "-f{frac}" appended when window_frac > 0); with
-    `controls`, the same policy on every head, none kept full ("window-w{W}...")."""
+    `controls`, the same policy on every head, none kept full ("window-w{W}..."). `kv_cache`: "simulated" (the
+    `RazorKV` edit over the full cache), "real" (a `RazorCache`; names end in "-real") or "both"."""
+    if kv_cache not in ("simulated", "real", "both"):
+        raise PromptError(f"kv_cache {kv_cache!r}: choose simulated, real or both")
+    modes = {"simulated": (False,), "real": (True,), "both": (False, True)}[kv_cache]
     out = []
     for w in windows:
         policy = RazorKV(full=full, sinks=sinks, window=w, window_frac=window_frac)
         tail = f"w{w}" + (f"-f{window_frac:g}" if window_frac else "")
-        out.append(Condition(name=f"razor-{tail}", kv_policy=policy))
-        if controls:
-            out.append(Condition(name=f"window-{tail}", kv_policy=dataclasses.replace(policy, full=frozenset())))
+        for real in modes:
+            end = "-real" if real else ""
+            out.append(Condition(name=f"razor-{tail}{end}", kv_policy=policy, real_cache=real))
+            if controls:
+                out.append(Condition(name=f"window-{tail}{end}", kv_policy=dataclasses.replace(policy, full=frozenset()),
+                                     real_cache=real))
     return out
 
 

@@ -45,6 +45,7 @@ from headlab.analyses.razor import (
     summarize,
 )
 from headlab.edits.heads import edit
+from headlab.edits.razor_cache import RazorCache
 from headlab.errors import PromptError
 from headlab.models.head_model import HeadModel
 from headlab.paths import HAYSTACKS_DIR
@@ -193,15 +194,20 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
             score.add_(hit, alpha=1.0 / (end - start))
 
         scope = model.capturing(keep=False, callback=top1) if cond.score else contextlib.nullcontext()
+        start_cache = copy.deepcopy(cache)
+        if cond.real_cache and cond.kv_policy is not None:  # the policy as a real cache: compressed at the first step
+            start_cache = RazorCache.from_cache(model, cond.policy(len(ids) - 1), start_cache)
         with torch.no_grad(), edit(model, cond.edits(len(ids) - 1)), scope:
-            gen = greedy_decode(model, copy.deepcopy(cache), ids[-1], max_new_tokens=max_new_tokens, stop=stop,
+            gen = greedy_decode(model, start_cache, ids[-1], max_new_tokens=max_new_tokens, stop=stop,
                                 on_step=on_step)
         reply = model.tokenizer.decode(gen, skip_special_tokens=True).strip() if model.tokenizer else ""
         got = recall(prompt.reference, words(reply) if model.tokenizer else gen)
         rec: dict[str, Any] = {"condition": cond.name, "spec": cond.spec, "reply": reply, "generated": gen,
                                "recall": got, "found": got > recall_threshold, "prompt_tokens": len(ids),
                                "span": [start, end], "seconds": round(time.perf_counter() - t0, 3)}
-        if cond.kv_policy is not None:
+        if cond.kv_policy is not None and cond.real_cache:  # what the cache really held at the end, and its bytes
+            rec["kv"] = {**start_cache.fraction(), "kept_bytes": start_cache.nbytes()}
+        elif cond.kv_policy is not None:
             rec["kv"] = cond.policy(len(ids) - 1).cache_fraction(model, len(ids) + len(gen))
         if cond.score:
             rec["scores"] = score.tolist()
@@ -279,6 +285,8 @@ class RetrievalParams:
         ks, draws, mask_how, exclude_top, seed: the masking test (see `razor.masking_conditions`); ks=(): none.
         mask_lengths: the lengths the masking test runs at (empty: all).
         windows, window_frac, sinks: RazorAttention's recent windows S0 (one condition each; ()=none), 1/C, N0.
+        kv_cache: "simulated" (the RazorKV edit over the full cache), "real" (a RazorCache holding only the kept
+            entries) or "both" (each window both ways; the real conditions' names end in "-real").
         razor: the echo/induction scan that picks the retrieval KV heads kept full.
     """
 
@@ -296,6 +304,7 @@ class RetrievalParams:
     windows: tuple[int, ...] = (64, 256)
     window_frac: float = 0.0
     sinks: int = 4
+    kv_cache: str = "simulated"
     razor: RazorParams = field(default_factory=RazorParams)
     seed: int = 0
 
@@ -336,7 +345,8 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
                 tag=f"m{params.max_new_tokens}-c{params.chat}",
                 max_new_tokens=params.max_new_tokens, recall_threshold=params.recall_threshold)
     phase1 = [Condition(name="baseline", score=True)] + razor_conditions(
-        retrieval_kv_heads(razor), params.windows, sinks=params.sinks, window_frac=params.window_frac)
+        retrieval_kv_heads(razor), params.windows, sinks=params.sinks, window_frac=params.window_frac,
+        kv_cache=params.kv_cache)
     records = run_grid(model, make_prompt, trials, phase1, **grid)
     scores = retrieval_scores(model, records, params=params_dict(params))
     if params.ks:

@@ -57,6 +57,9 @@ def register(sub) -> None:
             ("seed", natural, d.seed, None, "seed of the random-head draws")):
         ret.add_argument(f"--{name}", type=kind, nargs=nargs, default=list(default) if nargs else default, help=what)
     ret.add_argument("--mask-how", default=d.mask_how, choices=["uniform", "zero"])
+    ret.add_argument("--kv-cache", default=d.kv_cache, choices=["simulated", "real", "both"],
+                     help="RazorAttention as an edit over the full cache (simulated), as a real compressed cache "
+                          "(real: only the kept entries in memory), or both side by side")
     ret.set_defaults(handler=cmd_scan_retrieval)
 
 
@@ -129,7 +132,7 @@ def cmd_scan_retrieval(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens, ks=tuple(args.ks), draws=args.draws,
                              mask_lengths=tuple(args.mask_lengths),
                              mask_how=args.mask_how, windows=tuple(args.windows), window_frac=args.window_frac,
-                             razor=RazorParams(block=args.razor_block), seed=args.seed)
+                             kv_cache=args.kv_cache, razor=RazorParams(block=args.razor_block), seed=args.seed)
     report = retrieval_scan(model, params, out=args.out)
     meta = report.scores.meta
     print(f"\n{meta['n_counted']}/{meta['n_trials']} trials recalled the needle; heads with retrieval score "

@@ -15,7 +15,8 @@ When the cache is compressed:
 
 The edit computes each restricted head's attention over exactly that key set (keys outside it get
 no weight), i.e. the outputs of the compressed cache; the full cache stays in memory for the other
-heads, so `cache_fraction` reports the KV entries (and bytes) a compressed cache would hold.
+heads, so `cache_fraction` reports the KV entries (and bytes) a compressed cache would hold. `RazorKV.cache(model)`
+is that compressed cache for real (`razor_cache.RazorCache`): the same outputs, only the kept entries in memory.
 Batches must not be left-padded (query row i of Q sits at absolute position S - Q + i).
 
 `DecodeOnly(edits)` applies head edits to one-query forwards (decode steps with a KV cache) only, for
@@ -64,6 +65,14 @@ class RazorKV:
         if self.compress_at is not None and self.compress_at < 1:
             raise EditError(f"RazorKV.compress_at must be a cache length >= 1 or None, got {self.compress_at}")
         object.__setattr__(self, "full", frozenset((int(l), int(g)) for l, g in self.full))
+
+    def cache(self, model) -> "RazorCache":
+        """A real compressed cache with this policy (`headlab.edits.razor_cache.RazorCache`): decode with it instead
+        of the edit to hold only the kept entries in memory (same outputs as the edit with `compress_at` = the
+        prompt's length)."""
+        from headlab.edits.razor_cache import RazorCache
+
+        return RazorCache(model, self)
 
     def window_for(self, n_tokens: int) -> int:
         """The recent-window length L for a context of n tokens."""

@@ -289,8 +289,8 @@ def test_explore_command_warns_beyond_loopback(monkeypatch, capsys):
 
     class App:
         @staticmethod
-        def build_app(explorer, model, circuit=None):
-            served["settings"] = explorer.settings
+        def build_app(explorer, model, circuit=None, reports=None):
+            served["settings"], served["reports"] = explorer.settings, reports
             return None
 
         @staticmethod
@@ -303,6 +303,7 @@ def test_explore_command_warns_beyond_loopback(monkeypatch, capsys):
     assert explore_cli.cmd_explore(args) == 0
     assert "beyond this machine" in capsys.readouterr().err and served["host"] == "0.0.0.0"
     assert served["settings"].allowed == ("toy-induction",) and not served["settings"].allow_folders
+    assert served["reports"].opened == [] and not served["reports"].allow_folders  # no --report: none opened
     args = build_parser().parse_args(["explore", "--model", "toy-induction"])
     explore_cli.cmd_explore(args)
     assert "beyond" not in capsys.readouterr().err

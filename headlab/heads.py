@@ -13,7 +13,15 @@ _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True, order=True)
 class HeadRef:
-    """One query head: `layer` and `head` are 0-based indices."""
+    """One query head: `layer` and `head` are 0-based indices; `str(ref)` is the display form `L3H1`.
+
+    Attributes:
+        layer: the layer index (a non-negative int).
+        head: the query-head index within the layer (a non-negative int).
+
+    Raises:
+        HeadIndexError: an index that is not a non-negative int.
+    """
 
     layer: int
     head: int
@@ -29,19 +37,46 @@ class HeadRef:
 
     @classmethod
     def parse(cls, text: str) -> "HeadRef":
-        """Parse the display form `L18H6` (for command lines and app inputs only)."""
+        """Parse the display form `L18H6` (for command lines and app inputs only).
+
+        Args:
+            text: `L<layer>H<head>`.
+
+        Returns:
+            The HeadRef.
+
+        Raises:
+            HeadIndexError: text not of that form.
+        """
         match = _HEAD_RE.match(text)
         if match is None:
             raise HeadIndexError(f"cannot read {text!r} as a head: write it as L<layer>H<head>, e.g. L18H6")
         return cls(int(match.group(1)), int(match.group(2)))
 
     def tl_hook(self, name: str = "hook_pattern") -> str:
-        """The TransformerLens hook name of this head's layer (the head is the index on the head axis)."""
+        """The TransformerLens hook name of this head's layer (the head is the index on the head axis).
+
+        Args:
+            name: the hook point within the attention block.
+
+        Returns:
+            `blocks.{layer}.attn.{name}`, e.g. `blocks.3.attn.hook_pattern`.
+        """
         return f"blocks.{self.layer}.attn.{name}"
 
 
 def as_heads(heads: Iterable[HeadRef | tuple[int, int] | str] | HeadRef) -> list[HeadRef]:
-    """Normalise a head, a list of heads, (layer, head) pairs or `L3H1` strings to a sorted list of HeadRefs."""
+    """Normalise a head, a list of heads, (layer, head) pairs or `L3H1` strings to a sorted list of HeadRefs.
+
+    Args:
+        heads: a HeadRef or `L3H1` string, or an iterable of HeadRefs, (layer, head) pairs and strings.
+
+    Returns:
+        The distinct heads, sorted by (layer, head).
+
+    Raises:
+        HeadIndexError: an item that is not a head, or a string not of the form `L3H1`.
+    """
     if isinstance(heads, (HeadRef, str)):
         heads = [heads]
     out = set()

@@ -51,7 +51,19 @@ class StatsRun:
     paths: dict[int, str] = field(default_factory=dict)
 
     def head(self, ref: HeadRef) -> dict[str, torch.Tensor]:
-        """One head's statistics, with the head axis removed."""
+        """One head's statistics, with the head axis removed.
+
+        Args:
+            ref: the head (its layer must have been reduced in this run).
+
+        Returns:
+            {"topk_idx", "topk_weight": `[B, T, k]`; "lse", "entropy": `[B, T]`; "set_mass": `[B, T, K]`;
+            "received": `[B, S]`; "n_visible": `[B, S]`}.
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not reduced in this run.
+        """
         self.model.check_heads([ref])
         if ref.layer not in self.layers:
             raise KeyError(f"layer {ref.layer} was not reduced in this run; reduced: {sorted(self.layers)}")
@@ -64,10 +76,25 @@ class StatsRun:
 
     def token_view(self, layer: int | None = None, heads: Any = None, *, index: int = 0,
                    max_bytes: int | None = None):
-        """The long-prompt token view (`HtmlView`) of batch item `index`: tokens coloured by each row's entropy,
-        the attention each key receives or its column score; hover a token for its top-k keys (exact weights) and
-        the queries that hold it among theirs. Heads as for `Run.token_view` (default: the first reduced layer).
-        Needs statistics="all" (top-k and entropy); `m.stats(prompt, topk=8)` keeps 8 keys per query."""
+        """The long-prompt token view (`HtmlView`) of batch item `index`.
+
+        Tokens are coloured by each row's entropy, the attention each key receives or its column score; hover a token
+        for its top-k keys (exact weights) and the queries that hold it among theirs. Needs statistics="all" (top-k
+        and entropy); `m.stats(prompt, topk=8)` keeps 8 keys per query.
+
+        Args:
+            layer: show every head of this layer (when `heads` is None).
+            heads: HeadRefs / "L1H2" strings, or head indices of `layer` (default: every head of `layer`, else of
+                the first reduced layer).
+            index: the batch item.
+            max_bytes: the view's size budget (default: the statistics budget of `headlab.viz.html`).
+
+        Returns:
+            An HtmlView (shown inline in notebooks; `.html` is the page).
+
+        Raises:
+            HeadIndexError: heads out of range or of a layer this run did not reduce.
+        """
         from headlab.views import stats_run_view
 
         return stats_run_view(self, layer, heads, index=index, max_bytes=max_bytes)
@@ -79,8 +106,16 @@ class StatsRun:
 
 
 def lse_only_stats(record: LayerRecord, batch: Batch) -> HeadStats:
-    """HeadStats holding only the lse the fused kernel returned with the layer's output (padded queries: -inf, as
-    `head_stats` gives them); top-k keys and key sets are empty, entropy / received / n_visible NaN (not asked for)."""
+    """HeadStats holding only the lse the fused kernel returned with the layer's output.
+
+    Args:
+        record: the layer's record, with `lse` `[B, H, Q]` set by the fused kernel.
+        batch: the batch that ran (its mask marks padded queries).
+
+    Returns:
+        HeadStats with `lse` (padded queries: -inf, as `head_stats` gives them); top-k keys and key sets are empty,
+        entropy / received / n_visible NaN (not asked for).
+    """
     lse = record.lse.float()
     B, H, Q = lse.shape
     S = record.k.shape[2]
@@ -98,7 +133,18 @@ def layer_stats(model: "HeadModel", record: LayerRecord, batch: Batch, *, topk: 
     """HeadStats of one captured layer, masking padding and causality from the batch.
 
     The model's own 4-D mask is used only where it says more than causal + padding (a sliding
-    window); otherwise nothing of size T×S is read.
+    window); otherwise nothing of size T×S is read. A linear layer's statistics come from `implicit_stats`.
+
+    Args:
+        model: the HeadModel that ran.
+        record: the layer's LayerRecord (q `[B, H, Q, D]`, k `[B, G, S, D]`).
+        batch: the batch that ran (its attention mask gives the padding).
+        topk: top keys to keep per query.
+        key_sets: bool `[K, B|1, S]` or {name: bool `[B, S]`}: attention mass on each set per query.
+        impl: "auto", "triton" or "torch" (`headlab_kernels.head_stats.head_stats`).
+
+    Returns:
+        HeadStats of every query head of the layer (`[B, H, ...]`).
     """
     key_mask = batch.attention_mask.bool()
     q_len, k_len = record.q.shape[2], record.k.shape[2]
@@ -122,6 +168,17 @@ def implicit_stats(record: LayerRecord, *, key_mask: torch.Tensor, query_mask: t
     weight (by |weight| for the signed GLA/DeltaNet patterns, whose value is reported), `entropy` of the
     row's |weights| normalised to sum 1, `set_mass` and `received` as sums of the (signed) weights, and
     `lse` NaN (there is no softmax normaliser). Memory is O(block_q · S) per head.
+
+    Args:
+        record: a linear layer's LayerRecord (its `mixer` holds the feature-mapped q and k).
+        key_mask: bool `[B, S]`, True for real keys.
+        query_mask: bool `[B, T]`, True for real queries.
+        key_sets: bool `[K, B|1, S]` or {name: bool `[B, S]`}.
+        topk: top keys to keep per query.
+        block_q: query rows of the implicit pattern built at a time.
+
+    Returns:
+        HeadStats `[B, H, ...]` (lse NaN).
     """
     from headlab_kernels.head_stats.common import check_inputs
 
@@ -168,7 +225,11 @@ def pair_weights(record: LayerRecord, lse: torch.Tensor, q_pos: torch.Tensor, k_
         record: the layer's q `[B, H, Q, D]` and k `[B, G, S, D]`.
         lse: `[B, H, Q]` from HeadStats (unused for a linear layer: its weights are read off the implicit
             pattern, built for the spanned query rows a block at a time).
-        q_pos, k_pos: `[P]` query and key positions; pairs the query may not see get 0.
+        q_pos: `[P]` query positions.
+        k_pos: `[P]` key positions; pairs the query may not see get 0.
+
+    Returns:
+        float32 `[B, H, P]`: softmax weights exp(q·k · scale - lse) (signed implicit weights for a linear layer).
     """
     if record.linear:
         return _implicit_pair_weights(record, q_pos, k_pos)

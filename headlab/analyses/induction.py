@@ -64,7 +64,20 @@ def content_token_ids(model: HeadModel) -> torch.Tensor:
 
 
 def repeated_tokens(model: HeadModel, *, seq_len: int, batch: int, seed: int = 0) -> torch.Tensor:
-    """`[batch, 1 + 2*seq_len]` token ids: BOS, then a random block, then the same block again."""
+    """`[batch, 1 + 2*seq_len]` token ids: BOS, then a random block, then the same block again.
+
+    Args:
+        model: the model whose vocabulary (content tokens, no special ones) and BOS (else pad) id to use.
+        seq_len: N, the length of the random block.
+        batch: number of sequences.
+        seed: seed of the token sampler.
+
+    Returns:
+        A LongTensor `[batch, 1 + 2N]`.
+
+    Raises:
+        PromptError: seq_len < 2, batch < 1, or 1 + 2N tokens longer than the model's context.
+    """
     if seq_len < 2 or batch < 1:
         raise PromptError(f"repeated tokens need seq_len >= 2 and batch >= 1, got seq_len={seq_len}, batch={batch}")
     total = 1 + 2 * seq_len
@@ -94,6 +107,18 @@ def induction_scan(model: HeadModel, params: InductionParams = InductionParams()
 
     Items: per-sequence maps `[B, L, H]`, the tokens `[B, 1+2N]`, and per-position losses
     `[B, 2N]` for causal LMs (position t predicts token t+1).
+
+    Args:
+        model: the HeadModel to scan.
+        params: the sequence length, batch, seed, minibatch and head-statistics implementation.
+        progress: show a progress bar.
+
+    Returns:
+        HeadScores with maps "prev_token", "induction", "first_token" `[L, H]` (means over sequences), the items
+        above, and the first/second-copy losses in `meta` for causal LMs.
+
+    Raises:
+        PromptError: seq_len < 2, batch < 1, or 1 + 2N tokens longer than the model's context.
     """
     tokens = repeated_tokens(model, seq_len=params.seq_len, batch=params.batch, seed=params.seed)
     per_layer: dict[int, list[dict[str, torch.Tensor]]] = {l: [] for l in range(model.n_layers)}
@@ -126,6 +151,13 @@ def copy_losses(token_losses: torch.Tensor, seq_len: int) -> dict[str, float]:
 
     The first token of each copy is left out (nothing predicts it): first copy = targets 2..N,
     second copy = targets N+2..2N.
+
+    Args:
+        token_losses: per-position next-token losses `[B, 2N]` (position t predicts token t+1).
+        seq_len: N, the length of the random block.
+
+    Returns:
+        {"loss_first_copy": float, "loss_second_copy": float}, means in nats.
     """
     n = seq_len
     return {"loss_first_copy": float(token_losses[:, 1:n].mean()),

@@ -150,7 +150,11 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
     """Entropy, monotonicity, pattern and state rank, induction and previous-token scores of every head.
 
     Args:
+        model: a causal-LM HeadModel (softmax, linear-attention or hybrid).
         prompts: anything `HeadModel.encode` reads (token ids, texts, a Batch); None draws `params.source`'s.
+        params: the prompt source and size, the rank energy, the induction scan's size (`KindParams`).
+        progress: show a progress bar.
+
     Returns:
         HeadScores (analysis "kinds", primary map "norm_entropy") with maps `[L, H]`: entropy, norm_entropy,
         monotonicity, pattern_rank, pattern_rank_frac, state_rank, state_dim (NaN for softmax/swa layers),
@@ -162,6 +166,10 @@ def head_metrics(model: HeadModel, prompts: Prompt | None = None, params: KindPa
         and per scan sequence `scan_induction`, `scan_prev_token`, `scan_induction_share`, `scan_prev_token_share`,
         `scan_induction_top1`, `scan_prev_token_top1` `[B, L, H]` with the `scan_tokens`. Meta: layer_kinds, the
         induction scan's copy losses.
+
+    Raises:
+        UnsupportedModelError: not a HeadModel, or not a causal LM.
+        PromptError: prompts (or the induction scan's sequences) longer than the model's context, or bad prompts.
     """
     check_model(model, params, prompts)
     start = time.perf_counter()
@@ -325,10 +333,15 @@ class KindComparison:
 
     @property
     def models(self) -> list[str]:
+        """The model keys, in the order they were compared."""
         return list(self.scores)
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per head: model, layer, head, kind and every metric (NaN where undefined)."""
+        """One row per head: model, layer, head, kind and every metric (NaN where undefined).
+
+        Returns:
+            A list of dicts, models in order, then layers, then heads.
+        """
         rows = []
         for key, sc in self.scores.items():
             n_l, n_h = sc.maps[METRICS[0]].shape
@@ -340,8 +353,13 @@ class KindComparison:
         return rows
 
     def summary(self) -> list[dict[str, Any]]:
-        """Means over heads per model (kind "all") and per model and layer kind (NaN-skipping), plus the best
-        head's induction share (`induction_share_max`, comparable across kinds)."""
+        """Means of every metric over heads, per model and layer kind.
+
+        Returns:
+            One dict per model (kind "all") and, for hybrid models, per model and layer kind: the heads counted,
+            each metric's NaN-skipping mean, and the best head's induction share (`induction_share_max`,
+            comparable across kinds).
+        """
         rows = []
         table = self.table()
         for key in self.scores:
@@ -359,7 +377,19 @@ class KindComparison:
         return rows
 
     def to_markdown(self, metrics: Sequence[str] | None = None, *, per_head: bool = False, digits: int = 3) -> str:
-        """The summary (or, with per_head, the full table) as a Markdown table, of some metrics (all when None)."""
+        """The summary (or, with per_head, the full table) as a Markdown table, of some metrics (all when None).
+
+        Args:
+            metrics: the metric columns to keep (None: all of `METRICS`).
+            per_head: one row per head (`table`) instead of the per-model summary.
+            digits: significant digits of the numbers.
+
+        Returns:
+            The Markdown table as a string.
+
+        Raises:
+            KeyError: an unknown metric.
+        """
         rows = self.table() if per_head else self.summary()
         if metrics is not None:
             unknown = [m for m in metrics if m not in rows[0]]
@@ -370,13 +400,27 @@ class KindComparison:
         return markdown_table(rows, digits=digits)
 
     def figure(self, metric: str = "norm_entropy"):
-        """Per-head values of a metric, one column per model, coloured by layer kind (plotly)."""
+        """Per-head values of a metric, one column per model, coloured by layer kind (plotly).
+
+        Args:
+            metric: one of `METRICS`.
+
+        Returns:
+            A plotly Figure (`headlab.viz.kinds.metric_by_model`).
+        """
         from headlab.viz.kinds import metric_by_model
 
         return metric_by_model(self.table(), metric)
 
     def save(self, folder: str | Path) -> Path:
-        """Each model's HeadScores in `folder/<i>-<key>/` and `comparison.json` (keys, folders, kinds, params)."""
+        """Each model's HeadScores in `folder/<i>-<key>/` and `comparison.json` (keys, folders, kinds, params).
+
+        Args:
+            folder: the folder to write (created if needed).
+
+        Returns:
+            The folder, as a Path.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         dirs = {}
@@ -389,6 +433,17 @@ class KindComparison:
 
     @classmethod
     def load(cls, folder: str | Path) -> "KindComparison":
+        """Read a comparison written by `save`.
+
+        Args:
+            folder: the folder holding `comparison.json` and one HeadScores folder per model.
+
+        Returns:
+            The KindComparison.
+
+        Raises:
+            FileNotFoundError: no `comparison.json` in the folder.
+        """
         folder = Path(folder)
         path = folder / COMPARISON_FILE
         if not path.is_file():
@@ -401,7 +456,22 @@ class KindComparison:
 
 def compare_kinds(models: dict[str, HeadModel], params: KindParams = KindParams(), *,
                   prompts: Prompt | None = None, progress: bool = True) -> KindComparison:
-    """`head_metrics` of every model on the same prompts (drawn once from `params.source` when none are given)."""
+    """`head_metrics` of every model on the same prompts (drawn once from `params.source` when none are given).
+
+    Args:
+        models: {key: HeadModel}, e.g. {"softmax": hl.load(...), "gla": hl.load(...)}.
+        params: the settings shared by every model (`KindParams`).
+        prompts: the prompts (None: drawn from `params.source`).
+        progress: show progress bars.
+
+    Returns:
+        A KindComparison: each model's HeadScores and layer kinds, and the params.
+
+    Raises:
+        ValueError: `models` is not a non-empty dict.
+        UnsupportedModelError: a model that is not a causal-LM HeadModel (the message names its key).
+        PromptError: prompts that do not fit a model (the message names its key).
+    """
     if not isinstance(models, dict) or not models:
         raise ValueError("compare_kinds needs a non-empty dict {name: HeadModel}, e.g. {'softmax': hl.load(...), "
                          f"'gla': hl.load(...)}}; got {models!r}")

@@ -60,6 +60,14 @@ def row_spearman(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> tor
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two same-shaped tensors, all entries (average ranks for ties)."""
+    """Spearman rank correlation of two same-shaped tensors, all entries (average ranks for ties).
+
+    Args:
+        a: any tensor.
+        b: a tensor of a's shape.
+
+    Returns:
+        The correlation in [-1, 1] of the flattened tensors.
+    """
     a, b = a.flatten()[None], b.flatten()[None]
     return float(row_spearman(a, b, torch.ones_like(a, dtype=torch.bool))[0])

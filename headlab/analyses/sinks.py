@@ -78,6 +78,18 @@ def sink_scan(model: HeadModel, prompts: Prompt | None = None, params: SinkParam
     first_sink (share of prompts where position 0 is a sink), later_any (share with a non-initial sink),
     later_sinks (how many), later_share (mass on them). Items: column_score `[B, L, H, S]` (NaN where the tail
     rule or padding excludes the key), sink_mask `[B, L, H, S]`, tokens `[B, S]`, n_visible `[B, S]`.
+
+    Args:
+        model: the HeadModel to scan.
+        prompts: the prompts (None: `params.n_prompts` bundled KJV passages).
+        params: the sink rule, prompt count and length, BOS, minibatch and head-statistics implementation.
+        progress: show a progress bar.
+
+    Returns:
+        HeadScores (analysis "sinks") with the maps and items above.
+
+    Raises:
+        PromptError: a bad prompt.
     """
     start = time.perf_counter()
     rule = params.rule

@@ -42,7 +42,15 @@ CIRCUIT_FILE = "circuit.json"
 
 @dataclass(frozen=True)
 class RoleRules:
-    """Thresholds of the role rules (attention scores are mean weights; `direct` is a share of the effect)."""
+    """Thresholds of the role rules (attention scores are mean weights; `direct` is a share of the effect).
+
+    Attributes:
+        direct: a head whose direct effect is at least this share of its effect is a (negative) mover.
+        prev_token: the mean attention to the previous token on `[BOS] r r` that makes a previous-token head.
+        induction: the mean attention to the token after the first occurrence that makes an induction head.
+        duplicate: the mean attention to the first occurrence that makes a duplicate-token head.
+        attends: the mean attention at the last position to the wrong token that makes an inhibition head.
+    """
 
     direct: float = 0.5
     prev_token: float = 0.4
@@ -53,7 +61,15 @@ class RoleRules:
 
 @dataclass
 class CircuitHead:
-    """One head of a circuit: its exact effect, role and the evidence behind the role."""
+    """One head of a circuit: its exact effect, role and the evidence behind the role.
+
+    Attributes:
+        head: the head.
+        effect: its exact-patching effect (normalised logit-difference change).
+        role: "mover", "negative mover", "induction", "duplicate-token", "previous-token", "inhibition" or "other".
+        evidence: the role scores it was assigned from (effect, direct, prev_token, induction, duplicate,
+            attends_answer, attends_wrong).
+    """
 
     head: HeadRef
     effect: float
@@ -61,12 +77,27 @@ class CircuitHead:
     evidence: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
+        """The head as a JSON-ready dict.
+
+        Returns:
+            {"head": "L3H1", "effect", "role", "evidence"}.
+        """
         return {"head": str(self.head), "effect": self.effect, "role": self.role, "evidence": self.evidence}
 
 
 @dataclass
 class Circuit:
-    """A task's circuit on one model: its heads (top `fraction` by |exact effect|) and the edges among them."""
+    """A task's circuit on one model: its heads (top `fraction` by |exact effect|) and the edges among them.
+
+    Attributes:
+        task: the task's name.
+        model: the model's name.
+        fraction: the share of all heads kept (by |exact effect|).
+        heads: the circuit's heads, by (layer, head).
+        edges: path-patching edges among them (empty when not measured).
+        params: the DiscoverParams used, as a dict.
+        meta: run facts (times, the patching's meta).
+    """
 
     task: str
     model: str
@@ -78,21 +109,39 @@ class Circuit:
 
     @property
     def head_set(self) -> set[HeadRef]:
+        """The circuit's heads as a set of HeadRefs."""
         return {h.head for h in self.heads}
 
     def roles(self) -> dict[str, list[str]]:
-        """Role → the heads that play it."""
+        """Role → the heads that play it.
+
+        Returns:
+            {role: ["L3H1", ...]}, heads in circuit order.
+        """
         out: dict[str, list[str]] = {}
         for h in self.heads:
             out.setdefault(h.role, []).append(str(h.head))
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """The circuit as a JSON-ready dict (what `save` writes).
+
+        Returns:
+            {"task", "model", "fraction", "heads", "edges", "params", "meta"}.
+        """
         return {"task": self.task, "model": self.model, "fraction": self.fraction,
                 "heads": [h.to_json() for h in self.heads], "edges": [e.to_json() for e in self.edges],
                 "params": self.params, "meta": self.meta}
 
     def save(self, folder: str | Path) -> Path:
+        """Write `folder/circuit.json`.
+
+        Args:
+            folder: the folder (created if needed).
+
+        Returns:
+            The folder, as a Path.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / CIRCUIT_FILE, self.to_json())
@@ -100,7 +149,17 @@ class Circuit:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Circuit":
-        """A circuit saved by `save` / `discover` (ResultError naming the file when missing or damaged)."""
+        """A circuit saved by `save` / `discover`.
+
+        Args:
+            folder: the folder holding circuit.json.
+
+        Returns:
+            The Circuit.
+
+        Raises:
+            ResultError: circuit.json missing or damaged (the message names the file).
+        """
         path = Path(folder) / CIRCUIT_FILE
         data = read_json(path)
         try:
@@ -113,7 +172,11 @@ class Circuit:
             raise ResultError(f"{path} is not a headlab circuit ({err!r})") from err
 
     def figure(self):
-        """The circuit graph (plotly): heads placed by layer, coloured by role, edges by path-patching effect."""
+        """The circuit graph (plotly): heads placed by layer, coloured by role, edges by path-patching effect.
+
+        Returns:
+            A plotly Figure (`headlab.viz.circuits.circuit_graph`).
+        """
         from headlab.viz.circuits import circuit_graph
 
         return circuit_graph([h.to_json() for h in self.heads], [e.to_json() for e in self.edges],
@@ -196,8 +259,17 @@ def assign_role(ev: dict[str, float], rules: RoleRules) -> str:
 
 
 def role_scores(model: HeadModel, prep: Prepared, effect: torch.Tensor) -> HeadScores:
-    """Every head's role evidence as a HeadScores "roles" (maps: effect, direct, prev_token, induction, duplicate,
-    attends_answer, attends_wrong)."""
+    """Every head's role evidence as a HeadScores "roles".
+
+    Args:
+        model: the HeadModel.
+        prep: the task prepared by `prepare` (clean and corrupted runs).
+        effect: `[L, H]` exact-patching effects.
+
+    Returns:
+        HeadScores (analysis "roles", primary "effect") with maps `[L, H]`: effect, direct (`direct_effects`),
+        prev_token, induction, duplicate (on `[BOS] r r`), attends_answer, attends_wrong (at the last position).
+    """
     maps = {"effect": effect.float(), "direct": direct_effects(model, prep)}
     maps.update(repeat_scores(model))
     maps["attends_answer"], maps["attends_wrong"] = end_attention(model, prep)
@@ -206,7 +278,17 @@ def role_scores(model: HeadModel, prep: Prepared, effect: torch.Tensor) -> HeadS
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoverParams:
-    """Settings of `discover` (saved with the circuit)."""
+    """Settings of `discover` (saved with the circuit).
+
+    Attributes:
+        n: prompts per task (read by callers that build the task, e.g. the CLI).
+        seed: their seed.
+        fraction: the share of heads kept in the circuit, by |exact effect|.
+        edges: measure path-patching edges among the circuit's heads.
+        edge_prompts: prompts used for the edges (the first ones).
+        token_budget: tokens per batched forward of the patching runs.
+        rules: the role thresholds.
+    """
 
     n: int = 100
     seed: int = 0
@@ -227,6 +309,12 @@ def discover(model: HeadModel, task: Any, *, params: DiscoverParams = DiscoverPa
         params: `DiscoverParams`.
         out: the result folder (resumed: finished heads and senders are not patched again).
         progress: progress bars.
+
+    Returns:
+        The Circuit (also written to `out/circuit.json`, with the patching and roles HeadScores beside it).
+
+    Raises:
+        PatchingError: a task whose prompts do not fit the patching (see `prepare`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,8 +399,20 @@ COMPARISON_FILE = "comparison.json"
 
 def compare(folders: list[str | Path], *, fractions: tuple[float, ...] = (0.02, 0.05, 0.10), draws: int = 10000,
             seed: int = 0, out: str | Path | None = None) -> "Comparison":
-    """Overlap of the circuits in `folders` (each written by `discover` on the same model), with both nulls, and
-    the shared heads by role (from the first task's roles); saved as `out/comparison.json` when `out` is given.
+    """Overlap of the circuits in `folders` (each written by `discover` on the same model), with both nulls.
+
+    The shared heads are listed by role (from the first task's roles); the comparison is saved as
+    `out/comparison.json` when `out` is given.
+
+    Args:
+        folders: circuit folders written by `discover`, one per task.
+        fractions: the circuit sizes (shares of heads by |effect|) compared.
+        draws: draws of each null distribution.
+        seed: seed of the nulls.
+        out: a folder to write comparison.json into.
+
+    Returns:
+        A Comparison: one PairOverlap per task pair and fraction; `meta["shared_roles"]` the shared heads' roles.
 
     Raises:
         ResultError: a folder without a finished circuit, or circuits of different models.
@@ -346,7 +446,17 @@ def compare(folders: list[str | Path], *, fractions: tuple[float, ...] = (0.02, 
 
 
 def load_comparison(folder: str | Path) -> "Comparison":
-    """A comparison written by `compare(..., out=folder)`."""
+    """A comparison written by `compare(..., out=folder)`.
+
+    Args:
+        folder: the folder holding comparison.json.
+
+    Returns:
+        The Comparison.
+
+    Raises:
+        ResultError: comparison.json missing or damaged.
+    """
     from headlab.circuits.reuse import Comparison
 
     path = Path(folder) / COMPARISON_FILE

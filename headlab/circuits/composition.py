@@ -191,6 +191,12 @@ def _layer_matrices(model: HeadModel, layer: int, names: dict[int, str] | None =
 def head_matrices(model: HeadModel) -> HeadMatrices:
     """Every head's W_Q, W_K, W_V `[H, d, Dh]` and W_O `[H, Dh, d]` per layer (see the module docstring).
 
+    Args:
+        model: a softmax-attention HeadModel of a family in `PRE_ATTN_NORM`.
+
+    Returns:
+        HeadMatrices (float32, on the CPU; norm gains folded into W_Q, W_K, W_V).
+
     Raises:
         UnsupportedModelError: a family without a known projection layout or pre-attention norm, a structurally
             pruned model, or linear-attention layers.
@@ -273,8 +279,10 @@ class CompositionScores:
     """Q-, K- and V-composition scores of every (sender, receiver) head pair of a model.
 
     Attributes:
-        q, k, v: `[L, H, L, H]` float32: [sender layer, sender head, receiver layer, receiver head]; 0 where the
-            receiver's layer is not after the sender's.
+        q: `[L, H, L, H]` float32 Q-composition: [sender layer, sender head, receiver layer, receiver head]; 0 where
+            the receiver's layer is not after the sender's.
+        k: `[L, H, L, H]` K-composition, likewise.
+        v: `[L, H, L, H]` V-composition, likewise.
         baseline: the mean score of random Gaussian matrices of the same shapes per channel (`"q"`, `"k"`, `"v"`),
             their standard deviations (`"q_std"`, ...), and `"samples"` / `"seed"` (Elhage et al. subtract it).
         meta: the model and run facts (name, geometry, time taken, what the weights are).
@@ -302,18 +310,43 @@ class CompositionScores:
 
     @property
     def n_layers(self) -> int:
+        """L, the number of layers."""
         return int(self.q.shape[0])
 
     @property
     def n_heads(self) -> int:
+        """H, query heads per layer."""
         return int(self.q.shape[1])
 
     def channel(self, channel: str) -> Tensor:
-        """The `[L, H, L, H]` scores of one channel ("q", "k" or "v")."""
+        """The `[L, H, L, H]` scores of one channel ("q", "k" or "v").
+
+        Args:
+            channel: "q", "k" or "v".
+
+        Returns:
+            The channel's tensor (not a copy).
+
+        Raises:
+            ValueError: an unknown channel.
+        """
         return getattr(self, _channel(channel))
 
     def score(self, sender: Any, receiver: Any, channel: str) -> float:
-        """The score of one (sender, receiver, channel) triple."""
+        """The score of one (sender, receiver, channel) triple.
+
+        Args:
+            sender: the sending head (HeadRef, (layer, head) or "L0H2").
+            receiver: the receiving head.
+            channel: "q", "k" or "v".
+
+        Returns:
+            The score (0 when the receiver's layer is not after the sender's).
+
+        Raises:
+            ValueError: an unknown channel.
+            HeadIndexError: a head out of range.
+        """
         s, r = self._check(sender), self._check(receiver)
         return float(self.channel(channel)[s.layer, s.head, r.layer, r.head])
 
@@ -334,7 +367,11 @@ class CompositionScores:
         return mask
 
     def valid(self) -> Tensor:
-        """`[L, H, L, H]` bool: pairs whose receiver layer is after the sender layer."""
+        """`[L, H, L, H]` bool: pairs whose receiver layer is after the sender layer.
+
+        Returns:
+            A bool tensor (an expanded view).
+        """
         L, H = self.n_layers, self.n_heads
         later = torch.arange(L)[:, None] < torch.arange(L)[None, :]
         return later[:, None, :, None].expand(L, H, L, H)
@@ -349,6 +386,9 @@ class CompositionScores:
                 are equal in distribution for equal shapes).
             receivers: restrict to these receiving heads (HeadRefs, (layer, head) pairs or "L3H1" strings).
             senders: restrict to these sending heads.
+
+        Returns:
+            [(sender, receiver, channel, score)], best first.
 
         Raises:
             ValueError: an unknown channel or a k that is not a positive int.
@@ -375,7 +415,14 @@ class CompositionScores:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write `composition.safetensors`, then `composition.json` (the commit marker) into the folder `path`."""
+        """Write `composition.safetensors`, then `composition.json` (the commit marker) into the folder `path`.
+
+        Args:
+            path: the folder (created if needed).
+
+        Returns:
+            The folder, as a Path.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / TENSORS_FILE, {"q": self.q, "k": self.k, "v": self.v})
@@ -385,7 +432,17 @@ class CompositionScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "CompositionScores":
-        """Scores written by `save` (a ResultError naming the file when a part is missing or unreadable)."""
+        """Scores written by `save`.
+
+        Args:
+            path: the folder `save` wrote.
+
+        Returns:
+            The CompositionScores.
+
+        Raises:
+            ResultError: a part missing or unreadable, or not a composition result (the message names the file).
+        """
         folder = Path(path)
         data = read_json(folder / SCORES_FILE)
         tensors_path = folder / TENSORS_FILE
@@ -414,6 +471,17 @@ def random_baseline(d: int, head_dim: int, *, samples: int = 256, seed: int = 0,
 
     Every factor (W_Q, W_K `[d, qk_dim]`, W_V `[d, Dh]`, W_O `[Dh, d]`) is drawn i.i.d. N(0, 1) (the score is
     scale-invariant), each channel from its own seeded stream, and scored with the same formula as the model.
+
+    Args:
+        d: the residual width.
+        head_dim: Dh of W_V and W_O.
+        samples: random (sender, receiver) pairs per channel.
+        seed: the base seed (each channel its own stream).
+        chunk: pairs scored at a time.
+        qk_dim: the width of W_Q, W_K (default: head_dim).
+
+    Returns:
+        {"q", "k", "v": mean scores; "q_std", "k_std", "v_std"; "samples"; "seed"}.
     """
     qk_dim = qk_dim or head_dim
     out: dict[str, Any] = {}
@@ -546,7 +614,20 @@ def component_shares(model: HeadModel, sender: Any, receiver: Any, channel: str,
                      rank: int | None = None) -> Tensor:
     """Each rank-1 component's share of the pair's composition, `σ_i² CS_i² / Σ_j σ_j² CS_j²` (sums to 1 over all).
 
-    Same arguments, order and errors as `talking_heads`; `shares[0]`-style concentration: `shares.max()`.
+    Args:
+        model: the HeadModel.
+        sender: the sending head (HeadRef, (layer, head) or "L0H2").
+        receiver: the receiving head; its layer must come after the sender's.
+        channel: "q", "k" or "v".
+        rank: keep the first `rank` components (None: all).
+
+    Returns:
+        float32 `[rank]`, ordered by descending singular value (all zero when the pair does not compose);
+        concentration in one component: `shares.max()`.
+
+    Raises:
+        ValueError: unknown channel, a receiver not after the sender, or a bad rank.
+        HeadIndexError: a head out of range.
     """
     s, r, c = _pair(model, sender, receiver, channel)
     sigma, cs = _components(model, s, r, c)
@@ -570,6 +651,9 @@ def precision_at_k(scores: CompositionScores, edges: set[tuple[Any, Any, str]], 
         senders: rank only triples with these senders (e.g. a circuit's heads, when `edges` come from path
             patching among them).
         receivers: rank only triples with these receivers.
+
+    Returns:
+        The share in [0, 1], or NaN.
 
     Raises:
         ValueError: an unknown channel (in `channel` or an edge) or a bad k.

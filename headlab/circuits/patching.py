@@ -49,17 +49,23 @@ class PatchingError(HeadlabError, ValueError):
 
 @dataclass
 class Prepared:
-    """A task encoded for patching: clean and corrupted batches of equal shape, the answer tokens, the clean layer
-    inputs, the corrupted run (with every head's output) and both metrics.
+    """A task encoded for patching (what `prepare` returns).
+
+    Clean and corrupted batches of equal shape, the answer tokens, the clean layer inputs, both runs (with every
+    head's output) and both metrics.
 
     Attributes:
-        clean, corrupt: the encoded batches `[N, T]` (same padding).
+        task: the task's name.
+        clean: the encoded clean batch `[N, T]`.
+        corrupt: the encoded corrupted batch `[N, T]` (the same padding).
         end: `[N]` the position the metric reads.
         tokens: `[N, 2]` (answer, wrong) token ids.
         inputs: the clean forward's per-layer inputs (for `resume`).
-        corrupt_run: the corrupted forward with z of every layer.
         clean_run: the clean forward with z of every layer.
-        ld_clean, ld_corrupt: `[N]` logit differences.
+        corrupt_run: the corrupted forward with z of every layer.
+        ld_clean: `[N]` clean logit differences (answer − wrong at `end`).
+        ld_corrupt: `[N]` corrupted logit differences.
+        buckets: the prompts grouped by token length, recorded without padding (exact patching reruns them).
     """
 
     task: str
@@ -80,7 +86,14 @@ class Prepared:
         return float(self.ld_corrupt.mean() - self.ld_clean.mean())
 
     def effect(self, ld: torch.Tensor) -> torch.Tensor:
-        """Normalised effect of patched logit differences `[..., N]` → `[...]`."""
+        """Normalised effect of patched logit differences `[..., N]` → `[...]`.
+
+        Args:
+            ld: patched logit differences, prompts last.
+
+        Returns:
+            (mean LD_patched − mean LD_clean) / gap: 0 = no effect, 1 = the whole clean-to-corrupted change.
+        """
         return (ld.mean(-1) - self.ld_clean.mean()) / self.gap
 
 
@@ -104,11 +117,17 @@ def _ld(logits: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(model: HeadModel, task: Any) -> Prepared:
-    """Encode a task (`headlab.tasks.circuits.CircuitBatch`: clean, corrupt, answer, wrong, positions["end"]) and run
-    the clean and corrupted forwards once.
+    """Encode a task and run the clean and corrupted forwards once.
+
+    Args:
+        model: an LM HeadModel.
+        task: a `headlab.tasks.circuits.CircuitBatch` (clean, corrupt, answer, wrong, positions["end"]).
+
+    Returns:
+        The Prepared task.
 
     Raises:
-        PatchingError: clean and corrupted prompts whose tokens do not line up, an `end` that is not the last token,
+        PatchingError: a model without an LM head, unequal numbers of prompts, clean and corrupted prompts whose tokens do not line up, an `end` that is not the last token,
             or a task on which clean and corrupted logit differences are equal (no effect can be normalised).
     """
     if not model.is_lm:
@@ -243,7 +262,14 @@ def _scores(model: HeadModel, prep: Prepared, analysis: str, lds: torch.Tensor |
 
 @dataclass(frozen=True)
 class Edge:
-    """A path-patching edge: sender's output → receiver's q, k or v input, with its normalised effect."""
+    """A path-patching edge: sender's output → receiver's q, k or v input, with its normalised effect.
+
+    Attributes:
+        sender: the head whose output is patched.
+        receiver: the head (in a later layer) whose input carries the change.
+        channel: "q", "k" or "v".
+        effect: the normalised effect (as `Prepared.effect`).
+    """
 
     sender: HeadRef
     receiver: HeadRef
@@ -251,11 +277,24 @@ class Edge:
     effect: float
 
     def to_json(self) -> dict[str, Any]:
+        """The edge as a JSON-ready dict.
+
+        Returns:
+            {"sender": "L3H1", "receiver", "channel", "effect"}.
+        """
         return {"sender": str(self.sender), "receiver": str(self.receiver), "channel": self.channel,
                 "effect": self.effect}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Edge":
+        """Rebuild an edge from `to_json`'s dict.
+
+        Args:
+            data: {"sender", "receiver", "channel", "effect"}.
+
+        Returns:
+            The Edge.
+        """
         return cls(as_heads([data["sender"]])[0], as_heads([data["receiver"]])[0], data["channel"],
                    float(data["effect"]))
 
@@ -273,8 +312,21 @@ def path_patching(model: HeadModel, prep: Prepared, senders: Iterable[Any], rece
     then rerun the clean prompts from the receiver's layer with only that receiver's `channel` input replaced by the
     recorded one. The edge's effect is normalised like `exact_patching`'s. Senders run side by side as batch copies.
 
+    Args:
+        model: the model.
+        prep: `prepare(model, task)`.
+        senders: heads whose output is patched (HeadRefs, pairs or "L3H1").
+        receivers: heads whose inputs carry the change (only those in later layers than a sender count).
+        channels: some of "q", "k", "v".
+        token_budget: tokens per batched forward (copies × prompts × length).
+        progress: a progress bar over senders.
+
     Returns:
         One Edge per (sender, receiver, channel) with the receiver in a later layer than the sender.
+
+    Raises:
+        PatchingError: channels not among q, k, v (or none).
+        HeadIndexError: a head out of range.
     """
     senders, receivers = as_heads(list(senders)), as_heads(list(receivers))
     model.check_heads(senders + receivers)
@@ -352,6 +404,10 @@ def _atp_from_grads(model: HeadModel, prep: Prepared, grads: dict[int, torch.Ten
 def atp(model: HeadModel, prep: Prepared) -> HeadScores:
     """Attribution patching: each head's effect from one forward and one backward (first order in Δz).
 
+    Args:
+        model: the model.
+        prep: `prepare(model, task)`.
+
     Returns:
         HeadScores "atp" with `effect` normalised like `exact_patching` (items `delta` `[L, H, N]`: the per-prompt
         estimates of LD_patched − LD_clean).
@@ -365,13 +421,18 @@ def atp(model: HeadModel, prep: Prepared) -> HeadScores:
 
 
 def atp_star(model: HeadModel, prep: Prepared, *, grad_drop: bool = True, progress: bool = True) -> HeadScores:
-    """AtP* for heads (Kramár et al. 2024): AtP with the attention-saturation fix for the query and key terms, and
-    GradDrop.
+    """AtP* for heads (Kramár et al. 2024): AtP with the attention-saturation fix for the query and key terms.
 
     The head's output change is split into its query, key and value terms. The query / key terms recompute the head's
     softmax exactly with the corrupted query (keys) and weigh the pattern change by ∂LD/∂A; the value term is linear.
     GradDrop reruns AtP once per later layer ℓ with the gradient through ℓ's own computation dropped; the mean of the
     absolute estimates is a magnitude that effects cancelling across paths cannot hide in.
+
+    Args:
+        model: the model.
+        prep: `prepare(model, task)`.
+        grad_drop: also run GradDrop (one more backward per layer).
+        progress: a progress bar over GradDrop's layers.
 
     Returns:
         HeadScores "atp_star" with maps `effect` (primary: the saturation-fixed estimate, normalised), `q`, `k`, `v`
@@ -449,9 +510,20 @@ def _pattern_value_grads(model: HeadModel, prep: Prepared) -> tuple[dict[int, to
 
 
 def agreement(reference: HeadScores, estimate: HeadScores, *, k: int = 10, map: str = "effect") -> dict[str, float]:
-    """How well an estimate (AtP, AtP*) recovers exact patching: Spearman rank correlation of |effect|, recall of the
-    top-k heads by |effect| in the estimate's top k, 2k and 3k, the worst rank the estimate gives one of them (how many
-    heads a screen must verify exactly to miss none), sign agreement on those k, and the top-k heads it misses."""
+    """How well an estimate (AtP, AtP*) recovers exact patching.
+
+    Args:
+        reference: exact patching's HeadScores (its `effect` map).
+        estimate: the estimate's HeadScores.
+        k: the number of top heads (by |effect|) compared.
+        map: the estimate's map to compare (e.g. "effect", "screen").
+
+    Returns:
+        {"spearman_abs": rank correlation of |effect|, "spearman", f"recall_top{k}": share of the reference's top-k
+        heads in the estimate's top k, f"recall_top{k}_in_top{2k}" / f"..._in_top{3k}", "worst_rank_of_top": the
+        worst rank the estimate gives one of them (how many heads a screen must verify exactly to miss none),
+        f"sign_agree_top{k}": sign agreement on those k, "missed": the top-k heads it misses}.
+    """
     from headlab.analyses.metrics import spearman
 
     ref = reference.maps["effect"].flatten()

@@ -24,7 +24,18 @@ FRACTIONS = (0.02, 0.05, 0.10)
 
 
 def top_heads(effect: torch.Tensor, fraction: float) -> set[HeadRef]:
-    """The top `fraction` of heads (at least one) by |effect| `[L, H]` (NaN last, ties by (layer, head))."""
+    """The top `fraction` of heads (at least one) by |effect| `[L, H]` (NaN last, ties by (layer, head)).
+
+    Args:
+        effect: `[L, H]` effects.
+        fraction: in (0, 1]; the set has max(1, round(fraction · L · H)) heads.
+
+    Returns:
+        The set of HeadRefs.
+
+    Raises:
+        ValueError: a fraction outside (0, 1].
+    """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     flat = effect.flatten().abs().nan_to_num(-1.0)
@@ -58,7 +69,21 @@ def _random_sets(generator: torch.Generator, draws: int, n_layers: int, n_heads:
 
 @dataclass
 class PairOverlap:
-    """The overlap of two tasks' head sets at one fraction, with both nulls."""
+    """The overlap of two tasks' head sets at one fraction, with both nulls.
+
+    Attributes:
+        a: the first task (names sorted).
+        b: the second task.
+        fraction: the head-set size as a fraction of all heads.
+        size: heads per set.
+        shared: the heads in both sets ("L3H1" strings, sorted).
+        iou: |A ∩ B| / |A ∪ B|.
+        share: |A ∩ B| / size.
+        sign_agreement: among shared heads, the share whose effects have one sign in both tasks (None if none
+            shared).
+        null_random: {"iou_mean", "share_mean", "p_value"} for random sets of the same size.
+        null_layer_profile: the same for random sets keeping each circuit's heads per layer.
+    """
 
     a: str
     b: str
@@ -72,6 +97,11 @@ class PairOverlap:
     null_layer_profile: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
+        """The overlap as a JSON-ready dict (its fields).
+
+        Returns:
+            {field: value}; `PairOverlap(**d)` rebuilds it.
+        """
         return dict(self.__dict__)
 
 
@@ -84,6 +114,12 @@ def overlap(effects: dict[str, torch.Tensor], *, fractions: tuple[float, ...] = 
         fractions: head-set sizes as fractions of all heads.
         draws: samples per null.
         seed: the nulls' generator seed.
+
+    Returns:
+        One PairOverlap per fraction and pair of tasks (pairs in sorted-name order).
+
+    Raises:
+        ValueError: fewer than two tasks, or effect maps of different shapes.
     """
     if len(effects) < 2:
         raise ValueError(f"overlap needs at least two tasks, got {sorted(effects)}")
@@ -122,7 +158,17 @@ def overlap(effects: dict[str, torch.Tensor], *, fractions: tuple[float, ...] = 
 
 
 def overlap_matrix(pairs: list[PairOverlap], tasks: list[str], fraction: float, *, key: str = "iou") -> torch.Tensor:
-    """`[n, n]` matrix of one overlap measure at one fraction (1 on the diagonal)."""
+    """`[n, n]` matrix of one overlap measure at one fraction (1 on the diagonal).
+
+    Args:
+        pairs: the PairOverlaps of `overlap`.
+        tasks: the tasks, in matrix order.
+        fraction: the fraction to read.
+        key: the PairOverlap field ("iou", "share", ...).
+
+    Returns:
+        A symmetric float tensor `[n, n]`.
+    """
     m = torch.eye(len(tasks))
     for p in pairs:
         if abs(p.fraction - fraction) < 1e-12 and p.a in tasks and p.b in tasks:
@@ -133,21 +179,51 @@ def overlap_matrix(pairs: list[PairOverlap], tasks: list[str], fraction: float, 
 
 @dataclass
 class Comparison:
-    """Every pair's overlap, saved as `comparison.json`."""
+    """Every pair's overlap, saved as `comparison.json`.
+
+    Attributes:
+        tasks: the tasks compared.
+        pairs: one PairOverlap per fraction and pair.
+        meta: run facts (model, draws, seed, folders, shared heads by role).
+    """
 
     tasks: list[str]
     pairs: list[PairOverlap] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The comparison as a JSON-ready dict (what `comparison.json` holds).
+
+        Returns:
+            {"tasks", "pairs", "meta"}.
+        """
         return {"tasks": self.tasks, "pairs": [p.to_json() for p in self.pairs], "meta": self.meta}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Comparison":
+        """Rebuild a comparison from `to_json`'s dict.
+
+        Args:
+            data: {"tasks", "pairs", "meta"}.
+
+        Returns:
+            The Comparison.
+
+        Raises:
+            KeyError: a missing key.
+            TypeError: pairs whose fields do not match PairOverlap's.
+        """
         return cls(tasks=list(data["tasks"]), pairs=[PairOverlap(**p) for p in data["pairs"]], meta=data.get("meta", {}))
 
     def table(self, fraction: float) -> list[dict[str, Any]]:
-        """One row per pair at a fraction: IoU, share, both nulls' mean IoU and p-values, sign agreement."""
+        """One row per pair at a fraction: IoU, share, both nulls' mean IoU and p-values, sign agreement.
+
+        Args:
+            fraction: the head-set fraction to tabulate.
+
+        Returns:
+            Rows with keys a, b, heads, shared, iou, share, null_iou, p, layer_null_iou, p_layer, sign_agree.
+        """
         return [{"a": p.a, "b": p.b, "heads": p.size, "shared": len(p.shared), "iou": round(p.iou, 3),
                  "share": round(p.share, 3), "null_iou": round(p.null_random["iou_mean"], 3),
                  "p": p.null_random["p_value"], "layer_null_iou": round(p.null_layer_profile["iou_mean"], 3),

@@ -64,6 +64,13 @@ class Scale:
 
     `factor` is a finite number, or a 0-dim tensor (e.g. one that requires grad: attribution patching is
     `Scale(head, factor=a)` with `a = 1` and `∂loss/∂a`, see `headlab.prune.rankers.atp_scores`).
+
+    Attributes:
+        head: the head (a HeadRef, a (layer, head) pair or "L3H1").
+        factor: the multiplier (keyword-only): a finite number or a 0-dim tensor.
+
+    Raises:
+        EditError: more than one head, or a factor that is not finite or not a number / 0-dim tensor.
     """
 
     head: HeadRef
@@ -86,7 +93,20 @@ Edit = Ablate | Scale
 
 
 def mean_head_outputs(model: HeadModel, reference: Any, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """Mean per-head output `[H, D]` of each layer over the real tokens of a reference batch (no edits applied)."""
+    """Mean per-head output `[H, D]` of each layer over the real tokens of a reference batch (no edits applied).
+
+    Args:
+        model: the HeadModel.
+        reference: prompts, anything `HeadModel.encode` reads.
+        layers: the layers whose head outputs to average.
+
+    Returns:
+        {layer: float32 `[H, D]`}: each head's output z (its slice of the output-projection input) averaged over
+        the real (unpadded) tokens of the reference batch.
+
+    Raises:
+        PromptError: a bad reference prompt.
+    """
     layers = sorted(set(layers))
     capture = Capture(layers=frozenset(layers), with_z=True)
     batch = model.encode(reference)
@@ -104,7 +124,19 @@ def compile_edits(model: HeadModel, edits: Iterable[Any]) -> dict[int, LayerOps]
     """Validate edits and turn them into per-layer ops for the attention seam.
 
     Besides Ablate and Scale, any object with a `layer_ops(model) -> {layer: LayerOps}` method is an
-    edit (calibrations, KV-cache policies): that is how analyses add their own.
+    edit (calibrations, KV-cache policies): that is how analyses add their own. Mean ablations run one forward
+    per reference batch to take the means.
+
+    Args:
+        model: the HeadModel the edits apply to.
+        edits: Ablate, Scale and `layer_ops` objects.
+
+    Returns:
+        {layer: LayerOps}, the edits of each layer merged in order.
+
+    Raises:
+        EditError: not an edit, or one head's q/k/v patched by two Patch edits.
+        HeadIndexError: a head or layer out of range.
     """
     edits = list(edits)
     ops: dict[int, LayerOps] = {}
@@ -169,6 +201,9 @@ def edit(model: HeadModel, edits: Iterable[Any] | Any) -> Iterator[HeadModel]:
         model: the HeadModel to edit.
         edits: an edit or a list of them: `Ablate`, `Scale`, or any object with `layer_ops(model)`.
 
+    Yields:
+        The same HeadModel, edited until the block exits.
+
     Raises:
         EditError: not an edit, a mean ablation without a reference.
         HeadIndexError: a head or layer out of range.
@@ -184,5 +219,18 @@ def edit(model: HeadModel, edits: Iterable[Any] | Any) -> Iterator[HeadModel]:
 
 def ablate(heads: Iterable[HeadRef] | HeadRef, *, how: Literal["zero", "mean", "uniform"] = "zero",
            reference: Any = None) -> list[Ablate]:
-    """One Ablate per head (a convenience for `edit(model, ablate(heads))`)."""
+    """One Ablate per head (a convenience for `edit(model, ablate(heads))`).
+
+    Args:
+        heads: a head or heads (HeadRefs, (layer, head) pairs or "L3H1" strings).
+        how: "zero", "mean" (needs `reference`) or "uniform", as in `Ablate`.
+        reference: prompts for "mean" ablation.
+
+    Returns:
+        A list of Ablate edits, one per head.
+
+    Raises:
+        HeadIndexError: a head that cannot be parsed.
+        EditError: a bad `how`, or "mean" without a reference.
+    """
     return [Ablate(h, how=how, reference=reference) for h in as_heads(heads)]

@@ -34,8 +34,9 @@ class Patch:
         head: the head (HeadRef, (layer, head) or "L3H1").
         z: its output `[B|1, T, D]` (the per-head slice of the output-projection input).
         q: its post-RoPE query `[B|1, T, D]`.
-        k, v: the post-RoPE key / the value `[B|1, S, D]` this head reads (its KV group's, as `run.k(head)` gives);
-            only this query head sees the patched ones, not the other heads of its group.
+        k: the post-RoPE key `[B|1, S, D]` this head reads (its KV group's, as `run.k(head)` gives); only this
+            query head sees the patched keys, not the other heads of its group.
+        v: the value `[B|1, S, D]` this head reads, likewise.
         positions: where to patch: None (everywhere), positions (a list or LongTensor, the same in every prompt) or a
             bool mask `[B|1, T]`. Query positions for z and q, key positions for k and v.
 
@@ -70,6 +71,18 @@ class Patch:
         return tuple(name for name in ("z", *_INPUTS) if getattr(self, name) is not None)
 
     def layer_ops(self, model: Any) -> dict[int, LayerOps]:
+        """The seam ops of this patch on `model` (what `hl.edit` calls).
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps}: a replacement of the head's output, or an override recomputing its attention.
+
+        Raises:
+            EditError: values whose width is not the model's head dim.
+            HeadIndexError: a head out of range.
+        """
         model.check_heads([self.head])
         layer, head = self.head.layer, self.head.head
         for name in self.targets:
@@ -170,6 +183,18 @@ class Attend:
                 raise EditError(f"Attend({self.head}, {name}=...) needs a bool [B, T] mask, got {shape}")
 
     def layer_ops(self, model: Any) -> dict[int, LayerOps]:
+        """The seam ops of this edit on `model` (what `hl.edit` calls).
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps} with one override recomputing the head's pattern and output.
+
+        Raises:
+            EditError: the head's layer is not a softmax (or sliding-window) layer.
+            HeadIndexError: a head out of range.
+        """
         model.check_heads([self.head])
         layer = self.head.layer
         if model.layer_kinds[layer] not in ("softmax", "swa"):
@@ -195,9 +220,15 @@ class Attend:
 
 @dataclass(frozen=True, eq=False)
 class Add:
-    """Add `delta` to a head's output (its slice of the output-projection input): a steering vector `[D]`, or
-    per-position values `[B|1, T, D]`. The head's own output keeps its autograd graph, so a zero `delta` that
-    requires grad gives ∂metric/∂z while every path through the head stays intact (attribution patching).
+    """Add `delta` to a head's output (its slice of the output-projection input).
+
+    `delta` is a steering vector `[D]`, or per-position values `[B|1, T, D]`. The head's own output keeps its autograd
+    graph, so a zero `delta` that requires grad gives ∂metric/∂z while every path through the head stays intact
+    (attribution patching).
+
+    Attributes:
+        head: the head (HeadRef, (layer, head) or "L3H1").
+        delta: `[D]` or `[B|1, T, D]`, added to the head's output (keyword-only).
 
     Raises:
         EditError: a delta that is not a `[D]` or `[B|1, T, D]` tensor, or not finite.
@@ -216,6 +247,18 @@ class Add:
             raise EditError(f"Add({self.head}, delta=...) is not finite")
 
     def layer_ops(self, model: Any) -> dict[int, LayerOps]:
+        """The seam ops of this edit on `model` (what `hl.edit` calls).
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps} adding `delta` to the head's output.
+
+        Raises:
+            EditError: a delta whose width is not the model's head dim.
+            HeadIndexError: a head out of range.
+        """
         model.check_heads([self.head])
         if self.delta.shape[-1] != model.head_dim:
             raise EditError(f"Add({self.head}): a delta of width {self.delta.shape[-1]}, but {model.name} has head dim "

@@ -72,7 +72,12 @@ ARCHS: dict[str, ArchSpec] = {}
 
 
 def register_arch(*model_types: str, spec: ArchSpec) -> None:
-    """Register `spec` for each HF `model_type` (the one place an architecture is added)."""
+    """Register `spec` for each HF `model_type` (the one place an architecture is added).
+
+    Args:
+        model_types: HF config `model_type` names (e.g. "llama", "mistral").
+        spec: how to find the attention modules, the output projection and the geometry of that family.
+    """
     for model_type in model_types:
         ARCHS[model_type] = spec
 

@@ -95,12 +95,28 @@ class HeadModel:
         hf: the wrapped transformers model (its attention now routes through headlab's seam).
         tokenizer: its tokenizer, or None (then prompts must be token ids).
         name: a display name (the bundled name, the folder, or the class).
-        n_layers, n_heads, n_kv_heads, head_dim: the attention geometry (H query heads, G KV groups).
+        n_layers: the number of attention layers.
+        n_heads: query heads per layer (H).
+        n_kv_heads: key/value heads per layer (G; H with plain multi-head attention).
+        head_dim: the dimension D of each head's q, k and v.
         causal: whether self-attention is causal.
         max_context: the longest input the model's positions allow (None if unbounded).
         note: what a reader of results on this model must know (e.g. quantised weights).
         layer_kinds: each layer's attention kind: "softmax" for HF families; for headlab's linear LMs
             also "swa", "linear", "hedgehog", "based", "gla" or "deltanet" (implicit patterns).
+        source: where the model came from (the bundled name or folder; the display name otherwise).
+
+    Args:
+        model: a transformers model (`hl.load` builds HeadModels from names, folders, TransformerLens bridges and
+            nnsight models); wrapping it routes its attention through headlab's seam.
+        tokenizer: its tokenizer, or None.
+        name: the display name (default: the config's `_name_or_path`, else the class name).
+        source: where it came from (default: `name`).
+        note: what a reader of results on this model must know.
+
+    Raises:
+        UnsupportedModelError: a model family headlab has no adapter for, or one whose attention cannot be routed
+            through the seam.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
@@ -183,19 +199,43 @@ class HeadModel:
     # heads
 
     def heads(self, layers: Iterable[int] | None = None) -> list[HeadRef]:
-        """Every query head, or those of the given layers."""
+        """Every query head, or those of the given layers.
+
+        Args:
+            layers: layer indices (None: every layer).
+
+        Returns:
+            HeadRefs in (layer, head) order.
+
+        Raises:
+            HeadIndexError: a layer out of range.
+        """
         layers = range(self.n_layers) if layers is None else list(layers)
         self.check_layers(layers)
         return [HeadRef(layer, head) for layer in layers for head in range(self.n_heads)]
 
     def check_layers(self, layers: Iterable[int]) -> None:
-        """Raise HeadIndexError naming the first layer index that is not an int in 0..n_layers-1."""
+        """Raise HeadIndexError naming the first layer index that is not an int in 0..n_layers-1.
+
+        Args:
+            layers: layer indices to check.
+
+        Raises:
+            HeadIndexError: a layer index that is not an int in range.
+        """
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
                 raise HeadIndexError(f"layer {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
 
     def check_heads(self, heads: Iterable[HeadRef]) -> None:
-        """Raise HeadIndexError naming the first head whose layer or head index is out of range."""
+        """Raise HeadIndexError naming the first head whose layer or head index is out of range.
+
+        Args:
+            heads: HeadRefs to check.
+
+        Raises:
+            HeadIndexError: a head whose layer or head index is out of range.
+        """
         for ref in heads:
             self.check_layers([ref.layer])
             if not 0 <= ref.head < self.n_heads:
@@ -203,16 +243,43 @@ class HeadModel:
                                      f"in each of its {self.n_layers} layers")
 
     def kv_group(self, head: HeadRef) -> int:
-        """The KV group (key/value head) that a query head reads."""
+        """The KV group (key/value head) that a query head reads.
+
+        Args:
+            head: a query head.
+
+        Returns:
+            The index of its KV head, `head.head // (n_heads // n_kv_heads)`.
+        """
         return head.head // heads_per_group(self.n_heads, self.n_kv_heads)
 
     def attention_module(self, layer: int) -> nn.Module:
-        """The HF attention module of a layer (the one that calls headlab's seam)."""
+        """The HF attention module of a layer (the one that calls headlab's seam).
+
+        Args:
+            layer: the layer index.
+
+        Returns:
+            The attention `nn.Module` of that layer.
+
+        Raises:
+            HeadIndexError: a layer out of range.
+        """
         self.check_layers([layer])
         return self._attn[layer][1]
 
     def out_proj(self, layer: int) -> nn.Module:
-        """The output projection of a layer; head h's input slice is `[h*D, (h+1)*D)`."""
+        """The output projection of a layer; head h's input slice is `[h*D, (h+1)*D)`.
+
+        Args:
+            layer: the layer index.
+
+        Returns:
+            The projection `nn.Module` (e.g. `o_proj`, `c_proj`) that maps the concatenated head outputs back.
+
+        Raises:
+            HeadIndexError: a layer out of range.
+        """
         self.check_layers([layer])
         name, _ = self._attn[layer]
         return resolve_relative(self.hf, name, self.spec.out_proj)
@@ -220,10 +287,10 @@ class HeadModel:
     # prompts
 
     def encode(self, prompt: Prompt, *, prepend_bos: bool = False, truncate: int | None = None) -> Batch:
-        """Text, texts, token ids (flat, nested or a tensor), a Batch or a tokenizer's output (a mapping with
-        `input_ids` and `attention_mask`) → a right-padded Batch on the model's device.
+        """Turn a prompt into a right-padded Batch on the model's device.
 
-        A Batch or tokenizer output is validated: 2-D integer ids, a 0/1 mask of the same shape whose real tokens are
+        The prompt is text, texts, token ids (flat, nested or a tensor), a Batch or a tokenizer's output (a mapping
+        with `input_ids` and `attention_mask`). A Batch or tokenizer output is validated: 2-D integer ids, a 0/1 mask of the same shape whose real tokens are
         contiguous; left padding (`padding_side="left"`) is moved to the right (absolute positions then start at 0, as
         for an unpadded prompt), and padded slots get the model's pad id.
 
@@ -378,7 +445,14 @@ class HeadModel:
         return 0
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        """Display strings for token ids (the decoded text of each token; `#id` without a tokenizer)."""
+        """Display strings for token ids (the decoded text of each token; `#id` without a tokenizer).
+
+        Args:
+            ids: token ids.
+
+        Returns:
+            One string per id.
+        """
         if self.tokenizer is None:
             return [f"#{i}" for i in ids]
         return [self.tokenizer.decode([i]) for i in ids]
@@ -418,6 +492,9 @@ class HeadModel:
             keep: keep each layer's latest record in `capture.records`.
             callback: called with each LayerRecord as it is made.
 
+        Yields:
+            The Capture (`records`: layer -> its latest LayerRecord when keep=True).
+
         Raises:
             HeadIndexError: a layer out of range.
         """
@@ -432,8 +509,17 @@ class HeadModel:
         """One forward of ids `[1, T]` on a KV cache (None: a fresh one); returns the last logits `[V]` and the cache.
 
         The one place that knows the cache keyword (`cache`, named `past_key_values` before transformers 5.x).
-        `keep_keys`: a fresh cache of a model with recurrent (linear) layers also keeps their keys, so that decode
-        steps' pattern rows exist (retrieval scoring, pattern-reading edits); other models' caches keep them anyway.
+        Edits and captures active in this context apply; gradients follow torch's grad mode.
+
+        Args:
+            ids: token ids `[1, T]` on the model's device (the new tokens only, when `cache` holds a prefix).
+            cache: the cache returned by the previous call, or None for a fresh one.
+            keep_keys: a fresh cache of a model with recurrent (linear) layers also keeps their keys, so that decode
+                steps' pattern rows exist (retrieval scoring, pattern-reading edits); other models' caches keep them
+                anyway.
+
+        Returns:
+            (logits `[V]` at the last position, the updated cache).
         """
         params = inspect.signature(self.hf.forward).parameters
         if cache is None and keep_keys and callable(getattr(self.hf, "headlab_cache", None)):
@@ -445,9 +531,19 @@ class HeadModel:
         return out.logits[0, -1], output_cache(out)
 
     def layer_inputs(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> LayerInputs:
-        """One forward recording the residual stream entering each layer and the layer's call, so that
-        `LayerInputs.resume(start, copies=n)` reruns only the layers from `start` on (exact patching of a head
+        """One forward recording the residual stream entering each layer and the layer's call.
+
+        `LayerInputs.resume(start, copies=n)` then reruns only the layers from `start` on (exact patching of a head
         reruns what is downstream of it). Edits active in this context apply to the recording forward.
+
+        Args:
+            prompt: anything `encode` reads.
+            prepend_bos: put the model's BOS first.
+            grad: keep the autograd graph of the recording forward.
+
+        Returns:
+            A LayerInputs: the batch, the residual stream entering each layer `[B, T, d]`, each layer's call and the
+            logits.
 
         Raises:
             PromptError: an empty, malformed or too long prompt.
@@ -497,7 +593,8 @@ class HeadModel:
 
         Args:
             prompt: anything `encode` reads.
-            heads: heads whose layers to reduce; layers: further layers (all when neither).
+            heads: heads whose layers to reduce.
+            layers: further layers to reduce (all layers when neither is given).
             topk: how many top keys per query to keep.
             key_sets: bool `[K, B, S]` or {name: bool `[B, S]`}: the attention mass on each set per query.
             impl: "auto", "triton" or "torch" (the chunked torch reference).
@@ -553,6 +650,9 @@ class HeadModel:
             prepend_bos: put the model's BOS first.
             grad: keep the autograd graph.
 
+        Returns:
+            float32 `[B, T-1]` losses in nats.
+
         Raises:
             PromptError: the model has no LM head, or a bad prompt.
         """
@@ -563,7 +663,19 @@ class HeadModel:
         return next_token_losses(logits, batch.input_ids, batch.attention_mask)
 
     def loss(self, prompt: Prompt, *, prepend_bos: bool = False, grad: bool = False) -> torch.Tensor:
-        """Mean next-token cross-entropy over the real (unpadded) targets (a scalar; see `token_losses`)."""
+        """Mean next-token cross-entropy over the real (unpadded) targets (a scalar; see `token_losses`).
+
+        Args:
+            prompt: anything `encode` reads.
+            prepend_bos: put the model's BOS first.
+            grad: keep the autograd graph (to backpropagate the loss).
+
+        Returns:
+            A scalar tensor, in nats.
+
+        Raises:
+            PromptError: the model has no LM head, or a bad prompt.
+        """
         losses = self.token_losses(prompt, prepend_bos=prepend_bos, grad=grad)
         return losses.nanmean()
 

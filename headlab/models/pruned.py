@@ -216,7 +216,14 @@ def apply_layouts(model: HeadModel, layouts: list[LayerLayout], copy_from: HeadM
 
 
 def pruned_layouts(model: HeadModel) -> list[LayerLayout] | None:
-    """The per-layer layouts of a structurally pruned model (None if it is not one)."""
+    """The per-layer layouts of a structurally pruned model (None if it is not one).
+
+    Args:
+        model: a HeadModel.
+
+    Returns:
+        One LayerLayout per layer (which heads and KV groups each layer keeps), read from the config, or None.
+    """
     info = getattr(model.hf.config, CONFIG_KEY, None)
     if not info:
         return None
@@ -224,7 +231,14 @@ def pruned_layouts(model: HeadModel) -> list[LayerLayout] | None:
 
 
 def is_pruned_folder(folder: str | Path) -> bool:
-    """Whether a folder holds a model saved by `save_pruned`."""
+    """Whether a folder holds a model saved by `save_pruned`.
+
+    Args:
+        folder: a directory.
+
+    Returns:
+        True when its config.json carries headlab's pruned-layout entry.
+    """
     path = Path(folder) / "config.json"
     return path.is_file() and CONFIG_KEY in json.loads(path.read_text())
 
@@ -232,7 +246,22 @@ def is_pruned_folder(folder: str | Path) -> bool:
 def load_pruned(folder: str | Path, *, device: str | torch.device | None = None,
                 dtype: str | torch.dtype | None = None, tokenizer: Any = None,
                 attn_implementation: str = "sdpa", name: str | None = None) -> HeadModel:
-    """Load a folder written by `save_pruned`: build the model from its config, resize each layer, load weights."""
+    """Load a folder written by `save_pruned`: build the model from its config, resize each layer, load weights.
+
+    Args:
+        folder: the folder `save_pruned` wrote (config.json with the pruned layouts, safetensors weights).
+        device: where to run (CUDA when present, else CPU).
+        dtype: float32 (default), or "bfloat16" / "float16" or a torch.dtype.
+        tokenizer: the tokenizer to attach (default: the one saved in the folder, if any).
+        attn_implementation: "sdpa" or "eager", the backend under headlab's seam.
+        name: the display name (default: the folder).
+
+    Returns:
+        A HeadModel of the pruned model (fewer heads in the pruned layers).
+
+    Raises:
+        HeadlabError: not a pruned folder, or weights that do not match its layouts.
+    """
     folder = Path(folder)
     if not is_pruned_folder(folder):
         raise HeadlabError(f"{folder} is not a structurally pruned headlab model (no {CONFIG_KEY!r} in config.json)")

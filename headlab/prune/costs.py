@@ -16,7 +16,15 @@ from headlab.models.pruned import pruned_layouts
 
 
 def param_count(model: HeadModel, *, attention_only: bool = False) -> int:
-    """Number of parameters (shared/tied ones counted once), or only those of the attention modules."""
+    """Number of parameters (shared/tied ones counted once), or only those of the attention modules.
+
+    Args:
+        model: a HeadModel.
+        attention_only: count only the attention modules and their output projections.
+
+    Returns:
+        The parameter count.
+    """
     if not attention_only:
         return sum(p.numel() for p in model.hf.parameters())
     seen: set[int] = set()
@@ -30,7 +38,14 @@ def param_count(model: HeadModel, *, attention_only: bool = False) -> int:
 
 
 def kv_bytes_per_token(model: HeadModel) -> int:
-    """KV-cache bytes per token of one sequence: Σ_layers 2 (k and v) · KV heads · D · bytes."""
+    """KV-cache bytes per token of one sequence: Σ_layers 2 (k and v) · KV heads · D · bytes.
+
+    Args:
+        model: a HeadModel (a structurally pruned one counts each layer's kept KV groups).
+
+    Returns:
+        Bytes per token, in the model's dtype.
+    """
     layouts = pruned_layouts(model)
     groups = [len(lay.kv) for lay in layouts] if layouts is not None else [model.n_kv_heads] * model.n_layers
     return 2 * sum(groups) * model.head_dim * model.dtype.itemsize
@@ -38,7 +53,15 @@ def kv_bytes_per_token(model: HeadModel) -> int:
 
 @torch.no_grad()
 def measured_kv_bytes(model: HeadModel, n_tokens: int = 16) -> int:
-    """KV-cache bytes actually held after a cached forward of `n_tokens` tokens (one sequence)."""
+    """KV-cache bytes actually held after a cached forward of `n_tokens` tokens (one sequence).
+
+    Args:
+        model: a causal-LM HeadModel.
+        n_tokens: the length of the forward (pad tokens).
+
+    Returns:
+        The bytes of every key and value tensor in the returned cache.
+    """
     ids = torch.full((1, n_tokens), model.pad_id, dtype=torch.long, device=model.device)
     _, cache = model.forward_cached(ids)
     cache = getattr(cache, "self_attention_cache", cache)
@@ -57,6 +80,16 @@ def forward_seconds(models: dict[str, HeadModel], *, seq_len: int = 256, batch: 
 
     The models run interleaved (A B A B …) after one warm-up each, so slow drifts of a shared machine
     hit them alike.
+
+    Args:
+        models: {name: HeadModel}, all with one vocabulary and device (the first one's are used).
+        seq_len: tokens per sequence.
+        batch: sequences per forward.
+        repeats: timed forwards per model.
+        seed: seed of the random tokens.
+
+    Returns:
+        {name: {"median_s", "min_s", "runs"}}.
     """
     first = next(iter(models.values()))
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +110,16 @@ def forward_seconds(models: dict[str, HeadModel], *, seq_len: int = 256, batch: 
 
 
 def compare(original: HeadModel, pruned: HeadModel) -> dict[str, float]:
-    """Parameter and KV-cache ratios (pruned / original), whole model and attention only."""
+    """Parameter and KV-cache ratios (pruned / original), whole model and attention only.
+
+    Args:
+        original: the unpruned HeadModel.
+        pruned: its structurally pruned copy (`remove_heads` / `load_pruned`).
+
+    Returns:
+        {"params", "params_pruned", "params_ratio", "attn_params_ratio", "kv_bytes_per_token",
+        "kv_bytes_per_token_pruned", "kv_ratio"}.
+    """
     return {
         "params": param_count(original), "params_pruned": param_count(pruned),
         "params_ratio": param_count(pruned) / param_count(original),
@@ -95,9 +137,16 @@ def _as_float64(model: HeadModel) -> HeadModel:
 def equality(original: HeadModel, pruned: HeadModel, heads: Iterable[HeadRef], tokens: Any) -> dict[str, float]:
     """Max |Δlogit| of the pruned model against the masked original (`heads` zero-ablated), on `tokens`.
 
-    Returns the difference in the models' own dtype, in float64 (both models copied to float64: the
-    test that the two compute the same function), and, as the yardstick for the first, the masked
-    model's own rounding error (its dtype against float64).
+    Args:
+        original: the unpruned HeadModel.
+        pruned: the structurally pruned model.
+        heads: the heads that were removed (zero-ablated in the original).
+        tokens: the prompt, anything `HeadModel.encode` reads.
+
+    Returns:
+        {"max_abs_diff": in the models' own dtype, "max_abs_diff_float64": with both models copied to float64 (the
+        test that the two compute the same function), "rounding_of_masked": the masked model's own rounding error
+        (its dtype against float64, the yardstick for the first), "logit_scale": max |logit|}.
     """
     heads = list(heads)
     with edit(original, ablate(heads)):

@@ -59,6 +59,7 @@ class TextEval:
         ctx: tokens per window (before BOS).
         windows: how many windows (the batch is `[windows, 1 + ctx]`).
         minibatch: windows per forward.
+        primary: the metric result rows plot ("ppl").
     """
 
     path: str
@@ -73,7 +74,17 @@ class TextEval:
         return f"ppl:{self.path}"
 
     def tokens(self, model: HeadModel) -> torch.Tensor:
-        """`[windows, 1 + ctx]` token ids."""
+        """`[windows, 1 + ctx]` token ids: the file's first `windows · ctx` tokens, each window after BOS.
+
+        Args:
+            model: the model whose tokenizer and BOS (else pad) id to use.
+
+        Returns:
+            A LongTensor `[windows, 1 + ctx]`.
+
+        Raises:
+            HeadlabError: no tokenizer, no such file, or a file with fewer than `windows · ctx` tokens.
+        """
         if model.tokenizer is None:
             raise HeadlabError(f"{self.spec} needs a tokenizer and {model.name} has none: use task:induction")
         path = Path(self.path)
@@ -87,13 +98,34 @@ class TextEval:
         return windows(torch.tensor(ids[:need], dtype=torch.long), self.ctx, count=self.windows, bos=bos)
 
     def loss(self, model: HeadModel, *, grad: bool = False) -> torch.Tensor:
-        """Mean next-token loss over all windows (a scalar; differentiable when `grad`)."""
+        """Mean next-token loss over all windows (a scalar; differentiable when `grad`).
+
+        Args:
+            model: the (possibly edited) model.
+            grad: keep the autograd graph.
+
+        Returns:
+            A scalar tensor, in nats.
+
+        Raises:
+            HeadlabError: as `tokens`.
+        """
         tokens = self.tokens(model)
         parts = [model.loss(chunk, grad=grad) * len(chunk) for chunk in tokens.split(self.minibatch)]
         return torch.stack(parts).sum() / len(tokens)
 
     def metrics(self, model: HeadModel) -> dict[str, float]:
-        """Perplexity exp(mean loss), the loss, and the number of windowed tokens."""
+        """Perplexity exp(mean loss), the loss, and the number of windowed tokens.
+
+        Args:
+            model: the (possibly edited) model.
+
+        Returns:
+            {"ppl", "loss", "tokens"}.
+
+        Raises:
+            HeadlabError: as `tokens`.
+        """
         loss = float(self.loss(model))
         return {"ppl": math.exp(loss), "loss": loss, "tokens": self.ctx * self.windows}
 
@@ -106,6 +138,7 @@ class InductionTask:
         seq_len: N, the block length.
         batch: number of sequences.
         seed: seed of the token sampler (the eval and the calibration use different seeds).
+        primary: the metric result rows plot ("loss").
     """
 
     seq_len: int = 32
@@ -131,17 +164,46 @@ class InductionTask:
         return losses, pred.argmax(-1) == target
 
     def loss(self, model: HeadModel, *, grad: bool = False) -> torch.Tensor:
-        """Mean loss over the second copy's predictable targets."""
+        """Mean loss over the second copy's predictable targets.
+
+        Args:
+            model: the (possibly edited) model.
+            grad: keep the autograd graph.
+
+        Returns:
+            A scalar tensor, in nats.
+        """
         return self._second_copy(model, grad)[0].mean()
 
     def metrics(self, model: HeadModel) -> dict[str, float]:
-        """Second-copy loss and top-1 accuracy."""
+        """Second-copy loss and top-1 accuracy.
+
+        Args:
+            model: the (possibly edited) model.
+
+        Returns:
+            {"loss", "acc"}.
+        """
         losses, hits = self._second_copy(model, False)
         return {"loss": float(losses.mean()), "acc": float(hits.float().mean())}
 
 
 def parse_eval(spec: str, *, ctx: int = 128, windows: int = 8, seed: int = 1, seq_len: int = 32) -> Eval:
-    """An Eval from its spec (`ppl:FILE` or `task:induction`); `seed` and `seq_len` set the task's tokens."""
+    """An Eval from its spec (`ppl:FILE` or `task:induction`).
+
+    Args:
+        spec: `ppl:FILE` (held-out perplexity of a text file) or `task:induction`.
+        ctx: tokens per window (ppl).
+        windows: number of windows (ppl).
+        seed: seed of the task's tokens (task).
+        seq_len: the task's block length N (task).
+
+    Returns:
+        A TextEval or an InductionTask.
+
+    Raises:
+        HeadlabError: an unknown spec.
+    """
     kind, _, arg = spec.partition(":")
     if kind == "ppl" and arg:
         return TextEval(path=arg, ctx=ctx, windows=windows)
@@ -151,5 +213,12 @@ def parse_eval(spec: str, *, ctx: int = 128, windows: int = 8, seed: int = 1, se
 
 
 def default_calibration(model: HeadModel) -> str:
-    """The calibration spec rankers use by default: KJV Genesis 1–15 with a tokenizer, else the induction task."""
+    """The calibration spec rankers use by default: KJV Genesis 1–15 with a tokenizer, else the induction task.
+
+    Args:
+        model: the model to calibrate on.
+
+    Returns:
+        An eval spec string (`ppl:<path>` or `task:induction`).
+    """
     return f"ppl:{CALIB_TEXT}" if model.tokenizer is not None else "task:induction"

@@ -41,8 +41,10 @@ class PruneParams:
         rankers: ranker names (see `headlab.prune.rankers`), or `scores:PATH[:MAP]`.
         fractions: fractions of all heads to remove, each in [0, 1].
         evals: eval specs (`ppl:FILE`, `task:induction`).
-        ctx, windows: held-out text windows (`[windows, 1 + ctx]` tokens per `ppl:` eval).
-        task_seed, task_seq_len: token seed and block length of `task:` evals.
+        ctx: tokens per held-out text window of a `ppl:` eval.
+        windows: windows per `ppl:` eval (`[windows, 1 + ctx]` tokens).
+        task_seed: token seed of `task:` evals.
+        task_seq_len: block length N of `task:` evals.
         rank: the rankers' settings (calibration data and seeds).
     """
 
@@ -56,14 +58,26 @@ class PruneParams:
     rank: RankParams = field(default_factory=RankParams)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that must match for rows of two runs to share one results file."""
+        """The settings that must match for rows of two runs to share one results file.
+
+        Returns:
+            {"ctx", "windows", "task_seed", "task_seq_len", "rank"} (rank as a dict).
+        """
         return {"ctx": self.ctx, "windows": self.windows, "task_seed": self.task_seed,
                 "task_seq_len": self.task_seq_len, "rank": params_dict(self.rank)}
 
 
 @dataclass
 class PruneResults:
-    """What an experiment wrote: the rows, the rankings, and the AtP-vs-ablation comparison if both ran."""
+    """What an experiment wrote: the rows, the rankings, and the AtP-vs-ablation comparison if both ran.
+
+    Attributes:
+        out: the experiment's folder.
+        rows: one dict per (ranker, fraction, eval): keys ranker, fraction, eval, primary, value, metrics,
+            n_removed, n_heads, removed (head strings), seed, task_seed, seconds, model, time.
+        rankings: {ranker: its HeadScores} (higher = more important; pruned lowest first).
+        atp_vs_ablation: `compare_atp` of the "atp" and "ablation" rankings when both ran, else None.
+    """
 
     out: Path
     rows: list[dict[str, Any]]
@@ -71,13 +85,27 @@ class PruneResults:
     atp_vs_ablation: dict[str, float] | None = None
 
     def figure(self, eval_spec: str | None = None):
-        """Metric against fraction removed, one line per ranker (the first eval by default)."""
+        """Metric against fraction removed, one line per ranker (the first eval by default).
+
+        Args:
+            eval_spec: the eval whose rows to plot (default: the first row's).
+
+        Returns:
+            A plotly Figure (`headlab.viz.prune.curves`).
+        """
         spec = eval_spec or self.rows[0]["eval"]
         return curves([r for r in self.rows if r["eval"] == spec], title=f"{spec}")
 
     @classmethod
     def load(cls, out: str | Path) -> "PruneResults":
-        """The results an experiment wrote into `out` (rows, rankings, AtP comparison), without rerunning anything."""
+        """The results an experiment wrote into `out` (rows, rankings, AtP comparison), without rerunning anything.
+
+        Args:
+            out: the experiment's folder (with run.json).
+
+        Returns:
+            The PruneResults.
+        """
         out = Path(out)
         run = read_json(out / RUN_FILE)
         rankers = dict.fromkeys(name for r in run.get("runs", []) for name in r.get("rankers", []))
@@ -87,14 +115,34 @@ class PruneResults:
                    atp_vs_ablation=read_json(out / "atp_vs_ablation.json", missing_ok=True))
 
     def mask(self, ranker: str, fraction: float) -> list[HeadRef]:
-        """The heads this experiment removes (zero-ablates) for `ranker` at `fraction` (`removed_heads` of its saved
-        ranking: the same heads as its rows' `removed`, at any fraction in [0, 1])."""
+        """The heads this experiment removes (zero-ablates) for `ranker` at `fraction`.
+
+        This is `removed_heads` of its saved ranking: the same heads as its rows' `removed`, at any fraction in
+        [0, 1].
+
+        Args:
+            ranker: a ranker of this experiment.
+            fraction: the fraction of all heads removed.
+
+        Returns:
+            The removed heads, least important first.
+
+        Raises:
+            HeadlabError: a ranker this experiment has no ranking for.
+        """
         if ranker not in self.rankings:
             raise HeadlabError(f"{self.out} has no ranking {ranker!r}: its rankers are {', '.join(self.rankings)}")
         return removed_heads(self.rankings[ranker], fraction)
 
     def table(self, eval_spec: str | None = None) -> dict[str, dict[float, float]]:
-        """{ranker: {fraction: primary metric}} for one eval (the first by default)."""
+        """{ranker: {fraction: primary metric}} for one eval (the first by default).
+
+        Args:
+            eval_spec: the eval (default: the first row's).
+
+        Returns:
+            {ranker: {fraction: value}}, fractions ascending.
+        """
         spec = eval_spec or self.rows[0]["eval"]
         out: dict[str, dict[float, float]] = {}
         for r in self.rows:
@@ -120,7 +168,14 @@ def prune_edits(heads: list[HeadRef]) -> list:
 
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of `results.jsonl` in `out` (none if absent; a torn last line is skipped)."""
+    """The rows of `results.jsonl` in `out` (none if absent; a torn last line is skipped).
+
+    Args:
+        out: the experiment's folder.
+
+    Returns:
+        The rows, as dicts, in the order written.
+    """
     return read_jsonl(Path(out) / RESULTS_FILE)
 
 
@@ -158,7 +213,21 @@ def get_ranking(model: HeadModel, name: str, params: RankParams, out: Path | Non
 
 def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
                      progress: bool = True) -> PruneResults:
-    """Run (or resume) a pruning experiment into folder `out`; see the module doc."""
+    """Run (or resume) a pruning experiment into folder `out`; see the module doc.
+
+    Args:
+        model: the HeadModel to prune (restored after every evaluation).
+        params: rankers, fractions, evals and their settings.
+        out: the folder for run.json, results.jsonl, rankings/ and one curve_<eval>.html per eval.
+        progress: show a progress bar.
+
+    Returns:
+        PruneResults with every row in `out` (earlier runs' included).
+
+    Raises:
+        HeadlabError: an unknown ranker or eval, no ranker / fraction / eval, or an `out` holding a run with other
+            settings.
+    """
     out = Path(out)
     # validate everything before the folder is made or run.json is written: a refused command leaves nothing behind
     evals = {spec: parse_eval(spec, ctx=params.ctx, windows=params.windows, seed=params.task_seed,
@@ -209,7 +278,17 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
-    """`0,0.05,...,0.5` → (0, 0.05, …, 0.5): comma-separated values, `...` continues the first step."""
+    """`0,0.05,...,0.5` → (0, 0.05, …, 0.5): comma-separated values, `...` continues the first step.
+
+    Args:
+        text: comma-separated fractions, optionally `a,b,...,z`.
+
+    Returns:
+        The fractions (sorted and distinct when `...` is used).
+
+    Raises:
+        HeadlabError: values that are not numbers, a misplaced `...`, or a non-positive step.
+    """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if "..." in parts:
         i = parts.index("...")

@@ -44,11 +44,13 @@ class RankParams:
     Attributes:
         calib: eval spec whose loss the ablation and AtP rankers measure (None: KJV Genesis 1–15 for
             models with a tokenizer, else task:induction). Keep it apart from the held-out evals.
-        ctx, windows: the calibration text's window length and count (`[windows, 1 + ctx]` tokens).
-        calib_seed, calib_seq_len: token seed and block length when the calibration is a task (the
-            task eval uses another seed).
+        ctx: the calibration text's window length (`[windows, 1 + ctx]` tokens).
+        windows: the calibration text's window count.
+        calib_seed: token seed when the calibration is a task (the task eval uses another seed).
+        calib_seq_len: block length when the calibration is a task.
         seed: seed of the random ranker and of the induction scan.
-        scan_seq_len, scan_batch: the induction scan's block length and number of sequences.
+        scan_seq_len: the induction scan's block length.
+        scan_batch: the induction scan's number of sequences.
     """
 
     calib: str | None = None
@@ -61,7 +63,17 @@ class RankParams:
     scan_batch: int = 8
 
     def calibration(self, model: HeadModel) -> Eval:
-        """The calibration eval for `model`."""
+        """The calibration eval for `model`.
+
+        Args:
+            model: the model to rank (its tokenizer decides the default calibration).
+
+        Returns:
+            A TextEval or InductionTask (`parse_eval` of `calib` or the default).
+
+        Raises:
+            HeadlabError: an unknown calibration spec.
+        """
         return parse_eval(self.calib or default_calibration(model), ctx=self.ctx, windows=self.windows,
                           seed=self.calib_seed, seq_len=self.calib_seq_len)
 
@@ -75,6 +87,10 @@ def register_ranker(name: str, fn: RankerFn) -> None:
 
     `cache` is a dict shared by the rankers of one experiment (the induction scan is kept there for
     both `induction` and `sink`); its key "progress" says whether progress bars are wanted.
+
+    Args:
+        name: the ranker's name (replaces a ranker of the same name).
+        fn: `fn(model, params, cache) -> HeadScores`.
     """
     RANKERS[name] = fn
 
@@ -115,7 +131,13 @@ def ablation_scores(model: HeadModel, calib: Eval, *, heads: Iterable[HeadRef] |
     """Exhaustive single-head zero ablation: `delta` `[L, H]` = loss(head zeroed) − clean loss.
 
     Args:
+        model: the HeadModel.
+        calib: the eval whose loss is measured (`RankParams.calibration`).
         heads: only these heads (the others are NaN); all by default.
+        progress: show a progress bar.
+
+    Returns:
+        {"delta": `[L, H]` loss increases, "clean_loss": the unablated loss}.
     """
     clean = float(calib.loss(model))
     delta = torch.full((model.n_layers, model.n_heads), float("nan"))
@@ -132,6 +154,13 @@ def atp_scores(model: HeadModel, calib: Eval) -> dict[str, torch.Tensor | float]
     Each head's output (its slice of the output-projection input, as `Ablate(how="zero")` acts on) is
     scaled by a factor a = 1 that requires grad; zeroing the head moves a from 1 to 0, so the
     first-order change of the loss is −∂L/∂a. Parameters get no gradient (`torch.autograd.grad`).
+
+    Args:
+        model: the HeadModel.
+        calib: the eval whose loss is differentiated.
+
+    Returns:
+        {"estimate": `[L, H]` = −∂L/∂a, "clean_loss": the unedited loss}.
     """
     alpha = torch.ones(model.n_layers, model.n_heads, requires_grad=True)
     with edit(model, [Scale(h, factor=alpha[h.layer, h.head]) for h in model.heads()]):
@@ -198,7 +227,20 @@ def check_ranker(name: str) -> None:
 
 
 def rank(model: HeadModel, name: str, params: RankParams = RankParams(), *, cache: dict | None = None) -> HeadScores:
-    """Rank every head of `model` with the named ranker (or `scores:PATH[:MAP]`); see the module doc."""
+    """Rank every head of `model` with the named ranker (or `scores:PATH[:MAP]`); see the module doc.
+
+    Args:
+        model: the HeadModel to rank.
+        name: a registered ranker (`RANKERS`) or `scores:PATH[:MAP]`.
+        params: the rankers' settings.
+        cache: a dict shared by the rankers of one experiment (holds the induction scan).
+
+    Returns:
+        HeadScores with primary map "score" `[L, H]` (higher = more important); `meta["seconds"]` the time taken.
+
+    Raises:
+        HeadlabError: an unknown ranker, or a `scores:` folder that is missing or does not fit the model.
+    """
     if name.startswith("scores:"):
         return from_saved(model, name)
     check_ranker(name)
@@ -209,7 +251,14 @@ def rank(model: HeadModel, name: str, params: RankParams = RankParams(), *, cach
 
 
 def prune_order(scores: torch.Tensor) -> list[HeadRef]:
-    """Every head of a `[L, H]` importance map, least important first (ties by (layer, head), NaN last)."""
+    """Every head of a `[L, H]` importance map, least important first (ties by (layer, head), NaN last).
+
+    Args:
+        scores: `[L, H]` importance.
+
+    Returns:
+        All L · H heads in pruning order.
+    """
     n_heads = scores.shape[1]
     flat = scores.detach().float().flatten().cpu()
     keys = [(bool(torch.isnan(v)), float(v) if not torch.isnan(v) else 0.0, i) for i, v in enumerate(flat)]
@@ -217,7 +266,18 @@ def prune_order(scores: torch.Tensor) -> list[HeadRef]:
 
 
 def n_to_remove(fraction: float, n_total: int) -> int:
-    """How many heads a fraction removes: round(fraction × n_total) (round half to even)."""
+    """How many heads a fraction removes: round(fraction × n_total) (round half to even).
+
+    Args:
+        fraction: in [0, 1].
+        n_total: the number of heads.
+
+    Returns:
+        The count.
+
+    Raises:
+        HeadlabError: a fraction outside [0, 1].
+    """
     if not 0.0 <= fraction <= 1.0:
         raise HeadlabError(f"fraction {fraction} is outside [0, 1]")
     return int(round(fraction * n_total))
@@ -228,6 +288,15 @@ def compare_atp(atp: HeadScores, ablation: HeadScores, *, k: int = 10) -> dict[s
 
     Heads left NaN by a partial exhaustive run are skipped; the speed-up then extrapolates the
     exhaustive time per head to all heads.
+
+    Args:
+        atp: the "atp" ranking.
+        ablation: the "ablation" ranking.
+        k: the top-k whose overlap is measured.
+
+    Returns:
+        {"heads", "spearman", "pearson", "k", "top_k_overlap"} and, when both rankings carry their times,
+        {"atp_seconds", "ablation_seconds", "speedup"}.
     """
     keep = ~(atp.scores.isnan() | ablation.scores.isnan())  # a partial exhaustive run leaves NaN
     a, b = atp.scores[keep], ablation.scores[keep]

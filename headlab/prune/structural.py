@@ -33,7 +33,18 @@ from headlab.results import write_json
 
 
 def layouts_for(model: HeadModel, heads: Iterable[HeadRef]) -> list[LayerLayout]:
-    """The per-layer layouts after removing `heads` from `model`."""
+    """The per-layer layouts after removing `heads` from `model`.
+
+    Args:
+        model: the unpruned HeadModel.
+        heads: the heads to remove.
+
+    Returns:
+        One LayerLayout per layer: the query heads and KV groups it keeps (a KV group goes when all its heads go).
+
+    Raises:
+        HeadIndexError: a head out of range.
+    """
     refs = as_heads(heads)
     model.check_heads(refs)
     removed = by_layer(refs)
@@ -41,7 +52,22 @@ def layouts_for(model: HeadModel, heads: Iterable[HeadRef]) -> list[LayerLayout]
 
 
 def remove_heads(model: HeadModel, heads: Iterable[HeadRef] | HeadRef) -> HeadModel:
-    """A new, smaller HeadModel without `heads` (the original is untouched; a permanent, explicit edit)."""
+    """A new, smaller HeadModel without `heads` (the original is untouched; a permanent, explicit edit).
+
+    Its logits equal the original's with `heads` zero-ablated (`headlab.prune.costs.equality` measures it).
+
+    Args:
+        model: the unpruned HeadModel (GPT-2, Llama-like families).
+        heads: the heads to remove.
+
+    Returns:
+        The pruned HeadModel (a deep copy with resized projections; its config records the layouts).
+
+    Raises:
+        HeadlabError: a model that is already pruned.
+        UnsupportedModelError: a family whose projections headlab cannot resize.
+        HeadIndexError: a head out of range.
+    """
     projections_of(model)  # a clear error for families that cannot be resized
     if pruned_layouts(model) is not None:
         raise HeadlabError(f"{model.name} is already structurally pruned: prune the original model instead")
@@ -59,7 +85,20 @@ def remove_heads(model: HeadModel, heads: Iterable[HeadRef] | HeadRef) -> HeadMo
 
 
 def save_pruned(model: HeadModel, folder: str | Path) -> Path:
-    """Save a pruned HeadModel as safetensors + config.json (+ tokenizer) into `folder`."""
+    """Save a pruned HeadModel as safetensors + config.json (+ tokenizer) into `folder`.
+
+    `load_pruned(folder)` reads it back.
+
+    Args:
+        model: a model from `remove_heads`.
+        folder: the folder to write (created if needed).
+
+    Returns:
+        The folder, as a Path.
+
+    Raises:
+        HeadlabError: a model that is not structurally pruned.
+    """
     if pruned_layouts(model) is None:
         raise HeadlabError(f"{model.name} is not structurally pruned: call remove_heads(model, heads) first")
     folder = Path(folder)

@@ -8,7 +8,16 @@ import torch
 
 
 def heatmap(scores: torch.Tensor, *, title: str = "", colorbar: str = "score") -> go.Figure:
-    """A layer × head heatmap of a `[L, H]` score map, with `L{l}H{h}` in the hover text."""
+    """A layer × head heatmap of a `[L, H]` score map, with `L{l}H{h}` in the hover text.
+
+    Args:
+        scores: `[L, H]` (layers down, heads across).
+        title: the figure title.
+        colorbar: the colour bar's title.
+
+    Returns:
+        A plotly Figure.
+    """
     values = scores.detach().float().cpu()
     n_layers, n_heads = values.shape
     text = [[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)]
@@ -23,15 +32,31 @@ def heatmap(scores: torch.Tensor, *, title: str = "", colorbar: str = "score") -
 
 
 def token_ticks(tokens: list[str], start: int = 0) -> tuple[list[int], list[str]]:
-    """Integer tick positions and `i:token` labels (plotly merges duplicate category labels)."""
+    """Integer tick positions and `i:token` labels (plotly merges duplicate category labels).
+
+    Args:
+        tokens: display strings.
+        start: the position of the first token.
+
+    Returns:
+        (positions, labels): `start .. start + len(tokens) - 1` and `"i:'token'"` cut to 24 characters.
+    """
     positions = list(range(start, start + len(tokens)))
     return positions, [f"{i}:{t!r}"[:24] for i, t in zip(positions, tokens)]
 
 
 def pattern_colors(attn: torch.Tensor) -> dict:
-    """The colour scale for a pattern: 0..1 blues for softmax-like rows; a diverging scale centred on 0 (symmetric in
-    the largest |weight|) when any weight is negative (GLA / DeltaNet patterns are signed and unnormalised); 0..max
-    blues when weights exceed 1."""
+    """The colour scale for a pattern, from its finite values.
+
+    0..1 blues for softmax-like rows; a diverging scale centred on 0 (symmetric in the largest |weight|) when any
+    weight is negative (GLA / DeltaNet patterns are signed and unnormalised); 0..max blues when weights exceed 1.
+
+    Args:
+        attn: a pattern (any shape).
+
+    Returns:
+        Keyword arguments for `go.Heatmap`: colorscale, zmin, zmax (and reversescale, zmid when signed).
+    """
     finite = attn[torch.isfinite(attn)]
     lo = float(finite.min()) if finite.numel() else 0.0
     hi = float(finite.max()) if finite.numel() else 1.0
@@ -49,6 +74,13 @@ def pattern(attn: torch.Tensor, tokens: list[str], *, window: tuple[int, int] | 
         attn: one head's pattern on one sequence (`Run.pattern(head)[i]`; for a whole run use `Run.figure(head)`).
         tokens: display strings of the sequence's tokens (`Run.tokens(i)`), at least Q and S of them.
         window: (start, stop) positions to show on both axes, for long prompts.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure (a heatmap; signed diverging colours when a weight is negative, see `pattern_colors`).
+
+    Raises:
+        ValueError: a pattern that is not 2-D, or an empty window.
     """
     if attn.dim() != 2:
         raise ValueError(f"pattern takes one head's [Q, S] pattern, got shape {tuple(attn.shape)}")

@@ -11,7 +11,21 @@ from plotly.subplots import make_subplots
 
 def error_vs_type(error: torch.Tensor, score: torch.Tensor, *, type_name: str, error_name: str = "rel_error",
                   title: str = "") -> go.Figure:
-    """One point per head: its transfer error `[L, H]` against a head-type score `[L, H]` (log-scaled error)."""
+    """One point per head: its transfer error `[L, H]` against a head-type score `[L, H]` (log-scaled error).
+
+    Args:
+        error: `[L, H]` per-head transfer error (y axis, log scale).
+        score: `[L, H]` head-type score (x axis), e.g. induction.
+        type_name: the x-axis label (the score's name).
+        error_name: the y-axis label.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure, points coloured by layer.
+
+    Raises:
+        ValueError: error and score not both `[L, H]` of one shape.
+    """
     error, score = torch.as_tensor(error, dtype=torch.float32), torch.as_tensor(score, dtype=torch.float32)
     if error.shape != score.shape or error.dim() != 2:
         raise ValueError(f"error {tuple(error.shape)} and score {tuple(score.shape)} must both be [L, H]")
@@ -28,7 +42,15 @@ def error_vs_type(error: torch.Tensor, score: torch.Tensor, *, type_name: str, e
 
 
 def hybrid_curve(rows: Iterable[dict[str, Any]], *, title: str = "") -> go.Figure:
-    """Perplexity (left axis, log) and needle recall (right axis) against the number of heads kept softmax."""
+    """Perplexity (left axis, log) and needle recall (right axis) against the number of heads kept softmax.
+
+    Args:
+        rows: the hybrid sweep's rows: keys "k" (heads kept softmax), "ppl" and, optionally, "recall".
+        title: the figure title.
+
+    Returns:
+        A plotly Figure with two y axes.
+    """
     rows = sorted(rows, key=lambda r: r["k"])
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=[r["k"] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers",

@@ -9,7 +9,20 @@ import torch
 
 
 def token_routing(gates: torch.Tensor, tokens: list[str], *, shared: int, title: str = "") -> go.Figure:
-    """Heads × tokens grid of one layer's gates `[T, H]` (1 = on); the shared heads are marked."""
+    """Heads × tokens grid of one layer's gates `[T, H]` (1 = on); the shared heads are marked.
+
+    Args:
+        gates: `[T, H]` gates of one layer on one sequence.
+        tokens: the T tokens' display strings.
+        shared: the number of shared (always-on) heads, the first ones.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure.
+
+    Raises:
+        ValueError: gates that are not `[T, H]` with T = len(tokens).
+    """
     g = torch.as_tensor(gates, dtype=torch.float32)
     if g.dim() != 2 or g.shape[0] != len(tokens):
         raise ValueError(f"gates must be [T, H] with T = {len(tokens)} tokens, got {tuple(g.shape)}")
@@ -27,8 +40,17 @@ def token_routing(gates: torch.Tensor, tokens: list[str], *, shared: int, title:
 
 def conversion_curves(rows: Iterable[dict[str, Any]], *, metric: str = "ppl", title: str = "",
                       x: str = "heads_on") -> go.Figure:
-    """One line per method (MoH routers, static pruning by each ranker): a metric against the share of query heads
-    on per token (`heads_on`) or of routed heads (`routed_on`). Rows: keys method, heads_on, routed_on, metrics."""
+    """One line per method (MoH routers, static pruning by each ranker): a metric against the share of heads on.
+
+    Args:
+        rows: conversion rows: keys method, heads_on, routed_on, metrics ({name: value}).
+        metric: the metric on the y axis (log scale for "ppl").
+        title: the figure title.
+        x: "heads_on" (share of query heads on per token) or "routed_on" (share of routed heads on).
+
+    Returns:
+        A plotly Figure.
+    """
     rows = list(rows)
     fig = go.Figure()
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -46,7 +68,15 @@ def conversion_curves(rows: Iterable[dict[str, Any]], *, metric: str = "ppl", ti
 
 
 def type_lifts(by_type: dict[str, Any], *, title: str = "") -> go.Figure:
-    """Bars: for each token type, its top routed heads by lift (from `MoHRouting.by_type()`)."""
+    """Bars: for each token type, its top routed heads by lift (from `MoHRouting.by_type()`).
+
+    Args:
+        by_type: {token type: {"top": [(head, frequency, lift), ...], ...}}.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure (lift 1 dotted).
+    """
     fig = go.Figure()
     for name, entry in by_type.items():
         top = entry.get("top", [])

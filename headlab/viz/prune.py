@@ -12,7 +12,11 @@ def curves(rows: Iterable[dict[str, Any]], *, title: str = "", log_y: bool | Non
 
     Args:
         rows: result rows of one eval (keys ranker, fraction, value, primary, n_removed).
+        title: the figure title.
         log_y: log-scale y (default: for perplexity).
+
+    Returns:
+        A plotly Figure.
     """
     rows = list(rows)
     fig = go.Figure()
@@ -33,7 +37,16 @@ def curves(rows: Iterable[dict[str, Any]], *, title: str = "", log_y: bool | Non
 
 
 def atp_scatter(atp, ablation, *, title: str = "") -> go.Figure:
-    """AtP's estimate against the exhaustive ablation effect, one point per head (HeadScores in)."""
+    """AtP's estimate against the exhaustive ablation effect, one point per head (HeadScores in).
+
+    Args:
+        atp: HeadScores of `atp_scores` (y axis).
+        ablation: HeadScores of `ablation_scores` (x axis), same shape.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure with the y = x diagonal.
+    """
     a, b = atp.scores.flatten().tolist(), ablation.scores.flatten().tolist()
     n_heads = atp.scores.shape[1]
     labels = [f"L{i // n_heads}H{i % n_heads}" for i in range(len(a))]

@@ -8,7 +8,15 @@ import plotly.graph_objects as go
 
 
 def accuracy_grid(records: list[dict[str, Any]], condition: str = "baseline") -> go.Figure:
-    """Heatmap of mean recall by context length (rows) and needle depth (columns) for one condition."""
+    """Heatmap of mean recall by context length (rows) and needle depth (columns) for one condition.
+
+    Args:
+        records: per-trial records (keys condition, length, depth, recall, found).
+        condition: the condition to show.
+
+    Returns:
+        A plotly Figure.
+    """
     recs = [r for r in records if r["condition"] == condition]
     lengths, depths = sorted({r["length"] for r in recs}), sorted({r["depth"] for r in recs})
     z, text = [], []
@@ -27,7 +35,16 @@ def accuracy_grid(records: list[dict[str, Any]], condition: str = "baseline") ->
 
 
 def masking_figure(summary: dict[str, dict[str, float]], how: str = "uniform") -> go.Figure:
-    """Needle recall with the top-K retrieval heads masked against K random heads (mean, min–max over draws)."""
+    """Needle recall with the top-K retrieval heads masked against K random heads (mean, min–max over draws).
+
+    Args:
+        summary: {condition: {"accuracy", ...}} with conditions "top{K}-{how}", "random{K}-{how}-{draw}" and
+            "baseline".
+        how: the masking ("uniform", "zero", ...) whose conditions to plot.
+
+    Returns:
+        A plotly Figure.
+    """
     ks = sorted(int(n[3:].split("-")[0]) for n in summary if n.startswith("top") and n.endswith(how))
     top = [summary[f"top{k}-{how}"]["accuracy"] for k in ks]
     rand = [[v["accuracy"] for n, v in summary.items() if n.startswith(f"random{k}-{how}-")] for k in ks]
@@ -45,7 +62,14 @@ def masking_figure(summary: dict[str, dict[str, float]], how: str = "uniform") -
 
 
 def kv_figure(summary: dict[str, dict[str, float]]) -> go.Figure:
-    """Needle recall against the KV-cache fraction kept: full cache, RazorAttention, window-only controls."""
+    """Needle recall against the KV-cache fraction kept: full cache, RazorAttention, window-only controls.
+
+    Args:
+        summary: {condition: {"accuracy", "kv_fraction", ...}} (conditions "baseline", "razor-*", "window-*").
+
+    Returns:
+        A plotly Figure.
+    """
     fig = go.Figure()
     for prefix, label in (("baseline", "full cache"), ("razor-", "RazorAttention"), ("window-", "window only")):
         names = [n for n in summary if n.startswith(prefix)]

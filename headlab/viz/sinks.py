@@ -14,7 +14,17 @@ if TYPE_CHECKING:
 
 
 def column_figure(scores: "HeadScores", head: HeadRef, *, index: int = 0, title: str | None = None) -> go.Figure:
-    """Bar chart of one head's per-token column scores on prompt `index`; sinks in red, the threshold dashed."""
+    """Bar chart of one head's per-token column scores on prompt `index`; sinks in red, the threshold dashed.
+
+    Args:
+        scores: a sink scan's HeadScores (items column_score and sink_mask, meta prompt_tokens, params rule).
+        head: the head.
+        index: the prompt.
+        title: the figure title (default: names the head, model and prompt).
+
+    Returns:
+        A plotly Figure.
+    """
     col = scores.items["column_score"][index, head.layer, head.head]  # [S]
     sinks = scores.items["sink_mask"][index, head.layer, head.head].bool()
     tokens = scores.meta["prompt_tokens"][index]
@@ -34,7 +44,15 @@ def column_figure(scores: "HeadScores", head: HeadRef, *, index: int = 0, title:
 
 
 def accuracy_figure(tables: dict[str, list[dict]], *, title: str = "ACT calibration") -> go.Figure:
-    """Grouped bars: accuracy per task before and after calibration (`meta["tables"]`), with Wilson 95% intervals."""
+    """Grouped bars: accuracy per task before and after calibration (`meta["tables"]`), with Wilson 95% intervals.
+
+    Args:
+        tables: {calibration name: rows with keys task, before, after, before_ci, after_ci}.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure.
+    """
     fig = go.Figure()
     first = next(iter(tables.values()))
     series = [("before", "baseline", first)] + [("after", n, rows) for n, rows in tables.items()]

@@ -346,3 +346,23 @@ def test_explore_command_checks_its_reports_before_serving(built, tmp_path, caps
     assert main(["explore", "--model", "toy-induction", "--report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "is not a headlab report" in err and str(tmp_path / "empty") in err
+
+
+def test_an_interrupted_icl_run_opens_with_a_note(tmp_path, monkeypatch):
+    import headlab.icl.training as training
+    from headlab.icl.models import ModelParams
+    from headlab.icl.tasks import TaskParams
+
+    tp = training.TrainParams.for_kind("softmax", steps=60, batch=32, checkpoint_every=20)
+    real = training.sample
+
+    def interrupted(task, batch, **kw):
+        if kw.get("seed") == training._data_seed(tp.seed, 30):
+            raise KeyboardInterrupt
+        return real(task, batch, **kw)
+
+    monkeypatch.setattr(training, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(TaskParams.he(), ModelParams(kind="softmax", heads=2), tp, out=tmp_path, progress=False)
+    report = open_report(tmp_path)
+    assert report.kind == "icl" and "stopped at step 20 of 60" in report.notes_md

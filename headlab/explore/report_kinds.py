@@ -144,6 +144,9 @@ def load_icl(folder: Path) -> Report:
     h = run.history
     notes = (f"step {run.step}: eval MSE {float(h['eval_mse'][-1]):.4f} (noisy target), "
              f"{float(h['eval_clean_mse'][-1]):.4f} (clean); {len(h['steps'])} checkpoints")
+    if run.step < run.train_params.steps:
+        notes += (f". The run stopped at step {run.step} of {run.train_params.steps} (still training, or interrupted: "
+                  "rerun the same `icl train` command to continue)")
     rows = {f"{k}": v for k, v in flatten(run.settings()).items()}
     rows |= {f"patterns.{k}": v for k, v in (saved.get("patterns") or {}).items()}
     rows |= {f"meta.{k}": v for k, v in run.meta.items() if not isinstance(v, (list, dict))}

@@ -41,7 +41,12 @@ RUNS_DIR = ROOT / "runs"
 
 
 class ReportError(HeadlabError):
-    """A folder the explorer cannot open as a report: unknown, damaged, or still being written."""
+    """A folder the explorer cannot open as a report: unknown (`unknown` True: no headlab command wrote it), damaged,
+    or still being written."""
+
+    def __init__(self, message: str, *, unknown: bool = False) -> None:
+        super().__init__(message)
+        self.unknown = unknown
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ def detect(folder: str | Path) -> str:
         if isinstance(run, dict) and "ks" in run and "identity" not in run:
             return "moh_convert"
         if not has("scores.json"):
-            raise ReportError(f"{folder}/run.json is not a run the explorer knows (prune, moh convert, icl train)")
+            raise ReportError(f"{folder}/run.json is not a run the explorer knows (prune, moh convert, icl train)",
+                              unknown=True)
     if (folder / "routing").is_dir():
         if has("summary.json"):
             return "moh_routing"
@@ -179,7 +185,7 @@ def detect(folder: str | Path) -> str:
         if has(name):
             raise _in_progress(folder, what)
     raise ReportError(f"{folder} is not a headlab report: none of its files is one that a headlab command writes "
-                      f"({', '.join(MARKERS)})")
+                      f"({', '.join(MARKERS)})", unknown=True)
 
 
 def twin_folders(folder: Path) -> list[Path]:
@@ -221,10 +227,8 @@ def find_reports(roots: Iterable[str | Path], *, max_depth: int = 3, limit: int 
             try:
                 found[folder] = detect(folder)
             except ReportError as err:
-                if "not a headlab report" not in str(err) and "is not a run the explorer knows" not in str(err):
+                if not err.unknown:  # damaged or unfinished reports are listed (opening one names the problem)
                     found[folder] = f"error: {err}"
-                else:
-                    return
             return
         if depth >= max_depth:
             return

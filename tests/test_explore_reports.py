@@ -5,6 +5,7 @@ Pruning tab's masks are the prune experiment's, and the ICL tab's step slider pi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -298,6 +299,25 @@ def test_pruning_tab_applies_the_experiments_own_mask(built, live):
             apply(explorer, library, session, folder, *bad)
     with pytest.raises(ReportError, match="not a pruning run"):
         apply(explorer, library, session, str(built["icl"]), "random", 0.5)
+    assert "⚠" not in apply(explorer, library, session, folder, "random", 0.5)[0]  # the run's own model
+
+
+def test_pruning_tab_refuses_a_model_of_another_shape_and_warns_on_another_model(built, live, tmp_path):
+    import transformers as T
+
+    explorer, library, _ = live
+    other = tmp_path / "other"
+    make_text_model(other)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=15, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(other)
+    ex = Explorer(ExplorerSettings(max_tokens=200, allow_folders=True))
+    session = ex.analyse(str(other), PROMPT, True, "induction")[3]
+    with pytest.raises(EditError, match=r"ranked 2 × 4 heads .* has 1 × 2"):
+        apply(ex, library, session, str(built["prune"]), "random", 0.5)
+    same_shape = tmp_path / "same_shape"
+    make_text_model(same_shape)  # the same random weights, saved under another name
+    session = ex.analyse(str(same_shape), PROMPT, True, "induction")[3]
+    status, _, loss = apply(ex, library, session, str(built["prune"]), "random", 0.5)
+    assert f"⚠ The run ranked {built['model']}'s heads" in status and math.isfinite(loss)
 
 
 def test_pruning_tab_loss_equals_the_runs_recorded_row_on_the_runs_own_text(built, live):

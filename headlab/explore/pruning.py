@@ -64,6 +64,13 @@ def _mask(ex: Explorer, report: Report, model, ranker: str, fraction: float | No
     return report.result.mask(ranker, float(fraction)), float(fraction)
 
 
+def _other_model(report: Report, model) -> str:
+    """A warning when the live model is not the one the run ranked and measured (same shape, other weights)."""
+    if report.model and report.model != model.name:
+        return f" ⚠ The run ranked {report.model}'s heads; this prompt runs on {model.name}."
+    return ""
+
+
 def apply(ex: Explorer, library: ReportLibrary, session: Session | None, folder: str, ranker: str,
           fraction: float | None) -> tuple[str, str, float]:
     """The run's mask for (ranker, fraction) on the analysed prompt: (status, Markdown comparing predictions and loss
@@ -93,7 +100,7 @@ def apply(ex: Explorer, library: ReportLibrary, session: Session | None, folder:
             f"{r['eval']}: {r['primary']} **{r['value']:.4f}**" for r in rows) + (
             "" if same else " (⚠ its rows removed other heads than the saved ranking gives now)")
     status = f"Applied the {ranker} mask at {fraction:g} ({len(heads)} heads) to {session.n_tokens} tokens " \
-             "(the shared model is untouched)."
+             f"(the shared model is untouched).{_other_model(report, model)}"
     return status, body, loss
 
 
@@ -123,4 +130,4 @@ def remeasure(ex: Explorer, library: ReportLibrary, session: Session | None, fol
     rows = [r for r in recorded_rows(report, ranker, fraction) if r["eval"] == spec]
     if rows:
         text += f"\n\nthe run recorded: {rows[0]['primary']} **{rows[0]['value']:.4f}**"
-    return f"Re-measured {spec} under the mask.", text, metrics
+    return f"Re-measured {spec} under the mask.{_other_model(report, model)}", text, metrics

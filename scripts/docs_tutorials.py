@@ -17,10 +17,11 @@ Nothing is executed at build time. Without an executed copy the page shows the s
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from pathlib import Path
+
+from docs_common import _fence
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -39,13 +40,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # stderr noise a reader should not see: tqdm progress bars and tqdm's "no ipywidgets" warning (two lines)
 _PROGRESS = re.compile(r"\d+%\|[^|]*\|\s*\d+/\d+")
 _TQDM_WARNING = ("TqdmWarning: IProgress not found", "from .autonotebook import tqdm as notebook_tqdm")
-
-
-def _fence(code: str, lang: str = "python") -> str:
-    ticks = "```"
-    while ticks in code:
-        ticks += "`"
-    return f"{ticks}{lang}\n{code.rstrip()}\n{ticks}"
 
 
 def _source(cell) -> str:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from test_explorer_browser import CHROMIUM, FLAGS  # tests/ is on sys.path under pytest
+CHROMIUM = "/usr/bin/chromium"  # as tests/test_explorer_browser.py (importing it would load the explorer)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 pytest.importorskip("mkdocs")
 pytest.importorskip("material")
@@ -43,7 +45,7 @@ def served():
     """The freshly built site, served from build/docs-site/ on a free localhost port."""
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(SITE)], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
     assert res.returncode == 0, f"mkdocs build --strict failed:\n{res.stdout}\n{res.stderr}"
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(SITE)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

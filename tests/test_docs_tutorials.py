@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import docs_tutorials  # noqa: E402
-import execute_notebooks  # noqa: E402
+import docs_tutorials
+import execute_notebooks
 
 sys.path.pop(0)
 

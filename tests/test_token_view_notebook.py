@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 import headlab as hl
 from headlab.viz.html import SCALE, read_payload
@@ -95,8 +94,8 @@ def test_outputs_render_in_jupyterlab(executed, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
          "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
-         f"--ServerApp.root_dir={folder}", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
-         "jupyterlab.NeverCheckForUpdate"],
+         f"--ServerApp.root_dir={folder}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90

@@ -3,9 +3,11 @@
 `figures`: layer × head heatmaps, one head's pattern (signed colour scale where weights are negative); `kinds`: head
 comparisons across attention kinds; `sinks`: column scores and ACT accuracy; `retrieval`: needle grids, masking and
 KV-cache curves; `prune`: pruning curves and AtP-vs-ablation; `icl` (import it explicitly: it reads the ICL theory's
-closed forms, and `import headlab` loads no ICL code): training curves, KQ/OV over training, error curves.
+closed forms, and `import headlab` loads no ICL code): training curves, KQ/OV over training, error curves. `html`: the
+token view and the layer × head grid as self-contained HTML + JS (`HtmlView`: inline in Jupyter, `.save(path)`).
 """
 
+from headlab.viz import html as html  # the HTML views (a subpackage, not the stdlib module)
 from headlab.viz.figures import heatmap, pattern, pattern_colors, token_ticks
 from headlab.viz.kinds import metric_by_model, pattern_grid
 from headlab.viz.prune import atp_scatter, curves

@@ -41,12 +41,28 @@ class Router(Protocol):
     needs_input: bool
 
     def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
-        """Scores `[B, Q, h_r]` of the routed query heads `routed` at each token of the layer's record."""
+        """Scores `[B, Q, h_r]` of the routed query heads `routed` at each token of the layer's record.
+
+        Args:
+            record: the layer's LayerRecord (post-RoPE q `[B, H, Q, D]`; x, the attention input, for routers with
+                `needs_input`).
+            routed: the routed query heads' indices.
+
+        Returns:
+            float `[B, Q, h_r]`, higher = more wanted.
+        """
 
 
 def query_norm_scores(q: torch.Tensor, routed: list[int]) -> torch.Tensor:
-    """MoH's training-free router: ‖q_h‖₂ of each routed head at each token, standardised over the routed heads
-    (zero mean, unit std per token). q: post-RoPE queries `[B, H, Q, D]` (RoPE keeps norms); returns `[B, Q, h_r]`."""
+    """MoH's training-free router: ‖q_h‖₂ of each routed head at each token, standardised over the routed heads.
+
+    Args:
+        q: post-RoPE queries `[B, H, Q, D]` (RoPE keeps norms).
+        routed: the routed heads' indices (h_r of them).
+
+    Returns:
+        float32 `[B, Q, h_r]` with zero mean and unit std per token (std 1 when one head is routed).
+    """
     norms = q[:, routed].float().norm(dim=-1).transpose(1, 2)  # [B, Q, h_r]
     mean = norms.mean(-1, keepdim=True)
     std = norms.std(-1, keepdim=True, unbiased=False) if len(routed) > 1 else torch.ones_like(mean)
@@ -55,23 +71,51 @@ def query_norm_scores(q: torch.Tensor, routed: list[int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QueryNormRouter:
-    """The training-free router: standardised query norms (see `query_norm_scores`)."""
+    """The training-free router: standardised query norms (see `query_norm_scores`).
+
+    Attributes:
+        needs_input: False: it reads only the queries.
+    """
 
     needs_input: bool = field(default=False, init=False)
 
     def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        """`query_norm_scores(record.q, routed)`.
+
+        Args:
+            record: the layer's LayerRecord.
+            routed: the routed heads' indices.
+
+        Returns:
+            float32 `[B, Q, h_r]`.
+        """
         return query_norm_scores(record.q, routed)
 
 
 @dataclass(frozen=True)
 class RandomRouter:
-    """A null router: independent uniform scores per (token, routed head), seeded by (seed, layer) — the routing a
-    router that knows nothing would give, to tell a router's choices from their number."""
+    """A null router: independent uniform scores per (token, routed head), seeded by (seed, layer).
+
+    The routing a router that knows nothing would give, to tell a router's choices from their number.
+
+    Attributes:
+        seed: the seed (with the layer index) of the scores.
+        needs_input: False.
+    """
 
     seed: int = 0
     needs_input: bool = field(default=False, init=False)
 
     def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        """Uniform random scores, the same for the same (seed, layer, shape).
+
+        Args:
+            record: the layer's LayerRecord (its q gives the shape and device).
+            routed: the routed heads' indices.
+
+        Returns:
+            float32 `[B, Q, h_r]` in [0, 1).
+        """
         B, _, Q, _ = record.q.shape
         gen = torch.Generator().manual_seed(self.seed * 100_003 + record.layer)
         return torch.rand(B, Q, len(routed), generator=gen).to(record.q.device)
@@ -81,7 +125,17 @@ class LearnedRouter(nn.Module):
     """Standardised query norms plus a learned linear score of the attention module's input, per routed layer.
 
     Attributes:
-        weight: `[L, h_r, C]` (zero at the start), bias `[L, h_r]`; `layers` the model layers they route.
+        weight: `[L, h_r, C]` (zero at the start).
+        bias: `[L, h_r]` (zero at the start).
+        layers: the model layers it routes (L of them, in weight order).
+        n_routed: h_r, the routed heads per layer.
+        hidden_size: C, the width of the attention module's input.
+        needs_input: True: the edit hands it the attention input.
+
+    Args:
+        layers: the model layers to route.
+        n_routed: routed heads per layer.
+        hidden_size: the model's hidden size.
     """
 
     needs_input = True
@@ -96,9 +150,22 @@ class LearnedRouter(nn.Module):
         self._index = {layer: i for i, layer in enumerate(self.layers)}
 
     def extra_repr(self) -> str:
+        """Returns the module's repr details: layer count, routed heads and hidden size."""
         return f"layers={len(self.layers)}, n_routed={self.n_routed}, hidden_size={self.hidden_size}"
 
     def scores(self, record: LayerRecord, routed: list[int]) -> torch.Tensor:
+        """Standardised query norms plus W x + b of the layer's attention input x.
+
+        Args:
+            record: the layer's LayerRecord, with its input `x` `[B, Q, C]`.
+            routed: the routed heads' indices (n_routed of them).
+
+        Returns:
+            `[B, Q, h_r]` in the router's dtype (differentiable in weight and bias).
+
+        Raises:
+            EditError: a layer it does not route, another number of routed heads, or an input of another width.
+        """
         i = self._index.get(record.layer)
         if i is None:
             raise EditError(f"this LearnedRouter routes layers {list(self.layers)}, not layer {record.layer}")
@@ -169,6 +236,17 @@ class MoH:
     # -- geometry -------------------------------------------------------------------------------------------------
 
     def n_shared(self, model: HeadModel) -> int:
+        """The number of shared (always-on) heads per routed layer of `model`.
+
+        Args:
+            model: the HeadModel.
+
+        Returns:
+            `shared`, or half the KV groups (rounded down) times the heads per group when `shared` is None.
+
+        Raises:
+            EditError: no routed head left.
+        """
         per_group = model.n_heads // model.n_kv_heads
         shared = (model.n_kv_heads // 2) * per_group if self.shared is None else self.shared
         if shared >= model.n_heads:
@@ -177,10 +255,31 @@ class MoH:
         return shared
 
     def routed_heads(self, model: HeadModel) -> list[int]:
+        """The routed heads' indices: n_shared .. n_heads - 1.
+
+        Args:
+            model: the HeadModel.
+
+        Returns:
+            The indices.
+
+        Raises:
+            EditError: no routed head left.
+        """
         return list(range(self.n_shared(model), model.n_heads))
 
     def k(self, model: HeadModel) -> int:
-        """Routed heads kept per token."""
+        """Routed heads kept per token.
+
+        Args:
+            model: the HeadModel.
+
+        Returns:
+            k: a fraction of the routed heads rounded half up (at least 1), or the count given.
+
+        Raises:
+            EditError: a count larger than the number of routed heads.
+        """
         n_routed = model.n_heads - self.n_shared(model)
         a = self.active
         if isinstance(a, float):  # a fraction, rounded half up
@@ -190,6 +289,17 @@ class MoH:
         return a
 
     def routed_layers(self, model: HeadModel) -> list[int]:
+        """The layers this edit routes.
+
+        Args:
+            model: the HeadModel.
+
+        Returns:
+            `layers`, or every layer when None.
+
+        Raises:
+            HeadIndexError: a layer out of range.
+        """
         layers = list(range(model.n_layers)) if self.layers is None else list(self.layers)
         model.check_layers(layers)
         return layers
@@ -197,8 +307,19 @@ class MoH:
     # -- the edit -------------------------------------------------------------------------------------------------
 
     def gates(self, scores: torch.Tensor, k: int, n_shared: int, per_group: int = 1) -> torch.Tensor:
-        """Gates `[B, Q, H]` from routed scores `[B, Q, h_r]`: 1 for shared heads and the top-k routed ones (with
-        `unit="group"`, the top k / per_group groups of `per_group` heads by their mean score)."""
+        """Gates `[B, Q, H]` from routed scores `[B, Q, h_r]`: 1 for shared heads and the top-k routed ones.
+
+        With `unit="group"`, the top k / per_group groups of `per_group` heads by their mean score are on.
+
+        Args:
+            scores: `[B, Q, h_r]` router scores.
+            k: routed heads kept per token.
+            n_shared: shared heads, placed first.
+            per_group: query heads per KV group (for `unit="group"`).
+
+        Returns:
+            `[B, Q, n_shared + h_r]` binary gates (carrying the router's softmax gradient with `straight_through`).
+        """
         n_routed = scores.shape[-1]
         if k >= n_routed:
             hard = torch.ones_like(scores)
@@ -216,6 +337,19 @@ class MoH:
         return torch.cat([shared, routed], dim=-1)
 
     def layer_ops(self, model: HeadModel) -> dict[int, LayerOps]:
+        """The seam ops of this edit on `model` (what `hl.edit` calls): one gate per routed layer.
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps with a Gate computing the gates from the router's scores}.
+
+        Raises:
+            EditError: non-softmax layers, no routed head, too large a count, or (unit="group") shared heads or k
+                that are not whole groups.
+            HeadIndexError: a layer out of range.
+        """
         if model.layer_kinds and any(kind != "softmax" for kind in model.layer_kinds):
             raise EditError(f"MoH routes softmax heads; {model.name} has {sorted(set(model.layer_kinds))} layers")
         router = self.router if self.router is not None else QueryNormRouter()

@@ -40,12 +40,25 @@ def _maps_of(lin: HeadModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def transfer_report(base: HeadModel, lin: HeadModel, *, text: str | Path = KJV_JOHN, windows: int = 8,
                     seq_len: int = 128, types: dict[str, torch.Tensor] | None = None,
                     progress: bool = True) -> HeadScores:
-    """Per-head transfer error on held-out text, with head-type maps; a HeadScores "linearize" (primary
-    `rel_error`; maps kl, rel_error, entropy (the base pattern's mean row entropy, nats) and each of `types`).
+    """Per-head transfer error on held-out text, with head-type maps.
 
     Args:
-        base: the softmax model; lin: its linearization (same geometry).
+        base: the softmax model.
+        lin: its linearization (same geometry).
+        text: the held-out text file.
+        windows: windows of the text.
+        seq_len: tokens per window.
         types: per-head maps `[L, H]` to set beside the errors (e.g. induction, prev_token, sink, retrieval).
+        progress: show a progress bar.
+
+    Returns:
+        HeadScores "linearize" (primary `rel_error`) with maps `[L, H]`: rel_error (relative output error), kl (of
+        the softmax pattern to the Hedgehog pattern), entropy (the base pattern's mean row entropy, nats) and each of
+        `types`.
+
+    Raises:
+        HeadlabError: models of different geometry, a `lin` without feature maps, a type map not `[L, H]`, or a
+            bad text.
     """
     if (base.n_layers, base.n_heads) != (lin.n_layers, lin.n_heads):
         raise HeadlabError(f"{lin.name} ({lin.n_layers}×{lin.n_heads}) is not a linearization of {base.name} "
@@ -77,8 +90,17 @@ def transfer_report(base: HeadModel, lin: HeadModel, *, text: str | Path = KJV_J
 
 
 def relate(report: HeadScores, *, error: str = "rel_error", top: float = 0.1) -> dict[str, dict[str, float]]:
-    """For each head-type map of a transfer report: Spearman of the error with it, and the mean error of the type's
-    top `top` share of heads against the others."""
+    """For each head-type map of a transfer report: how the transfer error relates to it.
+
+    Args:
+        report: a `transfer_report` HeadScores.
+        error: the error map ("rel_error" or "kl").
+        top: the share of heads (by the type's score) counted as the type's top heads.
+
+    Returns:
+        {type map: {"spearman": of the error with the map, "top_error": mean error of the top heads, "rest_error":
+        of the others, "top_heads": how many}} (maps with fewer than three finite values are left out).
+    """
     err = report.maps[error].flatten()
     out = {}
     for name, m in report.maps.items():
@@ -98,7 +120,19 @@ def relate(report: HeadScores, *, error: str = "rel_error", top: float = 0.1) ->
 
 
 def hardest(report: HeadScores, k: int, *, error: str = "rel_error") -> list[list[int]]:
-    """The k heads with the largest error, as per-layer lists (a `softmax_heads` config)."""
+    """The k heads with the largest error, as per-layer lists (a `softmax_heads` config).
+
+    Args:
+        report: a `transfer_report` HeadScores (or any HeadScores with the map `error`).
+        k: how many heads.
+        error: the map to rank by (NaN last).
+
+    Returns:
+        L lists of sorted head indices.
+
+    Raises:
+        HeadlabError: k outside 0..L·H.
+    """
     m = report.maps[error]
     L, H = m.shape
     if not 0 <= k <= L * H:
@@ -111,9 +145,20 @@ def hardest(report: HeadScores, k: int, *, error: str = "rel_error") -> list[lis
 
 @dataclass(frozen=True, kw_only=True)
 class HybridParams:
-    """The hybrid sweep: the k heads with the largest `rank_by` map of the report (the transfer error by default;
-    e.g. "retrieval" keeps the retrieval heads) kept softmax; perplexity on `text` (`windows` × `ctx`); needle recall
-    at `needle_lengths` × `depths` over needle sets `needles` (none: skip)."""
+    """Settings of the hybrid sweep: how many heads stay softmax, and what is measured.
+
+    Attributes:
+        ks: the numbers of heads kept softmax.
+        rank_by: the report's map whose largest heads stay softmax (the transfer error by default; e.g.
+            "retrieval" keeps the retrieval heads).
+        text: held-out text for perplexity.
+        windows: windows of the text.
+        ctx: tokens per window.
+        needle_lengths: context lengths of the needle test.
+        depths: needle depths (percent).
+        needles: needle sets (empty: no needle test).
+        max_new_tokens: tokens decoded per needle reply.
+    """
 
     ks: tuple[int, ...] = (0, 9, 27, 54, 90, 135, 270)
     rank_by: str = "rel_error"
@@ -128,8 +173,24 @@ class HybridParams:
 
 def hybrid_sweep(lin: HeadModel, report: HeadScores, params: HybridParams = HybridParams(), *,
                  out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """For each k: the k hardest heads softmax, the rest linear; held-out perplexity and needle recall. Rows to
-    `out/hybrid.jsonl` (resumed). The model's softmax heads are restored at the end."""
+    """For each k: the k hardest heads softmax, the rest linear; held-out perplexity and needle recall.
+
+    Rows go to `out/hybrid.jsonl` (resumed). The model's softmax heads are restored at the end.
+
+    Args:
+        lin: a linearized HeadModel (`build_linearized`).
+        report: its `transfer_report` (or any HeadScores with the `rank_by` map).
+        params: the ks, ranking map, text and needle settings.
+        out: a folder for hybrid.jsonl.
+        progress: show a progress bar.
+
+    Returns:
+        One row per k, ascending: k, rank_by, softmax_share, loss, ppl, seconds and, with needles, recall, found,
+        trials.
+
+    Raises:
+        HeadlabError: not a linearized model, or a `rank_by` that is not a map of the report.
+    """
     from headlab.analyses.razor import Condition
     from headlab.analyses.retrieval import Trial, needle_sets, run_grid, text_prompt
     from headlab.prune.evals import TextEval
@@ -173,8 +234,17 @@ def hybrid_sweep(lin: HeadModel, report: HeadScores, params: HybridParams = Hybr
 
 
 def type_maps(base: HeadModel, *, retrieval: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Head-type maps `[L, H]` of the base model from headlab's scans: induction, prev_token (induction scan),
-    sink (sink share, sink scan) and, from a saved retrieval scan folder, retrieval."""
+    """Head-type maps `[L, H]` of the base model from headlab's scans.
+
+    Args:
+        base: the softmax model.
+        retrieval: a saved retrieval-scan folder (its "retrieval" map), or None.
+        progress: show progress bars.
+
+    Returns:
+        {"induction", "prev_token": from the induction scan; "sink": sink share from the sink scan; "retrieval"
+        when a folder is given}.
+    """
     from headlab.analyses.induction import induction_scan
     from headlab.analyses.sinks import sink_scan
 
@@ -187,7 +257,15 @@ def type_maps(base: HeadModel, *, retrieval: str | Path | None = None, progress:
 
 
 def heads_by_error(report: HeadScores, n: int = 10) -> list[tuple[str, float]]:
-    """The n heads hardest to linearize, with their relative output error."""
+    """The n heads hardest to linearize, with their relative output error.
+
+    Args:
+        report: a `transfer_report` HeadScores.
+        n: how many.
+
+    Returns:
+        [("L3H1", error)], largest first.
+    """
     return [(str(h), s) for h, s in report.top(n)]
 
 

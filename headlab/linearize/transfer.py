@@ -37,9 +37,16 @@ class TransferParams:
     Attributes:
         feature_dim: F per sign (Hedgehog: features [softmax(xW + b), softmax(−(xW + b))], 2F wide).
         text: training text (offline); windows × seq_len tokens of it, each after BOS.
-        steps, lr: AdamW steps per layer (all heads of the layer at once) and learning rate.
-        pattern_weight, output_weight: weights of the pattern cross-entropy and of the relative output error.
+        windows: training windows.
+        seq_len: tokens per window (after BOS).
+        steps: AdamW steps per layer (all heads of the layer at once).
+        lr: the learning rate.
+        pattern_weight: weight of the pattern cross-entropy.
+        output_weight: weight of the relative output error.
         seed: torch's seed while training (the start, the identity map, has no randomness).
+
+    Raises:
+        HeadlabError: feature_dim, windows, seq_len or steps < 1.
     """
 
     feature_dim: int = 64
@@ -59,7 +66,20 @@ class TransferParams:
 
 
 def text_tokens(model: HeadModel, path: str | Path, n: int, seq_len: int) -> torch.Tensor:
-    """`[n, 1 + seq_len]` token windows of a text file, each after BOS."""
+    """`[n, 1 + seq_len]` token windows of a text file, each after BOS.
+
+    Args:
+        model: the model whose tokenizer and BOS (else pad) id to use.
+        path: a UTF-8 text file.
+        n: the number of windows.
+        seq_len: tokens per window (before BOS).
+
+    Returns:
+        A LongTensor `[n, 1 + seq_len]`.
+
+    Raises:
+        HeadlabError: no such file, no tokenizer, or fewer than n · seq_len tokens.
+    """
     path = Path(path)
     if not path.is_file():
         raise HeadlabError(f"text {path} does not exist")
@@ -74,13 +94,31 @@ def text_tokens(model: HeadModel, path: str | Path, n: int, seq_len: int) -> tor
 
 
 def record_layers(model: HeadModel, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
-    """Every layer's post-RoPE q `[N, H, T, D]`, k and v `[N, G, T, D]` on `tokens` (the base model's forward)."""
+    """Every layer's post-RoPE q `[N, H, T, D]`, k and v `[N, G, T, D]` on `tokens` (the base model's forward).
+
+    Args:
+        model: the base HeadModel.
+        tokens: token ids `[N, T]`.
+
+    Returns:
+        {layer: (q, k, v)} in float32.
+    """
     run = model.run(tokens)
     return {layer: (rec.q.float(), rec.k.float(), rec.v.float()) for layer, rec in run.records.items()}
 
 
 def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-    """Causal softmax patterns `[N, H, T, T]` and outputs `[N, H, T, D]` (k, v repeated per query head)."""
+    """Causal softmax patterns `[N, H, T, T]` and outputs `[N, H, T, D]` (k, v repeated per query head).
+
+    Args:
+        q: `[N, H, T, D]`.
+        k: `[N, G, T, D]`.
+        v: `[N, G, T, D]`.
+        scale: the softmax scale.
+
+    Returns:
+        (pattern `[N, H, T, T]`, output `[N, H, T, D]`, k and v repeated per query head `[N, H, T, D]`).
+    """
     T = q.shape[2]
     groups = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -92,7 +130,18 @@ def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def linear_pattern(q: torch.Tensor, kk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
-    """Hedgehog's causal normalised pattern `[N, H, T, T]` with maps `weight` `[H, D, F]`, `bias` `[H, F]`."""
+    """Hedgehog's causal normalised pattern `[N, H, T, T]` with maps `weight` `[H, D, F]`, `bias` `[H, F]`.
+
+    Args:
+        q: queries `[N, H, T, D]`.
+        kk: keys repeated per query head `[N, H, T, D]`.
+        weight: `[H, D, F]` feature-map weights.
+        bias: `[H, F]` feature-map biases.
+        eps: added to each row's normaliser.
+
+    Returns:
+        `[N, H, T, T]`: φ(q)·φ(k) over the causal prefix, each row divided by its sum + eps.
+    """
     from headlab.models.linearized import hedgehog_features
 
     T = q.shape[2]
@@ -102,8 +151,17 @@ def linear_pattern(q: torch.Tensor, kk: torch.Tensor, weight: torch.Tensor, bias
 
 
 def head_losses(p: torch.Tensor, out: torch.Tensor, lp: torch.Tensor, vv: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per head `[H]`: the pattern cross-entropy excess (KL(p‖lp), nats per row) and the relative output error
-    ‖lp v − p v‖² / ‖p v‖²."""
+    """Per head `[H]`: the pattern cross-entropy excess and the relative output error.
+
+    Args:
+        p: softmax patterns `[N, H, T, T]`.
+        out: softmax outputs `[N, H, T, D]`.
+        lp: linear patterns `[N, H, T, T]`.
+        vv: values per query head `[N, H, T, D]`.
+
+    Returns:
+        {"kl": KL(p‖lp) `[H]`, nats per row; "rel_error": ‖lp v − p v‖² / ‖p v‖² `[H]`}.
+    """
     kl = (p * (p.clamp_min(1e-12).log() - lp.clamp_min(1e-12).log())).sum(-1).mean((0, 2))
     lout = lp @ vv
     rel = ((lout - out) ** 2).sum((0, 2, 3)) / (out ** 2).sum((0, 2, 3)).clamp_min(1e-12)
@@ -112,8 +170,19 @@ def head_losses(p: torch.Tensor, out: torch.Tensor, lp: torch.Tensor, vv: torch.
 
 def train_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, params: TransferParams,
                 *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
-    """Feature maps (weight `[H, D, F]`, bias `[H, F]`) of one layer's heads, from the identity map, and the curve
-    of (step, mean KL, mean relative output error)."""
+    """Train the feature maps of one layer's heads by attention transfer, from the identity map.
+
+    Args:
+        q: the layer's post-RoPE queries `[N, H, T, D]`.
+        k: its keys `[N, G, T, D]`.
+        v: its values `[N, G, T, D]`.
+        scale: the softmax scale.
+        params: steps, learning rate, feature width and loss weights.
+        eps: the linear pattern's normaliser epsilon.
+
+    Returns:
+        (weight `[H, D, F]`, bias `[H, F]`, curve of [step, mean KL, mean relative output error] every 25 steps).
+    """
     H, D = q.shape[1], q.shape[3]
     F = params.feature_dim
     weight = torch.zeros(H, D, F)
@@ -142,8 +211,20 @@ def build_linearized(model: HeadModel, out: str | Path, params: TransferParams =
                      tokens: torch.Tensor | None = None, progress: bool = True) -> Path:
     """Linearize `model` (a Llama-family HeadModel) into `out/model` (an HF folder); resumable layer by layer.
 
-    Returns the model folder. `out/layers.jsonl` has each layer's curve and seconds; `out/STAMP` the settings.
-    `tokens` `[N, T]`: train on these ids instead of `params.text` (models without a tokenizer).
+    Args:
+        model: the base HeadModel (Llama, Mistral or Qwen2; every layer softmax).
+        out: the build folder: `layers/` (one checkpoint per layer), `layers.jsonl` (each layer's curve and seconds),
+            build.json (the settings), and at the end `model/` with its `STAMP`.
+        params: feature width, text, steps and loss weights.
+        tokens: `[N, T]` ids to train on instead of `params.text` (models without a tokenizer).
+        progress: show a progress bar.
+
+    Returns:
+        The model folder `out/model` (an HF folder `hl.load` opens).
+
+    Raises:
+        HeadlabError: not a softmax Llama-family model, an `out` holding a build with other settings, or a bad
+            training text.
     """
     from headlab.models.linearized import from_base
 
@@ -205,6 +286,13 @@ def build_linearized(model: HeadModel, out: str | Path, params: TransferParams =
 
 
 def build_info(out: str | Path) -> dict[str, Any]:
-    """The stamp and per-layer curves of a build folder."""
+    """The stamp and per-layer curves of a build folder.
+
+    Args:
+        out: the folder `build_linearized` wrote.
+
+    Returns:
+        {"stamp": the model folder's STAMP (base, params, seconds), "layers": the rows of layers.jsonl}.
+    """
     out = Path(out)
     return {"stamp": json.loads((out / "model" / STAMP).read_text()), "layers": read_jsonl(out / "layers.jsonl")}

@@ -72,7 +72,16 @@ class HeadlabLinearizedConfig(LlamaConfig):
 
 
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Hedgehog's map of `x` `[B, h, T, D]` with per-head `weight` `[h, D, F]`, `bias` `[h, F]`: `[B, h, T, 2F]`."""
+    """Hedgehog's map of `x` `[B, h, T, D]` with per-head `weight` `[h, D, F]`, `bias` `[h, F]`: `[B, h, T, 2F]`.
+
+    Args:
+        x: post-RoPE queries or keys `[B, h, T, D]`.
+        weight: `[h, D, F]`.
+        bias: `[h, F]`.
+
+    Returns:
+        float32 `[B, h, T, 2F]` = [softmax(x W + b), softmax(−(x W + b))].
+    """
     z = torch.einsum("bhtd,hdf->bhtf", x.float(), weight.float()) + bias.float()[None, :, None]
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
 
@@ -83,18 +92,23 @@ class HybridMixer:
 
     Attributes:
         kind: "hedgehog".
-        fq, fk: feature-mapped queries `[B, H, Q, 2F]` and keys `[B, H, S, 2F]` (zero at padded keys; zero for
-            softmax heads).
-        q, k: post-RoPE queries `[B, H, Q, D]` and keys `[B, G, S, D]` (G KV groups: query head h reads group
-            h // (H / G)), read for softmax heads.
+        fq: feature-mapped queries `[B, H, Q, 2F]` (zero for softmax heads).
+        fk: feature-mapped keys `[B, H, S, 2F]` (zero at padded keys and for softmax heads).
+        q: post-RoPE queries `[B, H, Q, D]`, read for softmax heads.
+        k: post-RoPE keys `[B, G, S, D]` (G KV groups: query head h reads group h // (H / G)).
         softmax: the query heads kept as softmax attention.
-        scale: softmax scale; eps: ε of the linear form; key_mask: bool `[B, S]` real keys (None: all).
+        scale: the softmax scale.
+        eps: ε of the linear form.
+        key_mask: bool `[B, S]` real keys (None: all).
+        g: unused here (None): the slot other mixers use for gates.
+        beta: unused here (None): the slot other mixers use for delta-rule strengths.
         past: keys before the first query in a decode step of a `LinearizedCache` (0 otherwise). The queries are
             the last Q of `past + Q` tokens and `fk` holds the Q new keys' features; `k` holds every key when the
             cache kept them (a layer with softmax heads, or keep_keys), else the new ones only (then the linear
             heads' pattern raises `PatternUnavailable`).
-        weight, bias: the layer's feature maps `[H, D, F]`, `[H, F]` (a decode step's pattern maps the past keys
-            with them, on demand), or None.
+        weight: the layer's feature-map weights `[H, D, F]` (a decode step's pattern maps the past keys with them,
+            on demand), or None.
+        bias: the feature-map biases `[H, F]`, or None.
         initial_state: a decode step's linear-head state after the `past` keys, (S `[B, h_lin, 2F, D]`, z
             `[B, h_lin, 2F]`) over the linear heads in ascending order; `forward` continues the recurrence from it.
         keep_state: `forward` also sets `final_state`, the linear heads' state after the last key (same layout).
@@ -121,6 +135,7 @@ class HybridMixer:
 
     @property
     def normalised(self) -> bool:
+        """True: the linear heads' rows are normalised (each sums to 1 up to ε)."""
         return True
 
     @property
@@ -135,14 +150,25 @@ class HybridMixer:
 
     @property
     def has_pattern(self) -> bool:
-        """Whether `pattern()` of the linear heads can be computed: a full forward, or a decode step whose cache
-        kept every key (a layer with softmax heads, or keep_keys)."""
+        """Whether `pattern()` of the linear heads can be computed.
+
+        True for a full forward, or a decode step whose cache kept every key (a layer with softmax heads, or
+        keep_keys).
+        """
         return self.fk.shape[2] == self.n_keys or (self.weight is not None and self.k.shape[2] == self.n_keys)
 
     def key_features(self, heads: list[int]) -> torch.Tensor:
-        """The feature-mapped keys of every key so far for the given (linear) heads, `[B, h, S, 2F]` (zero at padded
-        keys): `fk`'s rows, or in a decode step the cached keys mapped now. PatternUnavailable where the cache did
-        not keep the keys."""
+        """The feature-mapped keys of every key so far for the given (linear) heads.
+
+        Args:
+            heads: linear head indices.
+
+        Returns:
+            `[B, h, S, 2F]` (zero at padded keys): `fk`'s rows, or in a decode step the cached keys mapped now.
+
+        Raises:
+            PatternUnavailable: a decode step whose cache did not keep the keys.
+        """
         idx = torch.as_tensor(heads, device=self.fq.device)
         if self.fk.shape[2] == self.n_keys:
             return self.fk.index_select(1, idx)
@@ -177,8 +203,18 @@ class HybridMixer:
         """`[B, h, Q, S]` float32: Hedgehog's normalised weights for linear heads, softmax for softmax heads.
 
         For a decode step S = past + Q (every key so far; the rows are the new queries'): its linear heads map the
-        cached keys, which a layer with softmax heads always keeps and an all-linear layer only with keep_keys
-        (else `PatternUnavailable`, never a row over the new keys alone).
+        cached keys, which a layer with softmax heads always keeps and an all-linear layer only with keep_keys.
+
+        Args:
+            heads: the query heads (None: all H).
+            rows: a slice of the query rows (None: all).
+
+        Returns:
+            float32 `[B, h, Q, S]`; `pattern @ v` is the layer's output.
+
+        Raises:
+            PatternUnavailable: linear heads of a decode step whose cache did not keep the keys (never a row over the
+                new keys alone).
         """
         heads = list(range(self.fq.shape[1])) if heads is None else list(heads)
         linear = [h for h in heads if h not in self.softmax]
@@ -199,10 +235,19 @@ class HybridMixer:
         return torch.stack(out, dim=1)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """The layer's mixing of values `[B, G, S, D]` (or per query head, `[B, H, S, D]`) → `[B, H, Q, D]` (float32).
+        """The layer's mixing of values `[B, G, S, D]` (or per query head, `[B, H, S, D]`) → `[B, H, Q, D]`.
 
         A decode step (past > 0) runs the linear heads' recurrence from `initial_state` over the last Q keys and
         values only (O(1) in past); its softmax heads attend over every key (v then holds every token's value).
+
+        Args:
+            v: values `[B, G, S, D]` or `[B, H, S, D]`.
+
+        Returns:
+            float32 `[B, H, Q, D]`.
+
+        Raises:
+            ValueError: a decode step without `initial_state`, or softmax heads without every key's value.
         """
         Q, H = self.fq.shape[2], self.fq.shape[1]
         linear = self.linear_heads
@@ -236,9 +281,16 @@ class HybridMixer:
         return out
 
     def state(self, v: torch.Tensor) -> torch.Tensor:
-        """The linear heads' Hedgehog state Σ_j φ(k_j) v_jᵀ after the last key, `[B, H, 2F, D]` (zero for softmax
-        heads): what a `LinearizedCache` keeps instead of their keys. A decode step continues from its initial state
-        (or returns its final one)."""
+        """The linear heads' Hedgehog state Σ_j φ(k_j) v_jᵀ after the last key (what a `LinearizedCache` keeps).
+
+        A decode step continues from its initial state (or returns its final one).
+
+        Args:
+            v: values `[B, G, S, D]` or `[B, H, S, D]`.
+
+        Returns:
+            float32 `[B, H, 2F, D]` (zero for softmax heads).
+        """
         B, H, _, F2 = self.fq.shape
         out = torch.zeros(B, H, F2, v.shape[-1], dtype=torch.float32, device=v.device)
         linear = self.linear_heads
@@ -261,7 +313,20 @@ class HybridMixer:
 def linearized_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attention_mask: torch.Tensor | None, mixer: HybridMixer | None = None,
                                  **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The linearized layer's attention: the mixer's mixing of value `[B, G, S, D]`; returns `[B, Q, H, D]`."""
+    """The linearized layer's attention: the mixer's mixing of value `[B, G, S, D]`; returns `[B, Q, H, D]`.
+
+    Args:
+        module: the attention module.
+        query: post-RoPE queries `[B, H, Q, D]` (used only by the sdpa fallback).
+        key: keys `[B, G, S, D]` (likewise).
+        value: values `[B, G, S, D]`.
+        attention_mask: the model's 4-D mask (likewise).
+        mixer: the layer's HybridMixer; None (every head softmax) falls back to sdpa.
+        kwargs: passed to sdpa.
+
+    Returns:
+        (output `[B, Q, H, D]` in value's dtype, None: no attention weights).
+    """
     if mixer is None:  # every head of the layer is softmax now (set_softmax_heads after wrapping): plain sdpa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -281,7 +346,12 @@ def _key_mask(attention_mask: torch.Tensor | None, batch: int, keys: int) -> tor
 
 
 class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
-    """A Llama attention layer whose heads are Hedgehog linear attention, but for the config's softmax heads."""
+    """A Llama attention layer whose heads are Hedgehog linear attention, but for the config's softmax heads.
+
+    Args:
+        config: the model's HeadlabLinearizedConfig.
+        layer_idx: the layer's index.
+    """
 
     def __init__(self, config: HeadlabLinearizedConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -301,13 +371,28 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
             self.feature_bias.zero_()
 
     def headlab_backend(self, backend: str) -> Callable | None:
-        """What headlab's seam calls as this module's backend: its own form (plain sdpa when no mixer comes, i.e.
-        every head is softmax — so `set_softmax_heads` after wrapping keeps working)."""
+        """What headlab's seam calls as this module's backend: its own form.
+
+        Plain sdpa runs when no mixer comes (every head softmax), so `set_softmax_heads` after wrapping keeps working.
+
+        Args:
+            backend: the backend headlab chose ("sdpa" / "eager"), ignored.
+
+        Returns:
+            `linearized_attention_forward`.
+        """
         return linearized_attention_forward
 
     def features(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """φ_h of post-RoPE queries `[B, H, T, D]` or keys `[B, G, T, D]` (repeated to the H query heads):
-        `[B, H, T, 2F]`, zero for softmax heads and (key_mask `[B, T]`, True = real) at padded keys."""
+        """φ_h of post-RoPE queries `[B, H, T, D]` or keys `[B, G, T, D]` (repeated to the H query heads).
+
+        Args:
+            x: queries `[B, H, T, D]` or keys `[B, G, T, D]`.
+            key_mask: bool `[B, T]`, True = real (padded keys get zero features).
+
+        Returns:
+            float32 `[B, H, T, 2F]`, zero for softmax heads.
+        """
         H = self.num_heads
         if x.shape[1] != H:
             x = x.repeat_interleave(H // x.shape[1], dim=1)
@@ -319,8 +404,16 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
         return f
 
     def mixer(self, q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None) -> HybridMixer:
-        """The layer's HybridMixer from post-RoPE q `[B, H, Q, D]`, k `[B, G, S, D]` (a full forward, or Q new
-        queries over the S keys of an ordinary KV cache)."""
+        """The layer's HybridMixer for a full forward, or Q new queries over the S keys of an ordinary KV cache.
+
+        Args:
+            q: post-RoPE queries `[B, H, Q, D]`.
+            k: post-RoPE keys `[B, G, S, D]`.
+            attention_mask: the model's 4-D mask (gives the real keys), or None.
+
+        Returns:
+            The HybridMixer.
+        """
         key_mask = _key_mask(attention_mask, q.shape[0], k.shape[2])
         return HybridMixer(kind="hedgehog", fq=self.features(q), fk=self.features(k, key_mask), q=q, k=k,
                            softmax=self.softmax_heads, scale=self.scaling, eps=self.config.linear_eps,
@@ -339,6 +432,19 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None, cache: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's attention: softmax heads as Llama, linear heads by Hedgehog, through headlab's seam.
+
+        Args:
+            hidden_states: the layer input `[B, T, d]`.
+            position_embeddings: RoPE (cos, sin).
+            attention_mask: the model's 4-D mask, or None.
+            past_key_values: the cache under its pre-5.x name.
+            cache: a `LinearizedCache` (recurrent decoding), an ordinary KV cache, or None.
+            kwargs: passed on to the attention call.
+
+        Returns:
+            (output `[B, T, d]`, attention weights or None).
+        """
         cache = cache if cache is not None else past_key_values
         recurrent = isinstance(cache, LinearizedCache)
         if self.kind == "softmax":
@@ -402,7 +508,11 @@ class LinearizedLlamaAttention(modeling_llama.LlamaAttention):
 
 
 class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM with `LinearizedLlamaAttention` layers (see the module doc)."""
+    """LlamaForCausalLM with `LinearizedLlamaAttention` layers (see the module doc).
+
+    Args:
+        config: a HeadlabLinearizedConfig (feature maps start as the identity map).
+    """
 
     config_class = HeadlabLinearizedConfig
 
@@ -419,9 +529,25 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
                 position_ids: torch.LongTensor | None = None, cache: Any = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
-        """LlamaForCausalLM's forward; `use_cache=True` without a cache makes a `LinearizedCache` (recurrent
-        decoding) where Llama would make a DynamicCache. Pass a `transformers.DynamicCache` for the ordinary KV cache
-        (each new row recomputed over the cached keys), none with use_cache unset for a plain forward."""
+        """LlamaForCausalLM's forward, with a `LinearizedCache` where Llama would make a DynamicCache.
+
+        Pass a `transformers.DynamicCache` for the ordinary KV cache (each new row recomputed over the cached keys),
+        none with use_cache unset for a plain forward.
+
+        Args:
+            input_ids: token ids `[B, T]`.
+            attention_mask: `[B, T]` (1 = real).
+            position_ids: positions `[B, T]`, or None.
+            cache: a cache to continue (`past_key_values` is read too).
+            inputs_embeds: embeddings instead of ids.
+            labels: targets for the loss.
+            use_cache: True without a cache makes a `LinearizedCache` (recurrent decoding).
+            logits_to_keep: as LlamaForCausalLM.
+            kwargs: passed to LlamaForCausalLM.forward.
+
+        Returns:
+            A CausalLMOutputWithPast (logits, loss with labels, the cache).
+        """
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         if use_cache and cache is None:
@@ -431,7 +557,14 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
                                logits_to_keep=logits_to_keep, **kwargs)
 
     def headlab_cache(self, *, keep_keys: bool = False) -> Any:
-        """A fresh recurrent cache for this model (`keep_keys`: also keep all-linear layers' keys for patterns)."""
+        """A fresh recurrent cache for this model.
+
+        Args:
+            keep_keys: also keep all-linear layers' keys, so that decode steps' pattern rows exist.
+
+        Returns:
+            A LinearizedCache.
+        """
         from headlab.models.linearized_cache import LinearizedCache
 
         return LinearizedCache(self.config, keep_keys=keep_keys)
@@ -447,7 +580,14 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def set_softmax_heads(self, softmax_heads: list[list[int]]) -> None:
-        """Choose which heads are softmax (a hybrid), keeping every trained feature map."""
+        """Choose which heads are softmax (a hybrid), keeping every trained feature map.
+
+        Args:
+            softmax_heads: per layer, the query heads kept as softmax attention.
+
+        Raises:
+            ValueError: not one row per layer, or heads out of range.
+        """
         cfg = HeadlabLinearizedConfig(**{**self.config.to_dict(), "softmax_heads": softmax_heads})
         self.config.softmax_heads = cfg.softmax_heads
         for i, layer in enumerate(self.model.layers):
@@ -458,7 +598,20 @@ class HeadlabLinearizedForCausalLM(LlamaForCausalLM):
 
 def from_base(base: LlamaForCausalLM, *, feature_dim: int = 64, softmax_heads: list[list[int]] | None = None,
               base_model: str = "") -> HeadlabLinearizedForCausalLM:
-    """A linearized copy of a Llama-family model (identity feature maps, to be trained by attention transfer)."""
+    """A linearized copy of a Llama-family model (identity feature maps, to be trained by attention transfer).
+
+    Args:
+        base: a Llama-family transformers model.
+        feature_dim: width F of each head's feature map per sign.
+        softmax_heads: per layer, the heads kept as softmax (None: every head linear).
+        base_model: a note of where the base came from.
+
+    Returns:
+        A HeadlabLinearizedForCausalLM in eval mode holding the base's weights.
+
+    Raises:
+        ValueError: base weights that do not fit the linearized model.
+    """
     cfg = base.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "_attn_implementation_autoset"):
         cfg.pop(key, None)

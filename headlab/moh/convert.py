@@ -48,9 +48,15 @@ class ConvertParams:
             null a router's choices are measured against).
         rankers: pruning rankers whose static pruning of the same number of heads is measured beside (see
             `headlab.prune.rankers`; empty for none).
-        heldout: held-out text for perplexity; ctx, windows: its `[windows, 1 + ctx]` tokens.
-        tasks, n_eval: multiple-choice tasks (data/tasks) and items per task.
+        heldout: held-out text for perplexity.
+        ctx: tokens per held-out window (`[windows, 1 + ctx]` tokens).
+        windows: held-out windows.
+        tasks: multiple-choice tasks (data/tasks).
+        n_eval: items per task.
         train: how trained routers are trained (on another text than `heldout`).
+
+    Raises:
+        HeadlabError: an active fraction outside (0, 1], or an unknown router.
     """
 
     actives: tuple[float, ...] = (0.5, 0.67, 0.83, 1.0)
@@ -74,19 +80,44 @@ class ConvertParams:
 
 @dataclass
 class Conversion:
-    """A conversion sweep's rows (see the module doc) and its settings; `Conversion.load(out)` reads them back."""
+    """A conversion sweep's rows (see the module doc) and its settings; `Conversion.load(out)` reads them back.
+
+    Attributes:
+        rows: one dict per (method, k): keys method ("original", "moh:<router>", "prune:<ranker>"), k, routed_on,
+            heads_on, kv_read, metrics ({"loss", "ppl", "acc", "acc_<task>"}), seconds, and extras (training time,
+            heads removed).
+        run: the sweep's settings (params, model, shared, n_routed, ks).
+    """
 
     rows: list[dict[str, Any]]
     run: dict[str, Any]
 
     @classmethod
     def load(cls, out: str | Path) -> "Conversion":
+        """The sweep written into `out` (run.json and rows.jsonl), without rerunning anything.
+
+        Args:
+            out: the sweep's folder.
+
+        Returns:
+            The Conversion.
+
+        Raises:
+            ResultError: run.json missing or unreadable.
+        """
         out = Path(out)
         run = read_json(out / RUN_FILE)
         return cls(rows=read_jsonl(out / ROWS_FILE), run=run)
 
     def table(self, metric: str = "ppl") -> dict[str, dict[int, float]]:
-        """method → {k: metric}."""
+        """method → {k: metric}.
+
+        Args:
+            metric: a key of the rows' metrics ("ppl", "loss", "acc", ...).
+
+        Returns:
+            {method: {k: value}} over the rows that have the metric.
+        """
         out: dict[str, dict[int, float]] = {}
         for r in self.rows:
             if metric in r["metrics"]:
@@ -94,13 +125,26 @@ class Conversion:
         return out
 
     def figure(self, metric: str = "ppl", *, x: str = "heads_on"):
+        """One line per method: a metric against the share of heads on (`headlab.viz.moh.conversion_curves`).
+
+        Args:
+            metric: a key of the rows' metrics.
+            x: "heads_on" or "routed_on".
+
+        Returns:
+            A plotly Figure.
+        """
         from headlab.viz.moh import conversion_curves
 
         return conversion_curves(self.rows, metric=metric, x=x,
                                  title=f"MoH conversion of {self.run.get('model', '?')}: {metric}")
 
     def markdown(self) -> str:
-        """A table: one row per (method, k) with heads on, KV groups read, perplexity and task accuracy."""
+        """A table: one row per (method, k) with heads on, KV groups read, perplexity and task accuracy.
+
+        Returns:
+            The Markdown table as a string.
+        """
         lines = ["| method | k | routed on | heads on | KV groups read | ppl | task acc |",
                  "|---|---|---|---|---|---|---|"]
         for r in sorted(self.rows, key=lambda r: (r["method"], r["k"])):
@@ -117,8 +161,17 @@ def _heldout_tokens(model: HeadModel, params: ConvertParams) -> torch.Tensor:
 
 
 def evaluate(model: HeadModel, tokens: torch.Tensor, items: Any, task_names: list[str]) -> dict[str, float]:
-    """Held-out loss / perplexity of `tokens` and accuracy per task of encoded choice `items`, under the caller's
-    edits."""
+    """Held-out loss / perplexity of `tokens` and accuracy per task of encoded choice `items`, under active edits.
+
+    Args:
+        model: the (possibly edited) LM.
+        tokens: held-out windows `[N, T]`.
+        items: encoded multiple-choice items (`headlab.tasks.encode_items`), or None.
+        task_names: the tasks whose accuracy to report.
+
+    Returns:
+        {"loss", "ppl"} and, with items, {"acc", "acc_<task>" per task}.
+    """
     with torch.no_grad():
         losses = [model.loss(chunk) * len(chunk) for chunk in tokens.split(8)]
     loss = float(torch.stack(losses).sum() / len(tokens))
@@ -144,8 +197,22 @@ def _kv_read(gates: list[torch.Tensor], n_kv: int) -> float:
 
 def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), out: str | Path | None = None, *,
                      progress: bool = True) -> Conversion:
-    """Measure MoH conversion (each router, each active count) and static pruning of as many heads; see the module
-    doc. With `out`, rows are appended as measured and a rerun resumes (its settings must match)."""
+    """Measure MoH conversion (each router, each active count) and static pruning of as many heads.
+
+    See the module doc. With `out`, rows are appended as measured and a rerun resumes (its settings must match).
+
+    Args:
+        model: an LM HeadModel with a tokenizer.
+        params: the active counts, routers, rankers, evals and router training (`ConvertParams`).
+        out: a folder for run.json, rows.jsonl and routers/ (None: nothing written).
+        progress: show progress bars.
+
+    Returns:
+        A Conversion with one row per (method, k), the unrouted "original" first.
+
+    Raises:
+        HeadlabError: no LM head or tokenizer, an `out` holding a sweep with other settings, or a bad held-out text.
+    """
     if not model.is_lm or model.tokenizer is None:
         raise HeadlabError(f"{model.name} needs an LM head and a tokenizer for a conversion sweep")
     probe = MoH(active=1.0, shared=params.shared)
@@ -237,5 +304,16 @@ def conversion_sweep(model: HeadModel, params: ConvertParams = ConvertParams(), 
 
 
 def trained_router(out: str | Path, k: int):
-    """The router a sweep trained for k routed heads per token (from `<out>/routers/k<k>`)."""
+    """The router a sweep trained for k routed heads per token (from `<out>/routers/k<k>`).
+
+    Args:
+        out: the sweep's folder.
+        k: routed heads per token.
+
+    Returns:
+        The LearnedRouter (use it as `MoH(active=k, router=...)`).
+
+    Raises:
+        ResultError: no router saved for that k.
+    """
     return load_router(Path(out) / "routers" / f"k{k}")[0]

@@ -48,7 +48,15 @@ will would shall should can could may might must not no if unto thee thou thy ye
 
 
 def token_flags(strings: list[str], ids: list[int]) -> torch.Tensor:
-    """Bool `[T, len(TOKEN_TYPES)]`: the types of each token of one sequence (from its display strings and ids)."""
+    """Bool `[T, len(TOKEN_TYPES)]`: the types of each token of one sequence (from its display strings and ids).
+
+    Args:
+        strings: the T tokens' display strings.
+        ids: their token ids (a repeated token is one whose id came before).
+
+    Returns:
+        Bool `[T, 7]`, columns in `TOKEN_TYPES` order.
+    """
     flags = torch.zeros(len(strings), len(TOKEN_TYPES), dtype=torch.bool)
     seen: set[int] = set()
     for t, (s, i) in enumerate(zip(strings, ids)):
@@ -83,46 +91,63 @@ class MoHRouting:
 
     @property
     def gates(self) -> torch.Tensor:
+        """Bool `[N, L, H]`: which heads were on for each real token."""
         return self.scores.items["gates"].bool()
 
     @property
     def router_scores(self) -> torch.Tensor | None:
+        """float32 `[N, L', h_r]` router scores of the routed layers (None when not known)."""
         return self.scores.items.get("router_scores")
 
     @property
     def flags(self) -> torch.Tensor:
+        """Bool `[N, len(TOKEN_TYPES)]`: each token's types."""
         return self.scores.items["flags"].bool()
 
     @property
     def frequency(self) -> torch.Tensor:
+        """`[L, H]`: the share of tokens for which each head is on."""
         return self.scores.maps["frequency"]
 
     @property
     def shared(self) -> int:
+        """Shared (always-on) heads per routed layer."""
         return int(self.scores.params["shared"])
 
     @property
     def k(self) -> int:
+        """Routed heads on per token."""
         return int(self.scores.params["k"])
 
     @property
     def layers(self) -> list[int]:
+        """The routed layers."""
         return list(self.scores.params["layers"])
 
     @property
     def n_routed(self) -> int:
+        """h_r, routed heads per layer."""
         return self.gates.shape[-1] - self.shared
 
     def probs(self) -> torch.Tensor | None:
-        """softmax(router scores) `[N, L', h_r]` over the routed heads of the routed layers (None without scores)."""
+        """softmax(router scores) `[N, L', h_r]` over the routed heads of the routed layers (None without scores).
+
+        Returns:
+            float32 `[N, L', h_r]`, or None.
+        """
         s = self.router_scores
         return None if s is None else torch.softmax(s.float(), dim=-1)
 
     # -- statistics -----------------------------------------------------------------------------------------------
 
     def load_balance(self) -> dict[str, Any]:
-        """Per routed layer: L_b = Σ_i P_i f_i, its balanced value k / h_r, and the coefficient of variation of the
-        routed heads' frequencies f_i (0 = every routed head chosen equally often); plus their means."""
+        """MoH's load-balance term and the spread of the routed heads' frequencies, per routed layer.
+
+        Returns:
+            {"layers", "L_b": per layer Σ_i P_i f_i (NaN without router scores), "balanced_L_b": k / h_r, "cv": per
+            layer the coefficient of variation of the frequencies f_i (0 = every routed head chosen equally often),
+            "mean_L_b", "mean_cv"}.
+        """
         g = self.gates[:, self.layers, self.shared:].float()  # [N, L', h_r]
         f = g.mean(0)  # [L', h_r]
         p = self.probs()
@@ -132,8 +157,14 @@ class MoHRouting:
                 "mean_L_b": float(lb.mean()), "mean_cv": float(cv.mean())}
 
     def entropy(self) -> dict[str, Any]:
-        """Per routed layer: the mean per-token entropy (nats) of softmax(router scores) and that over log h_r; and
-        the entropy of the routed heads' frequency distribution f / Σ f (how spread the choices are overall)."""
+        """How sure the router is per token, and how spread its choices are overall, per routed layer.
+
+        Returns:
+            {"layers", "token_entropy": mean per-token entropy (nats) of softmax(router scores) (NaN without
+            scores), "token_entropy_share": that over log h_r, "usage_entropy": entropy of the frequency
+            distribution f / Σ f, and the means "mean_token_entropy", "mean_token_entropy_share",
+            "mean_usage_entropy_share"}.
+        """
         g = self.gates[:, self.layers, self.shared:].float()
         f = g.mean(0)
         fn = f / f.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -150,10 +181,18 @@ class MoHRouting:
                 float((usage / top).mean())}
 
     def by_type(self, *, top: int = 5, min_tokens: int = 5) -> dict[str, Any]:
-        """For each token type with at least `min_tokens` tokens: its count and the `top` routed heads it picks more
-        often than tokens overall, ranked by the excess (frequency among tokens of the type − overall frequency, so a
-        rarely used head is not ranked first on a large ratio of small shares), as (head, frequency, lift = the
-        ratio of the two frequencies)."""
+        """For each token type: the routed heads its tokens pick more often than tokens overall.
+
+        Heads are ranked by the excess (frequency among tokens of the type − overall frequency, so a rarely used head
+        is not ranked first on a large ratio of small shares).
+
+        Args:
+            top: heads listed per type.
+            min_tokens: types with fewer tokens list none.
+
+        Returns:
+            {type: {"tokens": count, "top": [(head "L3H1", frequency in the type, lift = frequency / overall)]}}.
+        """
         out: dict[str, Any] = {}
         g = self.gates.float()
         overall = g.mean(0)
@@ -175,8 +214,17 @@ class MoHRouting:
         return out
 
     def relate(self, scores: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Spearman correlation, over the routed heads of the routed layers, between routing frequency and each given
-        per-head map `[L, H]` (e.g. induction, retrieval, sink scores); NaN where a map is constant there."""
+        """Spearman correlation, over the routed heads of the routed layers, between routing frequency and other maps.
+
+        Args:
+            scores: {name: per-head map `[L, H]`} (e.g. induction, retrieval, sink scores) of the same model.
+
+        Returns:
+            {name: correlation} (NaN where fewer than three finite values or a constant map).
+
+        Raises:
+            HeadlabError: a map whose shape is not the routing's `[L, H]`.
+        """
         mask = torch.zeros_like(self.frequency, dtype=torch.bool)
         mask[self.layers, self.shared:] = True
         f = self.frequency[mask]
@@ -192,8 +240,14 @@ class MoHRouting:
         return out
 
     def costs(self) -> dict[str, float]:
-        """Shares of work done: (token, query head) pairs on, and GQA-aware (token, KV group) pairs whose cache is
-        read (a group is skipped for a token only when all its query heads are off), over the routed layers."""
+        """Shares of work done over the routed layers.
+
+        A KV group is skipped for a token only when all its query heads are off.
+
+        Returns:
+            {"query_heads_on": share of (token, query head) pairs on, "kv_groups_read": share of (token, KV group)
+            pairs whose cache is read, "routed_heads_on": share of routed (token, head) pairs on}.
+        """
         g = self.gates[:, self.layers]  # [N, L', H]
         n_kv = int(self.scores.params["n_kv_heads"])
         per = g.shape[-1] // n_kv
@@ -202,7 +256,12 @@ class MoHRouting:
                 "routed_heads_on": float(g[..., self.shared:].float().mean()) if self.n_routed else 1.0}
 
     def summary(self) -> dict[str, Any]:
-        """The headline numbers (for notes and notebooks)."""
+        """The headline numbers (for notes and notebooks).
+
+        Returns:
+            {"tokens", "shared", "k", "n_routed", "mean_L_b", "balanced_L_b", "mean_cv", "mean_token_entropy_share",
+            "mean_usage_entropy_share", the `costs()`, "by_type": each type's top three heads}.
+        """
         lb, ent = self.load_balance(), self.entropy()
         return {"tokens": int(self.gates.shape[0]), "shared": self.shared, "k": self.k, "n_routed": self.n_routed,
                 "mean_L_b": lb["mean_L_b"], "balanced_L_b": lb["balanced_L_b"], "mean_cv": lb["mean_cv"],
@@ -213,11 +272,27 @@ class MoHRouting:
     # -- figures and persistence ------------------------------------------------------------------------------------
 
     def figure(self, map: str = "frequency"):
-        """A layer × head heatmap of `frequency`, `mean_prob` or `lift_<type>`."""
+        """A layer × head heatmap of `frequency`, `mean_prob` or `lift_<type>`.
+
+        Args:
+            map: the map's name.
+
+        Returns:
+            A plotly Figure.
+        """
         return self.scores.figure(map)
 
     def token_figure(self, sequence: int = 0, layer: int | None = None, strings: list[str] | None = None):
-        """Per-token routing of one sequence at one layer (tokens × heads, 1 = on)."""
+        """Per-token routing of one sequence at one layer (tokens × heads, 1 = on).
+
+        Args:
+            sequence: the sequence's index among the traced prompts.
+            layer: the layer (default: the first routed one).
+            strings: the tokens' display strings (default: `#id`).
+
+        Returns:
+            A plotly Figure (`headlab.viz.moh.token_routing`).
+        """
         from headlab.viz.moh import token_routing
 
         layer = self.layers[0] if layer is None else layer
@@ -228,10 +303,30 @@ class MoHRouting:
                              title=f"routing at layer {layer}, sequence {sequence}")
 
     def save(self, folder: str | Path) -> Path:
+        """Save as a HeadScores folder.
+
+        Args:
+            folder: the folder (created if needed).
+
+        Returns:
+            The folder, as a Path.
+        """
         return self.scores.save(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "MoHRouting":
+        """A routing saved by `save`.
+
+        Args:
+            folder: the HeadScores folder.
+
+        Returns:
+            The MoHRouting.
+
+        Raises:
+            HeadlabError: a folder holding another analysis.
+            ResultError: a missing or unreadable folder.
+        """
         scores = HeadScores.load(folder)
         if scores.analysis != "moh_routing":
             raise HeadlabError(f"{folder} holds a {scores.analysis!r} result, not a MoH routing")
@@ -249,9 +344,19 @@ def trace(model: HeadModel, moh: MoH | None, prompts: Iterable[Any] | Any, *, ba
     """Route `prompts` (texts, or token id rows) and keep every real token's gates and router scores.
 
     Args:
+        model: the HeadModel.
         moh: the MoH edit to trace; None reads the gates a model's own MoH layers record (`LayerRecord.gates`; their
             router scores are not seen, so probabilities, L_b and entropy are NaN there).
+        prompts: a text or token-id tensor, or a list of them.
         batch: prompts per forward.
+        progress: show a progress bar.
+
+    Returns:
+        The MoHRouting of every real (unpadded) token.
+
+    Raises:
+        HeadlabError: no prompts, or (moh=None) a model without MoH layers.
+        EditError: a MoH edit that does not fit the model.
     """
     prompts = _texts(model, prompts)
     if not prompts:

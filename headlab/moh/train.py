@@ -37,11 +37,17 @@ class RouterParams:
     """How a router is trained.
 
     Attributes:
-        steps, batch, seq_len, lr: AdamW on the router only, constant learning rate.
+        steps: optimizer steps (AdamW on the router only).
+        batch: windows per step.
+        seq_len: tokens per window.
+        lr: the constant learning rate.
         balance: weight of the load-balance term (MoH: 0.01).
         text: the training text (a file of the offline corpus; held-out evaluation uses another).
         seed: seed of the batches.
         checkpoint_every: steps between checkpoints.
+
+    Raises:
+        HeadlabError: a count < 1 or a learning rate <= 0.
     """
 
     steps: int = 100
@@ -63,7 +69,14 @@ class RouterParams:
 
 @contextmanager
 def frozen(model: HeadModel) -> Iterator[None]:
-    """The model's parameters do not require grad inside the block (restored exactly on exit, also on error)."""
+    """The model's parameters do not require grad inside the block (restored exactly on exit, also on error).
+
+    Args:
+        model: the HeadModel whose parameters to freeze.
+
+    Yields:
+        Nothing (None).
+    """
     params = list(model.hf.parameters())
     before = [p.requires_grad for p in params]
     try:
@@ -76,7 +89,19 @@ def frozen(model: HeadModel) -> Iterator[None]:
 
 
 def text_windows(model: HeadModel, path: str | Path, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows `[n, seq_len]` of a text file's tokens."""
+    """Non-overlapping windows `[n, seq_len]` of a text file's tokens.
+
+    Args:
+        model: the model whose tokenizer to use.
+        path: a UTF-8 text file.
+        seq_len: tokens per window.
+
+    Returns:
+        A LongTensor `[n, seq_len]` (the remainder is dropped).
+
+    Raises:
+        HeadlabError: no such file, no tokenizer, seq_len longer than the context, or fewer tokens than one window.
+    """
     path = Path(path)
     if not path.is_file():
         raise HeadlabError(f"training text {path} does not exist")
@@ -91,12 +116,34 @@ def text_windows(model: HeadModel, path: str | Path, seq_len: int) -> torch.Tens
 
 
 def new_router(model: HeadModel, moh: MoH) -> LearnedRouter:
-    """A zero LearnedRouter for `moh`'s routed layers of `model` (the training-free router until trained)."""
+    """A zero LearnedRouter for `moh`'s routed layers of `model` (the training-free router until trained).
+
+    Args:
+        model: the HeadModel.
+        moh: the MoH edit whose geometry (shared heads, layers) the router serves.
+
+    Returns:
+        A LearnedRouter with zero weight and bias.
+
+    Raises:
+        EditError: no routed head left.
+        HeadIndexError: a layer out of range.
+    """
     return LearnedRouter(moh.routed_layers(model), model.n_heads - moh.n_shared(model), model.hf.config.hidden_size)
 
 
 def load_router(folder: str | Path) -> tuple[LearnedRouter, dict[str, Any]]:
-    """A router saved by `train_router` and its state (params, MoH settings, curve, step)."""
+    """A router saved by `train_router` and its state (params, MoH settings, curve, step).
+
+    Args:
+        folder: the folder `train_router(..., out=folder)` wrote.
+
+    Returns:
+        (the LearnedRouter, its state dict).
+
+    Raises:
+        ResultError: router.json or its weights missing or unreadable.
+    """
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
     tensors = load_tensors(folder / ROUTER_FILE)
@@ -133,8 +180,20 @@ def train_router(model: HeadModel, moh: MoH, params: RouterParams = RouterParams
                  progress: bool = True) -> tuple[LearnedRouter, dict[str, Any]]:
     """Train a router for `moh`'s geometry (shared heads, k, layers) on `params.text`; the model stays as it was.
 
-    Returns the router and its state (curve of (step, task loss, mean L_b), seconds). With `out`, checkpoints go
-    there and a finished or interrupted run there is resumed (its settings must match).
+    With `out`, checkpoints go there and a finished or interrupted run there is resumed (its settings must match).
+
+    Args:
+        model: the frozen HeadModel (its parameters get no gradient and are restored as they were).
+        moh: the MoH edit whose geometry the router serves (its router is replaced by the trained one).
+        params: steps, batch, window length, learning rate, load-balance weight, text and seed.
+        out: a checkpoint folder (router.safetensors with the AdamW state, router.json).
+        progress: show a progress bar.
+
+    Returns:
+        (the LearnedRouter, its state: settings, step, curve of [step, task loss, mean L_b], seconds).
+
+    Raises:
+        HeadlabError: an `out` holding a router trained with other settings, or a bad training text.
     """
     data = text_windows(model, params.text, params.seq_len)
     router = new_router(model, moh)

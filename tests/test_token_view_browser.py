@@ -8,6 +8,7 @@ test-artifacts/explorer/ (30-...).
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -179,5 +180,27 @@ def test_explorer_heads_tab_token_view(browser, served):
     expect(page.locator("#status")).to_contain_text(f"showing {other}")
     expect(page.locator("#token-view .hlv-card.on")).to_have_attribute("data-head", other)
     page.screenshot(path=ARTIFACTS / "33-explorer-token-view-layer-statistics.png", full_page=True)
+    page.context.close()
+    assert errors == []
+
+
+def test_signed_weights_get_a_diverging_scale(browser, tmp_path):
+    """DeltaNet's implicit pattern has negative weights: red > 0, blue < 0, by |w| / max |w| of the row shown."""
+    m = hl.load("twin-recall-deltanet", device="cpu")
+    run = m.run(list(range(1, 40)), layers=[1])
+    row = run.pattern(hl.HeadRef(1, 0))[0, 38]
+    assert bool((row < -1e-3).any()) and bool((row > 1e-3).any())
+    path = run.token_view(heads=["L1H0"]).save(tmp_path / "signed.html")
+    page, errors = _page(browser)
+    page.goto(path.as_uri())
+    page.locator(".hlv-tok").nth(38).click()
+    _close(_shown(page), row)
+    colours = page.eval_on_selector_all(".hlv-tok", "els => els.map(e => e.style.background)")
+    for j in (int(row.argmin()), int(row.argmax()), int(row.abs().argsort()[-5])):
+        r, g, b, a = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\)", colours[j]).groups()
+        assert (r, g, b) == (("31", "119", "180") if row[j] < 0 else ("214", "39", "40"))
+        assert abs(float(a or 1) - abs(float(row[j])) / float(row.abs().max())) < 2e-3
+    assert "signed weights: red > 0, blue < 0" in page.inner_text(".hlv-legend")
+    page.screenshot(path=ARTIFACTS / "37-token-view-deltanet-signed.png", full_page=True)
     page.context.close()
     assert errors == []

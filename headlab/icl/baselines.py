@@ -17,14 +17,29 @@ def _f64(p: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def ols(p: Prompts) -> torch.Tensor:
-    """Least squares x_qᵀ X⁺ y (the minimum-norm solution when N < d)."""
+    """Least squares x_qᵀ X⁺ y (the minimum-norm solution when N < d).
+
+    Args:
+        p: prompts (x `[B, N, d]`, y `[B, N]`, xq `[B, d]`).
+
+    Returns:
+        ŷ `[B]` float32 (computed in float64).
+    """
     x, y, xq = _f64(p)
     w = torch.linalg.pinv(x) @ y[..., None]  # [B, d, 1]
     return (xq[:, None] @ w).flatten().float()
 
 
 def ridge(p: Prompts, penalty: float) -> torch.Tensor:
-    """Ridge x_qᵀ (XᵀX + λI)⁻¹ Xᵀ y; with λ = σ²/τ² it is the Bayes posterior mean."""
+    """Ridge x_qᵀ (XᵀX + λI)⁻¹ Xᵀ y; with λ = σ²/τ² it is the Bayes posterior mean.
+
+    Args:
+        p: prompts (x `[B, N, d]`, y `[B, N]`, xq `[B, d]`).
+        penalty: λ (0: `ols`).
+
+    Returns:
+        ŷ `[B]` float32 (computed in float64).
+    """
     if penalty == 0:
         return ols(p)
     x, y, xq = _f64(p)
@@ -34,7 +49,15 @@ def ridge(p: Prompts, penalty: float) -> torch.Tensor:
 
 
 def posterior_mean(p: Prompts, task: TaskParams) -> torch.Tensor:
-    """E[⟨w, x_q⟩ | prompt] by Gaussian conditioning: x_qᵀ τ²Xᵀ(τ²XXᵀ + σ²I)⁻¹ y (the kernel form)."""
+    """E[⟨w, x_q⟩ | prompt] by Gaussian conditioning: x_qᵀ τ²Xᵀ(τ²XXᵀ + σ²I)⁻¹ y (the kernel form).
+
+    Args:
+        p: prompts (x `[B, N, d]`, y `[B, N]`, xq `[B, d]`).
+        task: the task (its task variance τ² and noise variance σ²).
+
+    Returns:
+        ŷ `[B]` float32 (computed in float64).
+    """
     x, y, xq = _f64(p)
     k = task.task_var * x @ x.mT + task.noise_var * torch.eye(x.shape[1], dtype=x.dtype)
     w = task.task_var * x.mT @ torch.linalg.solve(k, y[..., None])
@@ -42,14 +65,30 @@ def posterior_mean(p: Prompts, task: TaskParams) -> torch.Tensor:
 
 
 def gd_one_step(p: Prompts, step: float) -> torch.Tensor:
-    """One GD step from w = 0 on ½·mean (y − ⟨w, x⟩)²: ŷ = η x_qᵀ (1/N) Σ y_i x_i."""
+    """One GD step from w = 0 on ½·mean (y − ⟨w, x⟩)²: ŷ = η x_qᵀ (1/N) Σ y_i x_i.
+
+    Args:
+        p: prompts (x `[B, N, d]`, y `[B, N]`, xq `[B, d]`).
+        step: η.
+
+    Returns:
+        ŷ `[B]` float32 (computed in float64).
+    """
     x, y, xq = _f64(p)
     h = (y[..., None] * x).mean(1)
     return (step * (h * xq).sum(-1)).float()
 
 
 def debiased_gd(p: Prompts, step: float) -> torch.Tensor:
-    """He et al.'s debiased GD: ŷ = η (1/N) Σ y_i (x_i − x̄)ᵀ x_q."""
+    """He et al.'s debiased GD: ŷ = η (1/N) Σ y_i (x_i − x̄)ᵀ x_q.
+
+    Args:
+        p: prompts (x `[B, N, d]`, y `[B, N]`, xq `[B, d]`).
+        step: η.
+
+    Returns:
+        ŷ `[B]` float32 (computed in float64).
+    """
     x, y, xq = _f64(p)
     h = (y[..., None] * (x - x.mean(1, keepdim=True))).mean(1)
     return (step * (h * xq).sum(-1)).float()
@@ -60,6 +99,13 @@ def optimal_gd_step(task: TaskParams, n: int | None = None) -> float:
 
     With h = (1/N) Σ y_i x_i: E[hhᵀ] = τ²ΛΓ + σ²Λ/N and E[hwᵀ] = τ²Λ, so
     η* = τ² tr(Λ²) / tr(τ²Λ²Γ + σ²Λ²/N).
+
+    Args:
+        task: the task (covariance Λ, variances τ², σ²).
+        n: the prompt length N (default: `task.n`).
+
+    Returns:
+        η*.
     """
     n = task.n if n is None else n
     lam = task.cov()

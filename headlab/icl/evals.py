@@ -31,6 +31,15 @@ def errors_vs_n(models: dict[str, nn.Module], task: TaskParams, ns: Iterable[int
                 seed: int = 0, shift: Shift | None = None, with_baselines: bool = True) -> dict[str, list[float]]:
     """MSE of each model and baseline at each prompt length N.
 
+    Args:
+        models: {name: a trained LSA or HeadAttention}.
+        task: the task the prompts are drawn from.
+        ns: the prompt lengths N.
+        batch: prompts per length.
+        seed: the draw's seed (each N its own stream).
+        shift: a test-time shift of the prompts, or None.
+        with_baselines: also the baselines' errors.
+
     Returns:
         {"n": [...], name: [mse per N], ...} with the baselines under "ols", "ridge", "gd",
         "debiased_gd" (their penalty and step set for the task at each N; the debiased-GD step
@@ -55,6 +64,13 @@ def covariate_shift(models: dict[str, nn.Module], task: TaskParams, scales: Iter
     ZFB: the trained LSA's prediction grows like c²·⟨w, x_q⟩ (slope ∝ c²), where least squares
     and ridge stay unbiased.
 
+    Args:
+        models: {name: a trained model}.
+        task: the task the prompts are drawn from.
+        scales: the covariate scales c.
+        batch: prompts per scale.
+        seed: the draw's seed.
+
     Returns:
         {"scale": [...], name: {"mse": [...], "slope": [...]}, ...} for the models, "ols" and "ridge".
     """
@@ -78,6 +94,14 @@ def dgd_agreement(model: nn.Module, task: TaskParams, step: float, bias: float, 
 
     The first-order expansion of Σ_h μ_h Σ_j y_j softmax_j(ω_h ⟨x_j, x_q⟩) is
     bias·ȳ + step·(1/N) Σ_j y_j (x_j − x̄)ᵀ x_q (bias = Σμ_h, step = Σ ω_h μ_h).
+
+    Args:
+        model: a trained softmax HeadAttention.
+        task: the task the prompts are drawn from.
+        step: Σ ω_h μ_h, the implied debiased-GD step.
+        bias: Σ μ_h, the weight of ȳ.
+        batch: prompts.
+        seed: the draw's seed.
 
     Returns:
         rel_gap: ‖ŷ_model − ŷ_dgd‖/‖ŷ_dgd‖; model_mse and dgd_mse: their errors.

@@ -49,11 +49,22 @@ class ModelParams:
 
     @property
     def name(self) -> str:
+        """A short label: "lsa", or "<kind>-<heads>h"."""
         return "lsa" if self.kind == "lsa" else f"{self.kind}-{self.heads}h"
 
 
 class LSA(nn.Module):
-    """ZFB linear self-attention on E = [Z, z_q] `[B, N+1, D]`; ŷ is f(E)'s bottom-right entry."""
+    """ZFB linear self-attention on E = [Z, z_q] `[B, N+1, D]`; ŷ is f(E)'s bottom-right entry.
+
+    Attributes:
+        w_kq: W^KQ `[D, D]`.
+        w_pv: W^PV `[D, D]`.
+
+    Args:
+        d: the covariate dimension (D = d + 1).
+        sigma: the init scale σ: W^PV = σ[[0,0],[0,1]], W^KQ = σ[[ΘΘᵀ,0],[0,0]] with ‖ΘΘᵀ‖_F = 1.
+        generator: the generator of Θ.
+    """
 
     def __init__(self, d: int, *, sigma: float = 0.5, generator: torch.Generator | None = None):
         super().__init__()
@@ -71,7 +82,15 @@ class LSA(nn.Module):
     n_heads = 1
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        """ŷ `[B]` from context tokens `[B, N, D]` and query tokens `[B, D]`."""
+        """ŷ `[B]` from context tokens `[B, N, D]` and query tokens `[B, D]`.
+
+        Args:
+            z: context tokens `[B, N, D]` (D = d + 1: covariates and label).
+            zq: query tokens `[B, D]` (label 0).
+
+        Returns:
+            ŷ `[B]`.
+        """
         n = z.shape[1]
         e = torch.cat([z, zq[:, None]], dim=1)  # [B, N+1, D]
         s = e @ (self.w_kq @ zq[..., None])  # [B, N+1, 1]: e_jᵀ W^KQ e_q
@@ -79,20 +98,36 @@ class LSA(nn.Module):
         return mixed @ self.w_pv[-1]
 
     def kq(self) -> torch.Tensor:
-        """`[1, D, D]`."""
+        """Returns KQ `[1, D, D]`: a detached copy of W^KQ (one head)."""
         return self.w_kq.detach()[None].clone()
 
     def ov(self) -> torch.Tensor:
-        """`[1, D]`: the last row of W^PV."""
+        """Returns OV `[1, D]`: the last row of W^PV (a detached copy)."""
         return self.w_pv.detach()[-1][None].clone()
 
     def product(self) -> torch.Tensor:
-        """W^PV_22 · W^KQ_11 `[d, d]`, the matrix Theorem 4.1 sends to Γ⁻¹."""
+        """Returns W^PV_22 · W^KQ_11 `[d, d]`, the matrix Theorem 4.1 sends to Γ⁻¹ (a detached copy)."""
         return (self.w_pv[-1, -1] * self.w_kq[: self.d, : self.d]).detach().clone()
 
 
 class HeadAttention(nn.Module):
-    """He et al.'s one-layer H-head attention read out at the query (softmax or linear heads)."""
+    """He et al.'s one-layer H-head attention read out at the query (softmax or linear heads).
+
+    Attributes:
+        w_q: Q_h `[H, D, D]` (out × in).
+        w_k: K_h `[H, D, D]`.
+        w_v: V_h `[H, D, D]`.
+        w_o: O_h `[H, D]`.
+
+    Args:
+        d: the covariate dimension (D = d + 1).
+        heads: H.
+        attention: "softmax", "linear" (no softmax) or "linear_mean" (no softmax, divided by N).
+        generator: the generator of the U(±1/√fan_in) init.
+
+    Raises:
+        ValueError: another attention.
+    """
 
     def __init__(self, d: int, heads: int, *, attention: Kind = "softmax", generator: torch.Generator | None = None):
         super().__init__()
@@ -113,39 +148,71 @@ class HeadAttention(nn.Module):
         self.n_heads = heads
 
     def scores(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        """s_hj = z_jᵀ K_hᵀ Q_h z_q / √D `[B, H, N]`."""
+        """The scores s_hj = z_jᵀ K_hᵀ Q_h z_q / √D.
+
+        Args:
+            z: context tokens `[B, N, D]` (D = d + 1: covariates and label).
+            zq: query tokens `[B, D]` (label 0).
+
+        Returns:
+            `[B, H, N]`.
+        """
         # K_hᵀ Q_h z_q first: O(B·N·H·D) instead of projecting every key, O(B·N·H·D²)
         kq_zq = torch.einsum("hij,hik,bk->bhj", self.w_k, self.w_q, zq)  # [B, H, D]
         return torch.einsum("bnj,bhj->bhn", z, kq_zq) / math.sqrt(self.d + 1)
 
     def weights(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        """The query's attention weights a_hj `[B, H, N]`."""
+        """The query's attention weights a_hj (softmax of the scores, or the scores for linear heads).
+
+        Args:
+            z: context tokens `[B, N, D]` (D = d + 1: covariates and label).
+            zq: query tokens `[B, D]` (label 0).
+
+        Returns:
+            `[B, H, N]`.
+        """
         s = self.scores(z, zq)
         if self.attention == "softmax":
             return s.softmax(-1)
         return s / z.shape[1] if self.attention == "linear_mean" else s
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        """ŷ `[B]` from context tokens `[B, N, D]` and query tokens `[B, D]`."""
+        """ŷ `[B]` from context tokens `[B, N, D]` and query tokens `[B, D]`.
+
+        Args:
+            z: context tokens `[B, N, D]` (D = d + 1: covariates and label).
+            zq: query tokens `[B, D]` (label 0).
+
+        Returns:
+            ŷ = Σ_h Σ_j a_hj OV_h z_j, `[B]`.
+        """
         a = self.weights(z, zq)  # [B, H, N]
         values = torch.einsum("bnj,hj->bhn", z, self.ov_param())  # OV_h z_j [B, H, N]
         return (a * values).sum((1, 2))
 
     def ov_param(self) -> torch.Tensor:
-        """OV_h = O_h V_h `[H, D]`, differentiable."""
+        """Returns OV_h = O_h V_h `[H, D]`, differentiable."""
         return torch.einsum("hi,hij->hj", self.w_o, self.w_v)
 
     def kq(self) -> torch.Tensor:
-        """KQ_h = K_hᵀ Q_h `[H, D, D]` (s_j = z_jᵀ KQ_h z_q / √D)."""
+        """Returns KQ_h = K_hᵀ Q_h `[H, D, D]` (s_j = z_jᵀ KQ_h z_q / √D), detached."""
         return torch.einsum("hij,hik->hjk", self.w_k, self.w_q).detach()
 
     def ov(self) -> torch.Tensor:
-        """`[H, D]`."""
+        """Returns OV_h `[H, D]`, detached."""
         return self.ov_param().detach()
 
 
 def build(model: ModelParams, task: TaskParams) -> nn.Module:
-    """A freshly initialised model for prompts of `task`, seeded by `model.seed`."""
+    """A freshly initialised model for prompts of `task`, seeded by `model.seed`.
+
+    Args:
+        model: which model (kind, heads, σ, seed).
+        task: the task (its d).
+
+    Returns:
+        An LSA or a HeadAttention.
+    """
     generator = torch.Generator().manual_seed(model.seed)
     if model.kind == "lsa":
         return LSA(task.d, sigma=model.sigma, generator=generator)
@@ -154,7 +221,16 @@ def build(model: ModelParams, task: TaskParams) -> nn.Module:
 
 @torch.no_grad()
 def predict(model: nn.Module, prompts, *, chunk: int = 8192) -> torch.Tensor:
-    """ŷ `[B]` on a batch of `Prompts`, in chunks."""
+    """ŷ `[B]` on a batch of `Prompts`, in chunks (no grad).
+
+    Args:
+        model: an LSA or HeadAttention.
+        prompts: the Prompts.
+        chunk: prompts per forward.
+
+    Returns:
+        ŷ `[B]`.
+    """
     out = []
     for start in range(0, len(prompts), chunk):
         z, zq = prompts[start:start + chunk].tokens()

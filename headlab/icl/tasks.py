@@ -41,12 +41,30 @@ class TaskParams:
 
     @classmethod
     def zfb(cls, *, d: int = 5, n: int = 40, cov_diag: tuple[float, ...] | None = None) -> "TaskParams":
-        """Zhang–Frei–Bartlett: w ~ N(0, I), noiseless labels."""
+        """Zhang–Frei–Bartlett: w ~ N(0, I), noiseless labels.
+
+        Args:
+            d: covariate dimension.
+            n: prompt length.
+            cov_diag: the eigenvalues of Λ (None: the identity).
+
+        Returns:
+            The TaskParams.
+        """
         return cls(d=d, n=n, noise_var=0.0, task_var=1.0, cov_diag=cov_diag, query_noise=False)
 
     @classmethod
     def he(cls, *, d: int = 5, n: int = 40, noise_var: float = 0.1) -> "TaskParams":
-        """He et al.: x ~ N(0, I), β ~ N(0, I/d), σ² = 0.1 on context and query labels."""
+        """He et al.: x ~ N(0, I), β ~ N(0, I/d), σ² = 0.1 on context and query labels.
+
+        Args:
+            d: covariate dimension.
+            n: prompt length.
+            noise_var: σ².
+
+        Returns:
+            The TaskParams.
+        """
         return cls(d=d, n=n, noise_var=noise_var, task_var=1.0 / d, cov_diag=None, query_noise=True)
 
     @property
@@ -55,12 +73,12 @@ class TaskParams:
         return self.d + 1
 
     def cov(self) -> torch.Tensor:
-        """Λ as a float64 `[d, d]` matrix."""
+        """Returns Λ as a float64 `[d, d]` matrix."""
         diag = torch.ones(self.d) if self.cov_diag is None else torch.tensor(self.cov_diag)
         return torch.diag(diag.double())
 
     def ridge_penalty(self) -> float:
-        """σ²/τ², the penalty that makes ridge the Bayes posterior mean."""
+        """Returns σ²/τ², the penalty that makes ridge the Bayes posterior mean."""
         return self.noise_var / self.task_var
 
 
@@ -106,10 +124,11 @@ class Prompts:
 
     @property
     def n(self) -> int:
+        """N, the prompt length."""
         return self.x.shape[1]
 
     def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context tokens Z `[B, N, D]` with z_i = [x_i; y_i] and the query token z_q `[B, D]` = [x_q; 0]."""
+        """Returns (Z `[B, N, D]` with z_i = [x_i; y_i], the query token z_q `[B, D]` = [x_q; 0])."""
         z = torch.cat([self.x, self.y[..., None]], dim=-1)
         zq = torch.cat([self.xq, torch.zeros_like(self.xq[:, :1])], dim=-1)
         return z, zq
@@ -126,7 +145,15 @@ def sample(task: TaskParams, batch: int, *, n: int | None = None, shift: Shift |
     """Draw `batch` prompts of length `n` (default task.n), optionally shifted, in float32.
 
     Args:
+        task: the prompt distribution.
+        batch: how many prompts.
+        n: the prompt length (default: task.n).
+        shift: a test-time shift (None: none).
         generator: the random source; `seed` makes a fresh one instead.
+        seed: seed of a fresh generator.
+
+    Returns:
+        Prompts: x `[B, N, d]`, y `[B, N]`, xq `[B, d]`, yq `[B]`, w `[B, d]`.
     """
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)

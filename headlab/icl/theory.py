@@ -26,7 +26,16 @@ from headlab.icl.tasks import TaskParams
 
 def gamma(task: TaskParams, *, n: int | None = None,
           variant: Literal["paper", "no_1_over_n"] = "paper") -> torch.Tensor:
-    """Γ `[d, d]` (float64) at prompt length n; "no_1_over_n" drops the (1 + 1/N) factor."""
+    """Γ `[d, d]` (float64) at prompt length n; "no_1_over_n" drops the (1 + 1/N) factor.
+
+    Args:
+        task: the task (its covariance Λ).
+        n: the prompt length N (default: task.n).
+        variant: "paper" (Γ = (1 + 1/N)Λ + tr(Λ)/N·I) or "no_1_over_n" (Λ + tr(Λ)/N·I).
+
+    Returns:
+        Γ, float64 `[d, d]`.
+    """
     n = task.n if n is None else n
     lam = task.cov()
     factor = 1.0 + 1.0 / n if variant == "paper" else 1.0
@@ -38,6 +47,13 @@ def lsa_optimum(task: TaskParams, *, variant: Literal["paper", "no_1_over_n"] = 
 
     Γ⁻¹ for ZFB's noiseless task; with noise (our derivation, not the theorem's)
     (Γ + σ²/(τ²N)·I)⁻¹.
+
+    Args:
+        task: the task.
+        variant: Γ's variant (see `gamma`).
+
+    Returns:
+        float64 `[d, d]`.
     """
     g = gamma(task, variant=variant)
     g = g + task.noise_var / (task.task_var * task.n) * torch.eye(task.d, dtype=g.dtype)
@@ -49,6 +65,14 @@ def lsa_population_loss(u: torch.Tensor, w: torch.Tensor, task: TaskParams) -> t
 
     E[hhᵀ] = τ²ΛΓ + σ²Λ/N and E[hwᵀ] = τ²Λ (Gaussian fourth moments), so the loss is
     ½[u² tr(WΛWᵀ E[hhᵀ]) − 2u tr(ΛWᵀ E[hwᵀ]) + τ² tr Λ (+ σ² if the query is noisy)].
+
+    Args:
+        u: the scalar W^PV_22 (a 0-dim tensor).
+        w: W^KQ_11 `[d, d]`.
+        task: the task.
+
+    Returns:
+        The loss, a 0-dim tensor in w's dtype (differentiable in u and w).
     """
     lam, hh, hw = (m.to(w.dtype) for m in _population_moments(task))
     const = task.task_var * torch.trace(lam) + (task.noise_var if task.query_noise else 0.0)
@@ -70,8 +94,17 @@ def lsa_population_flow(task: TaskParams, u0: float, w0: torch.Tensor, *, dt: fl
     A = E[hhᵀ], B = E[hwᵀ]. dt defaults to a stable step for the problem's stiffness; the flow
     stops when the gradient norm falls below `tol`.
 
-    Returns a dict with u, w (float64), the product u·W `[d, d]`, the time reached, the final
-    gradient norm and the conserved u² − ‖W‖²_F at start and end (the flow keeps it fixed).
+    Args:
+        task: the task.
+        u0: the start of u.
+        w0: the start of W `[d, d]`.
+        dt: the RK4 step (default: stable for the problem's stiffness).
+        max_time: the flow stops at this time at the latest.
+        tol: the flow stops when the gradient norm falls below it.
+
+    Returns:
+        A dict with u, w (float64), the product u·W `[d, d]`, the time reached, the final gradient norm and the
+        conserved u² − ‖W‖²_F at start and end (the flow keeps it fixed).
     """
     lam, a, b = _population_moments(task)
     if dt is None:
@@ -102,7 +135,15 @@ def lsa_population_flow(task: TaskParams, u0: float, w0: torch.Tensor, *, dt: fl
 
 
 def rel_dist(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖_F / ‖b‖_F in float64."""
+    """‖a − b‖_F / ‖b‖_F in float64.
+
+    Args:
+        a: a tensor.
+        b: the reference, a's shape.
+
+    Returns:
+        The relative distance.
+    """
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
 
@@ -115,6 +156,11 @@ def lsa_theory_predict(prompts, task: TaskParams) -> torch.Tensor:
 
 def lsa_check(model, task: TaskParams, probes=None) -> dict[str, float]:
     """How far a trained `LSA` is from Theorem 4.1, and how far the (1+1/N)-less variant is.
+
+    Args:
+        model: a trained LSA.
+        task: the task it was trained on.
+        probes: Prompts on which to compare the predictions (None: no pred_dist).
 
     Returns:
         dist: ‖P − Γ⁻¹‖/‖Γ⁻¹‖ for P = W^PV_22·W^KQ_11.
@@ -143,7 +189,17 @@ def lsa_check(model, task: TaskParams, probes=None) -> dict[str, float]:
 
 
 def head_measures(kq: torch.Tensor, ov: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-head pattern measures from KQ `[..., H, D, D]` and OV `[..., H, D]`, each `[..., H]`."""
+    """Per-head pattern measures from KQ `[..., H, D, D]` and OV `[..., H, D]`, each `[..., H]`.
+
+    Args:
+        kq: KQ_h `[..., H, D, D]` (e.g. stacked over checkpoints).
+        ov: OV_h `[..., H, D]`.
+
+    Returns:
+        {"omega": mean diagonal of KQ's x block / √D, "mu": OV's last entry, "kq_identity": how close KQ's
+        functional columns are to a multiple of the identity (1 = exactly), "kq_diag": their diagonal share,
+        "ov_last": OV's last-entry share of its squared norm}, float32 `[..., H]` each.
+    """
     dim = kq.shape[-1]
     d = dim - 1
     kq, ov = kq.double(), ov.double()
@@ -169,6 +225,14 @@ def pattern_summary(kq: torch.Tensor, ov: torch.Tensor, *, active_frac: float = 
     weighted by |ω_h μ_h|; sign_agree is the share of active heads with sign ω = sign μ;
     dgd_step = Σ_h ω_h μ_h and bias = Σ_h μ_h are the first-order expansion's debiased-GD step
     and its leftover mean-label weight.
+
+    Args:
+        kq: KQ_h `[H, D, D]`.
+        ov: OV_h `[H, D]`.
+        active_frac: the activity threshold relative to the largest |ω_h μ_h|.
+
+    Returns:
+        {"heads", "active", "kq_identity", "ov_last", "zero_sum" (|Σμ| / Σ|μ|), "sign_agree", "dgd_step", "bias"}.
     """
     m = head_measures(kq, ov)
     omega, mu = m["omega"].double(), m["mu"].double()

@@ -69,15 +69,32 @@ class TrainParams:
     seed: int = 0
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of step `step` (0-based)."""
+        """The learning rate of step `step` (0-based).
+
+        Args:
+            step: the step.
+
+        Returns:
+            `lr`, or its cosine decay at `step / steps`.
+        """
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
         return self.lr
 
     @classmethod
     def for_kind(cls, kind: Kind, **changes) -> "TrainParams":
-        """The defaults for a model kind: ZFB's LSA gets SGD (a discretised flow) on ½MSE with a cosine
-        decay and large batches, so that its product settles to ~0.2%; the heads get He et al.'s Adam 1e-3."""
+        """The defaults for a model kind.
+
+        ZFB's LSA gets SGD (a discretised flow) on ½MSE with a cosine decay and large batches, so that its product
+        settles to ~0.2%; the heads get He et al.'s Adam 1e-3.
+
+        Args:
+            kind: "lsa", "softmax", "linear" or "linear_mean".
+            changes: fields to override.
+
+        Returns:
+            The TrainParams.
+        """
         if kind == "lsa":
             base = dict(steps=2000, batch=4096, lr=0.05, optimizer="sgd", schedule="cosine", loss="half_mse",
                         checkpoint_every=100)
@@ -92,6 +109,10 @@ class ICLRun:
     """A trained model with its settings and its history over checkpoints.
 
     Attributes:
+        task: the prompt distribution.
+        model_params: the model's settings.
+        train_params: the training settings.
+        model: the trained LSA or HeadAttention.
         history: `steps` [C], `train_mse` [C] (NaN at step 0), `eval_mse` [C], `eval_clean_mse` [C],
             `kq` [C, H, D, D], `ov` [C, H, D], `probe_pred` [C, P].
         probes: the fixed probe prompts (P of them).
@@ -108,14 +129,25 @@ class ICLRun:
 
     @property
     def step(self) -> int:
+        """The step of the last checkpoint (0 before any)."""
         return int(self.history["steps"][-1]) if len(self.history["steps"]) else 0
 
     def settings(self) -> dict:
-        """The three params dataclasses as one JSON-ready dict."""
+        """The three params dataclasses as one JSON-ready dict.
+
+        Returns:
+            {"task", "model", "train"}.
+        """
         return {"task": dataclasses.asdict(self.task), "model": dataclasses.asdict(self.model_params),
                 "train": dataclasses.asdict(self.train_params)}
 
     def to_json(self) -> dict:
+        """The run as `run.json` holds it.
+
+        Returns:
+            {"analysis", "model", "task", "model", "train", "meta", "history" (the scalar curves), "patterns"
+            (`pattern_summary` at the last checkpoint)}.
+        """
         from headlab.icl.theory import pattern_summary
 
         scalars = {k: [None if math.isnan(v) else v for v in self.history[k].tolist()]
@@ -125,7 +157,15 @@ class ICLRun:
                 "meta": self.meta, "history": scalars, "patterns": final}
 
     def save(self, folder: str | Path, optimizer: torch.optim.Optimizer | None = None) -> Path:
-        """Write `checkpoint.safetensors` (atomically) and `run.json` into `folder`; returns it."""
+        """Write `checkpoint.safetensors` (atomically) and `run.json` into `folder`.
+
+        Args:
+            folder: the folder (created if needed).
+            optimizer: its state is saved too, so that `train` resumes exactly.
+
+        Returns:
+            The folder, as a Path.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
@@ -144,7 +184,14 @@ class ICLRun:
 
     @classmethod
     def load(cls, folder: str | Path) -> "ICLRun":
-        """The run saved in `folder` (its model rebuilt and loaded)."""
+        """The run saved in `folder` (its model rebuilt and loaded).
+
+        Args:
+            folder: a folder `save` wrote.
+
+        Returns:
+            The ICLRun.
+        """
         run, _ = _load(Path(folder))
         return run
 
@@ -211,9 +258,18 @@ def train(task: TaskParams, model_params: ModelParams, train_params: TrainParams
     """Train (or, with `out` holding a checkpoint of the same settings, continue training) a model.
 
     Args:
+        task: the prompt distribution.
+        model_params: which model and its initialisation.
+        train_params: optimisation and recording settings.
         out: folder for checkpoints; None keeps everything in memory.
         progress: show a tqdm bar.
         stop_after: stop at the first checkpoint at or after this step (an interruption, for tests).
+
+    Returns:
+        The ICLRun with its history over checkpoints.
+
+    Raises:
+        CheckpointMismatchError: `out` holds a run with other settings (or one already past `train_params.steps`).
     """
     out = Path(out) if out is not None else None
     evals, probes = _eval_sets(task, train_params)

@@ -5,7 +5,8 @@
 
 One recipe for all (`TwinParams.for_task("mqar", kind, short_conv=4, hidden=...)`, as the no-conv rows but for the
 convolution); models already here (with run.json) are skipped, so a rerun resumes. The narrow models first, so every
-kind has one point before the wide ones start. Rewrites summary.json / README.md after each model.
+kind has one point before the wide ones start; BASED last within a width (its 1 + d + d² Taylor features make it by
+far the slowest on a CPU). Rewrites summary.json / README.md after each model.
 """
 
 import sys
@@ -22,8 +23,9 @@ HIDDENS = (64, 128)
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out = sys.argv[1] if len(sys.argv) > 1 else "data/mqar-twins"
+    kinds = [k for k in STACKS if k != "based"] + ["based"]
     for hidden in HIDDENS:
-        for kind in STACKS:
+        for kind in kinds:
             t0 = time.time()
             print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC start {kind} conv{KERNEL} h{hidden}", flush=True)
             summary = train_mqar_twins(out, kinds=[kind], hiddens=[hidden], short_conv=KERNEL, threads=1,

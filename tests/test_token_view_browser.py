@@ -16,8 +16,7 @@ import torch
 
 import headlab as hl
 from headlab.explore import Explorer, ExplorerSettings, load_app_module
-from headlab.viz.html import token_stats_view
-from headlab_kernels.head_stats import head_stats
+from headlab.paths import MQAR_TWINS_DIR
 from test_explorer_browser import ARTIFACTS, CHROMIUM, FLAGS, TIMEOUT, _free_port
 from test_token_view import HOSTILE, PROMPT
 
@@ -103,21 +102,22 @@ def test_hostile_tokens_render_as_text(browser, tmp_path):
 
 
 def test_8k_token_statistics_page(browser, tmp_path):
-    """8192 tokens through streaming statistics (the chunked torch kernel): no 8192² matrix in the page."""
+    """8192 tokens through a model's streaming statistics (the MQAR softmax twin: rotary positions, no length limit):
+    the page carries per-token statistics and top-8 keys, never the 8192² matrix, and shows the StatsRun's values."""
+    m = hl.load(str(MQAR_TWINS_DIR / "softmax-h64"), device="cpu")
     torch.manual_seed(0)
-    n, heads, k = 8192, 2, 8
-    q, kk = torch.randn(1, heads, n, 16), torch.randn(1, heads, n, 16)
-    st = head_stats(q, kk, scale=0.25, causal=True, topk=k, impl="torch")
-    tokens = [f"t{i}" for i in range(n)]
-    view = token_stats_view(tokens, entropy=st.entropy[0], received=st.received[0], n_visible=st.n_visible[0],
-                            topk_idx=st.topk_idx[0], topk_weight=st.topk_weight[0], labels=["L0H0", "L0H1"])
+    n, k = 8192, 8
+    run = m.stats(torch.randint(1, m.vocab_size, (1, n)), layers=[0], topk=k)
+    st = run.layers[0]
+    view = run.token_view()
     path = view.save(tmp_path / "long.html")
-    assert view.nbytes < 4_000_000, view.nbytes  # a dense view would be 2 x 8192² / 2 cells
+    assert view.nbytes < 4_000_000, view.nbytes  # dense: 4 heads x 8192² / 2 weights, over 160 MB at 2 bytes each
     page, errors = _page(browser)
     start = time.perf_counter()
     page.goto(path.as_uri())
-    page.wait_for_selector(".hlv-tok >> nth=8191")
+    page.wait_for_selector(f".hlv-tok >> nth={n - 1}")
     render_s = time.perf_counter() - start
+    assert page.locator(".hlv-card").count() == m.n_heads
     i = 5000
     page.locator(".hlv-tok").nth(i).click()
     shown = _shown(page)

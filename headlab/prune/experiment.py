@@ -157,13 +157,33 @@ def slug(name: str) -> str:
 
 
 def removed_heads(ranking: HeadScores, fraction: float) -> list[HeadRef]:
-    """The heads a pruning experiment removes at `fraction` for one ranking: the first round(fraction · L · H) of
-    `prune_order` (least important first). `prune_experiment`, `PruneResults.mask` and `--save-model` use it."""
+    """The heads a pruning experiment removes at `fraction` for one ranking.
+
+    The first round(fraction · L · H) of `prune_order` (least important first); `prune_experiment`,
+    `PruneResults.mask` and `--save-model` all use it.
+
+    Args:
+        ranking: a ranker's HeadScores (primary map: importance `[L, H]`).
+        fraction: the share of all heads removed, in [0, 1].
+
+    Returns:
+        The removed heads, least important first.
+
+    Raises:
+        HeadlabError: `fraction` lies outside [0, 1].
+    """
     return prune_order(ranking.scores)[:n_to_remove(fraction, ranking.scores.numel())]
 
 
 def prune_edits(heads: list[HeadRef]) -> list:
-    """The edits that remove `heads` in a pruning experiment: zero ablation of each (open with `edit`)."""
+    """The edits that remove `heads` in a pruning experiment: zero ablation of each (open with `edit`).
+
+    Args:
+        heads: the heads to remove.
+
+    Returns:
+        One zero `Ablate` per head.
+    """
     return ablate(heads)
 
 

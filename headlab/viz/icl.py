@@ -79,8 +79,20 @@ def weights_over_training(run, *, title: str | None = None) -> go.Figure:
 
 def weights_at(kq, ov, *, step: int, title: str | None = None, kq_max: float | None = None,
                ov_max: float | None = None) -> go.Figure:
-    """Every head's KQ `[D, D]` (top) and OV `[D]` (bottom) at one checkpoint (`kq` `[H, D, D]`, `ov` `[H, D]`);
-    `kq_max` / `ov_max` fix the colour ranges (e.g. to the whole run's, so checkpoints compare)."""
+    """Every head's KQ `[D, D]` (top) and OV `[D]` (bottom) at one checkpoint, as heatmaps.
+
+    Args:
+        kq: the checkpoint's KQ matrices `[H, D, D]` (an ICLRun's `history["kq"][c]`).
+        ov: the checkpoint's OV vectors `[H, D]`.
+        step: the training step of the checkpoint (in the default title).
+        title: the figure's title (default: "KQ and OV at step N").
+        kq_max: the KQ colour range ±kq_max (default: this checkpoint's largest |KQ|; pass the whole run's so
+            checkpoints compare).
+        ov_max: the same for OV.
+
+    Returns:
+        A plotly figure: KQ heatmaps in the top row, OV strips below, one column per head.
+    """
     n_heads, dim = kq.shape[0], kq.shape[-1]
     labels = [f"x{i}" for i in range(dim - 1)] + ["y"]
     kq_max = float(kq.abs().max()) if kq_max is None else kq_max

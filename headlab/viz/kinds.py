@@ -98,8 +98,17 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
 
 
 def loss_curves(curves: dict[str, Sequence[Sequence[float]]], *, title: str = "training loss") -> go.Figure:
-    """One training-loss line per model: `curves` maps a name to (step, loss) pairs (a twin's run.json `curve`);
-    coloured by the attention kind its name names, dashed for a second model of the same kind."""
+    """Training loss against step, one line per model, coloured by the attention kind its name names.
+
+    A second model of the same kind is dashed.
+
+    Args:
+        curves: model name → (step, loss) pairs (a twin's run.json `curve`).
+        title: the figure's title.
+
+    Returns:
+        A plotly figure of training loss against step.
+    """
     fig = go.Figure()
     seen: dict[str | None, int] = {}
     for name, curve in curves.items():

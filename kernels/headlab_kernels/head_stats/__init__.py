@@ -29,8 +29,8 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
     """Per-query, per-set and per-key statistics of softmax(scale · q kᵀ) over the visible keys.
 
     Args:
-        q: `[B, Hq, T, D]`; k: `[B, Hkv, S, D]` with Hq a multiple of Hkv (query head h reads kv head
-            h // (Hq // Hkv)). Any float dtype; the math is float32.
+        q: `[B, Hq, T, D]`, any float dtype; the math is float32.
+        k: `[B, Hkv, S, D]` with Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
         scale: the softmax scale applied to q·k.
         causal: query i sees keys j <= i + S - T (bottom-right aligned when S > T).
         mask: bool `[B|1, 1, T, S]`, True = may attend (an additive float mask is accepted too). It is
@@ -45,9 +45,14 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
         impl: "auto" (Triton on CUDA tensors, the torch reference elsewhere), "triton" (on CPU tensors it
             needs TRITON_INTERPRET=1 set before triton is first imported) or "torch" (the chunked torch
             reference; "reference" is accepted too: the vocabulary of `headlab_kernels.linear_attention`).
+
     Returns:
         HeadStats: topk_idx / topk_weight `[B, Hq, T, topk]`, lse / entropy `[B, Hq, T]`,
         set_mass `[B, Hq, T, K]`, received `[B, Hq, S]`, n_visible `[B, S]`.
+
+    Raises:
+        ValueError: inputs of the wrong shapes or dtypes, or an unknown impl.
+        RuntimeError: impl="triton" on CPU tensors without TRITON_INTERPRET=1.
     """
     impl = resolve_impl(impl, q)
     kwargs = dict(scale=scale, causal=causal, mask=mask, key_mask=key_mask, query_mask=query_mask,
@@ -62,7 +67,18 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, 
 
 
 def resolve_impl(impl: str, q: torch.Tensor) -> Literal["triton", "reference"]:
-    """The implementation `head_stats(..., impl=impl)` runs for queries `q`: "triton" or "reference"."""
+    """The implementation `head_stats(..., impl=impl)` runs for queries `q`: "triton" or "reference".
+
+    Args:
+        impl: "auto", "triton", "torch" or "reference".
+        q: the queries (their device decides "auto").
+
+    Returns:
+        "triton" (for "auto": CUDA tensors with triton importable) or "reference".
+
+    Raises:
+        ValueError: an unknown impl.
+    """
     if impl not in ("auto", "triton", "torch", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch' ('reference'); got {impl!r}")
     if impl == "auto":

@@ -46,6 +46,12 @@ class HeadStats:
 
         Keys seen by fewer than `min_visible` queries get NaN: at the tail of a causal sequence the
         mean runs over too few rows to mean anything (ACT's tail caveat).
+
+        Args:
+            min_visible: the fewest queries a key must be visible to (at least 1).
+
+        Returns:
+            float32 `[B, H, S]`: received / n_visible, NaN where too few queries see the key.
         """
         nv = self.n_visible[:, None, :]
         return torch.where(nv >= max(min_visible, 1), self.received / nv.clamp_min(1.0),

@@ -24,7 +24,8 @@ def head_stats_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float, caus
     """Statistics of softmax(scale · q kᵀ) over the visible keys, one block of queries at a time.
 
     Args:
-        q: `[B, Hq, T, D]`; k: `[B, Hkv, S, D]`, Hq a multiple of Hkv (any float dtype; math in float32).
+        q: `[B, Hq, T, D]` (any float dtype; math in float32).
+        k: `[B, Hkv, S, D]`, Hq a multiple of Hkv.
         scale: the softmax scale applied to q·k.
         causal: query i sees keys j <= i + S - T (bottom-right aligned when S > T).
         mask: bool `[B|1, 1, T, S]` (True = may attend), intersected with `causal` and the other masks.
@@ -33,6 +34,7 @@ def head_stats_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float, caus
         key_sets: bool `[K, B|1, S]`, or a dict name -> bool `[B, S]`.
         topk: how many top keys to report per query.
         block_q: queries per block.
+
     Returns:
         HeadStats (see its docstring for shapes).
     """

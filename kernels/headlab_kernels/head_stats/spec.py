@@ -24,7 +24,8 @@ def head_stats_materialised(q, k, *, scale, causal, topk, mask=None, key_mask=No
     separate `query_mask` argument here).
 
     Args:
-        q: `[B, Hq, T, D]`; k: `[B, Hkv, S, D]`, Hq a multiple of Hkv (grouped-query heads).
+        q: `[B, Hq, T, D]`.
+        k: `[B, Hkv, S, D]`, Hq a multiple of Hkv (grouped-query heads).
         scale: the softmax scale applied to q·k.
         causal: bottom-right aligned causal visibility.
         topk: how many top keys the caller compares (one more is returned, to tell ties apart).

@@ -39,21 +39,24 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, norma
                      eps: float = 1e-6, impl: Impl = "auto", chunk: int | None = None) -> torch.Tensor:
     """Causal linear attention: o_t = q_tᵀ S_t / (q_t·z_t + eps), S_t = Σ_{j<=t} k_j v_jᵀ, z_t = Σ_{j<=t} k_j.
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`, feature-mapped (with normalize=True, keep q·k > 0).
-    v : `[B, H, T, D]`.
-    normalize : divide by q_t·z_t + eps (False: o_t = q_tᵀ S_t).
-    eps : added to the normaliser.
-    impl : "auto" (Triton on CUDA tensors when triton imports and F <= 128, torch chunked elsewhere),
-        "triton" (on CPU tensors it needs TRITON_INTERPRET=1 set before triton is first imported) or
-        "torch" (the chunked reference; "reference" is accepted too).
-    chunk : rows per chunk (default 64).
+    Args:
+        q: `[B, H, T, F]`, feature-mapped (with normalize=True, keep q·k > 0).
+        k: `[B, H, T, F]`, feature-mapped.
+        v: `[B, H, T, D]`.
+        normalize: divide by q_t·z_t + eps (False: o_t = q_tᵀ S_t).
+        eps: added to the normaliser.
+        impl: "auto" (Triton on CUDA tensors when triton imports and F <= 128, torch chunked elsewhere),
+            "triton" (on CPU tensors it needs TRITON_INTERPRET=1 set before triton is first imported) or
+            "torch" (the chunked reference; "reference" is accepted too).
+        chunk: rows per chunk (default 64).
 
-    Returns
-    -------
-    float32 `[B, H, T, D]`; differentiable either way (the Triton path's backward is the torch
-    chunked reference's).
+    Returns:
+        float32 `[B, H, T, D]`; differentiable either way (the Triton path's backward is the torch
+        chunked reference's).
+
+    Raises:
+        ValueError: inputs that are not `[B, H, T, F]` / `[B, H, T, D]` tensors of matching sizes, or an unknown impl.
+        RuntimeError: impl="triton" without the triton package, or on CPU tensors without TRITON_INTERPRET=1.
     """
     check_qkv(q, k, v)
     if _resolve(impl, q) == "torch":
@@ -67,17 +70,20 @@ def gla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   chunk: int | None = None) -> torch.Tensor:
     """Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t (no normaliser).
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`.
-    v : `[B, H, T, D]`.
-    g : `[B, H, T, F]`, log decays (<= 0), e.g. logsigmoid of a gate.
-    impl : as in `linear_attention`.
-    chunk : rows per chunk (default 32 for Triton, 64 for torch).
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        v: `[B, H, T, D]`.
+        g: `[B, H, T, F]`, log decays (<= 0), e.g. logsigmoid of a gate.
+        impl: as in `linear_attention`.
+        chunk: rows per chunk (default 32 for Triton, 64 for torch).
 
-    Returns
-    -------
-    float32 `[B, H, T, D]`.
+    Returns:
+        float32 `[B, H, T, D]`.
+
+    Raises:
+        ValueError: inputs of the wrong shapes (g must match q), or an unknown impl.
+        RuntimeError: impl="triton" without the triton package, or on CPU tensors without TRITON_INTERPRET=1.
     """
     check_qkv(q, k, v)
     check_g(g, q)
@@ -92,18 +98,21 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
                     impl: Impl = "auto", chunk: int = 64) -> torch.Tensor:
     """The delta rule (DeltaNet): S_t = S_{t-1}(I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t.
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]` (k normally L2-normalised by the caller).
-    v : `[B, H, T, D]`.
-    beta : `[B, H, T]`, write strengths in (0, 1).
-    impl : "auto" or "torch" (the chunked WY form); there is no Triton delta-rule kernel, so
-        "triton" raises.
-    chunk : rows per chunk.
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]` (normally L2-normalised by the caller).
+        v: `[B, H, T, D]`.
+        beta: `[B, H, T]`, write strengths in (0, 1).
+        impl: "auto" or "torch" (the chunked WY form); there is no Triton delta-rule kernel, so
+            "triton" raises.
+        chunk: rows per chunk.
 
-    Returns
-    -------
-    float32 `[B, H, T, D]`.
+    Returns:
+        float32 `[B, H, T, D]`.
+
+    Raises:
+        ValueError: inputs of the wrong shapes (beta `[B, H, T]`), or an unknown impl.
+        NotImplementedError: impl="triton" (there is no Triton delta-rule kernel).
     """
     check_qkv(q, k, v)
     check_beta(beta, q)

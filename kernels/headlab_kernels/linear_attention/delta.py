@@ -37,17 +37,16 @@ def delta_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
                     initial_state: torch.Tensor | None = None, return_state: bool = False):
     """The delta rule by its definition: S_t = S_{t-1}(I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t.
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]` (k normally L2-normalised by the caller, so the update is a contraction).
-    v : `[B, H, T, D]`.
-    beta : `[B, H, T]`, write strengths in (0, 1).
-    initial_state : optional S0 `[B, H, D, F]` (note: values × keys).
-    return_state : also return S_T.
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]` (normally L2-normalised by the caller, so the update is a contraction).
+        v: `[B, H, T, D]`.
+        beta: `[B, H, T]`, write strengths in (0, 1).
+        initial_state: optional S0 `[B, H, D, F]` (note: values × keys).
+        return_state: also return S_T.
 
-    Returns
-    -------
-    o : float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, D, F]`).
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, D, F]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_beta(beta, q)
@@ -88,7 +87,17 @@ def delta_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     """The delta rule through the WY / triangular form over the whole sequence (O(T²) memory, one solve).
 
     U = (I + strict_tril(diag(β) K Kᵀ))⁻¹ diag(β) V (torch.linalg.solve_triangular), O = tril(Q Kᵀ) U.
-    Arguments and result as in `delta_recurrent`.
+
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]` (normally L2-normalised by the caller, so the update is a contraction).
+        v: `[B, H, T, D]`.
+        beta: `[B, H, T]`, write strengths in (0, 1).
+        initial_state: optional S0 `[B, H, D, F]` (note: values × keys).
+        return_state: also return S_T.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, D, F]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_beta(beta, q)
@@ -105,7 +114,18 @@ def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
     For a chunk with keys K, queries Q, values V, strengths β and incoming state S:
     U = (I + strict_tril(diag(β) K Kᵀ))⁻¹ diag(β) (V - K Sᵀ), O = Q Sᵀ + tril(Q Kᵀ) U, S ← S + Uᵀ K.
-    Arguments and result as in `delta_recurrent`.
+
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]` (normally L2-normalised by the caller, so the update is a contraction).
+        v: `[B, H, T, D]`.
+        beta: `[B, H, T]`, write strengths in (0, 1).
+        chunk: rows per chunk (the last chunk may be shorter).
+        initial_state: optional S0 `[B, H, D, F]` (note: values × keys).
+        return_state: also return S_T.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, D, F]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_beta(beta, q)
@@ -130,15 +150,14 @@ def delta_pattern(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, *, rows:
     `rows` the triangular solve runs on the leading `hi × hi` block (hi = last selected row + 1);
     that solve is `[hi, hi]` whatever the number of rows.
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`.
-    beta : `[B, H, T]`.
-    rows : optional slice of query rows.
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        beta: `[B, H, T]`.
+        rows: optional slice of query rows.
 
-    Returns
-    -------
-    float32 `[B, H, n_rows, T]`, zero above the diagonal.
+    Returns:
+        float32 `[B, H, n_rows, T]`, zero above the diagonal.
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, H, T, F] of one shape; got {tuple(q.shape)}, {tuple(k.shape)}")

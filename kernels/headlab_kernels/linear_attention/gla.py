@@ -36,18 +36,17 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   initial_state: torch.Tensor | None = None, return_state: bool = False):
     """Gated linear attention by its definition: S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t.
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`.
-    v : `[B, H, T, D]`.
-    g : `[B, H, T, F]`, per-step per-feature log decay (<= 0; larger values are allowed but then
-        states grow without bound).
-    initial_state : optional S0 `[B, H, F, D]`.
-    return_state : also return S_T.
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        v: `[B, H, T, D]`.
+        g: `[B, H, T, F]`, per-step per-feature log decay (<= 0; larger values are allowed but then
+            states grow without bound).
+        initial_state: optional S0 `[B, H, F, D]`.
+        return_state: also return S_T.
 
-    Returns
-    -------
-    o : float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, F, D]`).
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, F, D]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_g(g, q)
@@ -76,15 +75,15 @@ def gla_pattern(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, *, rows: slic
     underflows to 0, and the true entry is then smaller still. Entries above the diagonal are
     masked before exp(), so gradients stay finite.
 
-    Parameters
-    ----------
-    q, k, g : `[B, H, T, F]`.
-    rows : optional slice of query rows (only they are computed).
-    block : query rows per step.
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        g: `[B, H, T, F]`.
+        rows: optional slice of query rows (only they are computed).
+        block: query rows per step.
 
-    Returns
-    -------
-    float32 `[B, H, n_rows, T]`, zero above the diagonal.
+    Returns:
+        float32 `[B, H, n_rows, T]`, zero above the diagonal.
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, H, T, F] of one shape; got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -119,8 +118,19 @@ def gla_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  initial_state: torch.Tensor | None = None, return_state: bool = False):
     """GLA through its `[T, T]` pattern (`gla_pattern`: O(T²·F) work, O(T²) memory for the pattern).
 
-    o = P v (+ (q ⊙ exp(G)) S0 with an initial state). Arguments and result as in `gla_recurrent`;
-    numerical range as in `gla_pattern` (no overflow for any T when g <= 0).
+    o = P v (+ (q ⊙ exp(G)) S0 with an initial state); numerical range as in `gla_pattern` (no overflow for any
+    T when g <= 0).
+
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        v: `[B, H, T, D]`.
+        g: `[B, H, T, F]`, per-step per-feature log decay (<= 0).
+        initial_state: optional S0 `[B, H, F, D]`.
+        return_state: also return S_T.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, F, D]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_g(g, q)
@@ -151,7 +161,18 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         S_next = diag(exp(b_last)) S_prev + Σ_j (k_j ⊙ exp(b_last - b_j)) v_jᵀ.
     Every exponent is <= 0 when g <= 0, so nothing overflows; the intra-chunk scores go through the
     explicit `[chunk, chunk, F]` decay product (peak memory B·H·chunk²·F floats).
-    Arguments and result as in `gla_recurrent`.
+
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        v: `[B, H, T, D]`.
+        g: `[B, H, T, F]`, per-step per-feature log decay (<= 0).
+        chunk: rows per chunk (the last chunk may be shorter).
+        initial_state: optional S0 `[B, H, F, D]`.
+        return_state: also return S_T.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, S_T `[B, H, F, D]`).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_g(g, q)

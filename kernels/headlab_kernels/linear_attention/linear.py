@@ -44,18 +44,17 @@ def linear_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, norma
                      return_state: bool = False):
     """Causal linear attention by its definition, one step at a time (the spec; O(T) python steps).
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`, feature-mapped (for normalize=True keep q·k > 0, e.g. elu+1 features).
-    v : `[B, H, T, D]`.
-    normalize : divide q_tᵀ S_t by q_t · z_t + eps.
-    eps : added to the normaliser.
-    initial_state : optional (S0 `[B, H, F, D]`, z0 `[B, H, F]` or None), the state before step 0.
-    return_state : also return the final state.
+    Args:
+        q: `[B, H, T, F]`, feature-mapped (for normalize=True keep q·k > 0, e.g. elu+1 features).
+        k: `[B, H, T, F]`, feature-mapped.
+        v: `[B, H, T, D]`.
+        normalize: divide q_tᵀ S_t by q_t · z_t + eps.
+        eps: added to the normaliser.
+        initial_state: optional (S0 `[B, H, F, D]`, z0 `[B, H, F]` or None), the state before step 0.
+        return_state: also return the final state.
 
-    Returns
-    -------
-    o : float32 `[B, H, T, D]`; with return_state, (o, (S_T `[B, H, F, D]`, z_T `[B, H, F]`)).
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, (S_T `[B, H, F, D]`, z_T `[B, H, F]`)).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     q, k, v = q.to(f32), k.to(f32), v.to(f32)
@@ -81,7 +80,18 @@ def linear_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normal
     """Causal linear attention through the materialised `[T, T]` matrix A = tril(q kᵀ) (O(T²) memory).
 
     o = A v / (rowsum(A) + eps) when normalize, else A v (an initial state adds q S0 and q·z0).
-    Arguments and result as in `linear_recurrent`.
+
+    Args:
+        q: `[B, H, T, F]`, feature-mapped (for normalize=True keep q·k > 0, e.g. elu+1 features).
+        k: `[B, H, T, F]`, feature-mapped.
+        v: `[B, H, T, D]`.
+        normalize: divide q_tᵀ S_t by q_t · z_t + eps.
+        eps: added to the normaliser.
+        initial_state: optional (S0 `[B, H, F, D]`, z0 `[B, H, F]` or None), the state before step 0.
+        return_state: also return the final state.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, (S_T `[B, H, F, D]`, z_T `[B, H, F]`)).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     q, k, v = q.to(f32), k.to(f32), v.to(f32)
@@ -107,7 +117,20 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normali
                    return_state: bool = False):
     """Causal linear attention chunk by chunk: tril(q kᵀ) inside a chunk, the state (S, z) across chunks.
 
-    O(T·chunk) memory; the last chunk may be shorter. Arguments and result as in `linear_recurrent`.
+    O(T·chunk) memory.
+
+    Args:
+        q: `[B, H, T, F]`, feature-mapped (for normalize=True keep q·k > 0, e.g. elu+1 features).
+        k: `[B, H, T, F]`, feature-mapped.
+        v: `[B, H, T, D]`.
+        normalize: divide q_tᵀ S_t by q_t · z_t + eps.
+        eps: added to the normaliser.
+        chunk: rows per chunk (the last chunk may be shorter).
+        initial_state: optional (S0 `[B, H, F, D]`, z0 `[B, H, F]` or None), the state before step 0.
+        return_state: also return the final state.
+
+    Returns:
+        float32 `[B, H, T, D]`; with return_state, (o, (S_T `[B, H, F, D]`, z_T `[B, H, F]`)).
     """
     B, H, T, F, D = check_qkv(q, k, v)
     check_chunk(chunk)
@@ -134,15 +157,15 @@ def linear_pattern(q: torch.Tensor, k: torch.Tensor, *, normalize: bool = True, 
                    rows: slice | None = None) -> torch.Tensor:
     """The implicit attention pattern of causal linear attention: P with o = P @ v (no initial state).
 
-    Parameters
-    ----------
-    q, k : `[B, H, T, F]`.
-    normalize, eps : as in `linear_recurrent` (P_ij = q_i·k_j / (Σ_{j'<=i} q_i·k_j' + eps)).
-    rows : optional slice of query rows; only those rows are computed (O(rows·T) memory).
+    Args:
+        q: `[B, H, T, F]`.
+        k: `[B, H, T, F]`.
+        normalize: as in `linear_recurrent` (P_ij = q_i·k_j / (Σ_{j'<=i} q_i·k_j' + eps)).
+        eps: as in `linear_recurrent` (P_ij = q_i·k_j / (Σ_{j'<=i} q_i·k_j' + eps)).
+        rows: optional slice of query rows; only those rows are computed (O(rows·T) memory).
 
-    Returns
-    -------
-    float32 `[B, H, n_rows, T]` (n_rows = T without `rows`), zero above the diagonal.
+    Returns:
+        float32 `[B, H, n_rows, T]` (n_rows = T without `rows`), zero above the diagonal.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be [B, H, T, F] of one shape; got {tuple(q.shape)}, {tuple(k.shape)}")

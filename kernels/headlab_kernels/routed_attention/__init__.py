@@ -39,7 +39,9 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: t
     """Gated causal attention computing only the active (b, h, t) rows (gates != 0).
 
     Args:
-        q: `[B, H, T, D]`; k, v: `[B, G, T, D]` with H % G == 0 (head h reads group h // (H // G)).
+        q: `[B, H, T, D]`.
+        k: `[B, G, T, D]` with H % G == 0 (head h reads group h // (H // G)).
+        v: `[B, G, T, D]`.
         gates: `[B, T, H]`, finite; 0 = head off for that token, any other value scales its output.
         scale: softmax scale (default D ** -0.5).
         key_mask: bool `[B, T]`, False = padding key; a query that sees no real key gets 0.
@@ -64,7 +66,19 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: t
 
 
 def resolve_impl(impl: str, q: torch.Tensor) -> Literal["triton", "torch", "dense"]:
-    """The path `routed_attention(..., impl=impl)` runs for queries `q`: "triton", "torch" or "dense"."""
+    """The path `routed_attention(..., impl=impl)` runs for queries `q`: "triton", "torch" or "dense".
+
+    Args:
+        impl: "auto", "triton", "torch", "reference" or "dense".
+        q: the queries (their device and dtype decide "auto").
+
+    Returns:
+        "triton" (for "auto": non-float64 CUDA tensors with triton importable), "torch" or "dense".
+
+    Raises:
+        ValueError: an unknown impl.
+        RuntimeError: impl="triton" without triton, or on CPU tensors without TRITON_INTERPRET=1.
+    """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be 'auto', 'triton', 'torch' ('reference') or 'dense'; got {impl!r}")
     if impl == "reference":

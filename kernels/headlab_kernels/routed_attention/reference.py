@@ -35,7 +35,9 @@ def dense_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.
     """Causal softmax attention of every head, multiplied by the gates: the definition, O(T²) memory.
 
     Args:
-        q: `[B, H, T, D]`; k, v: `[B, G, T, D]` with H % G == 0 (head h reads group h // (H // G)).
+        q: `[B, H, T, D]`.
+        k: `[B, G, T, D]` with H % G == 0 (head h reads group h // (H // G)).
+        v: `[B, G, T, D]`.
         gates: `[B, T, H]`, 0 = head off for that token (any other value scales the head's output).
         scale: softmax scale (default D ** -0.5).
         key_mask: bool `[B, T]`, False = padding key; a query that sees no real key gets 0.
@@ -68,9 +70,13 @@ def routed_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch
     then the gate multiply and a scatter into a zero `[B, T, H, D]`. Python loops run over batches,
     groups and position blocks (B · G · T / block iterations at most), never over tokens.
 
-    `q`, `k`, `v`, `gates`, `scale` and `key_mask` are as in `dense_gated`.
-
     Args:
+        q: `[B, H, T, D]`.
+        k: `[B, G, T, D]` with H % G == 0 (head h reads group h // (H // G)).
+        v: `[B, G, T, D]`.
+        gates: `[B, T, H]`, 0 = head off for that token (any other value scales the head's output).
+        scale: softmax scale (default D ** -0.5).
+        key_mask: bool `[B, T]`, False = padding key; a query that sees no real key gets 0.
         block: positions per block (a row computes at most `block` - 1 keys beyond its own prefix).
 
     Returns:

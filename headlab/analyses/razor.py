@@ -130,6 +130,14 @@ def echo_induction_scan(model: HeadModel, params: RazorParams = RazorParams(), *
 
     Maps: "echo", "induction" `[L, H]` (primary: induction); "echo_kv", "induction_kv" `[L, G]`;
     "retrieval_kv" `[L, G]` (1.0 for the selected heads). Items: the tokens and per-sequence maps `[B, L, H]`.
+
+    Args:
+        model: the HeadModel to scan.
+        params: block length, repeats, batch, seed, the selection ratios and the head-statistics implementation.
+        progress: show a progress bar.
+
+    Returns:
+        HeadScores (analysis "razor") with the maps and items above; `meta` holds how many KV heads were selected.
     """
     tokens = repeated_random(model, block=params.block, repeats=params.repeats, batch=params.batch, seed=params.seed)
     per_layer: dict[int, list[dict[str, torch.Tensor]]] = {l: [] for l in range(model.n_layers)}

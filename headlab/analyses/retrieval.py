@@ -316,8 +316,22 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
 
     Phase 1 decodes each trial under the baseline (scored) and the KV policies (retrieval KV heads from
     the echo/induction scan); phase 2, under the masking conditions built from phase 1's scores. With
-    `out`, trials go to `out/trials.jsonl` as they finish and a rerun skips them. `make_prompt` builds
-    a trial's prompt (default: `text_prompt` on the KJV needle sets).
+    `out`, trials go to `out/trials.jsonl` as they finish and a rerun skips them.
+
+    Args:
+        model: a causal LM HeadModel.
+        params: the needle grid, decoding, masking test and KV policies (`RetrievalParams`).
+        out: a folder for the trial log and the echo/induction scan (reused by a rerun with the same settings).
+        make_prompt: builds a trial's NeedlePrompt (default: `text_prompt` on the KJV needle sets).
+        progress: show progress bars.
+
+    Returns:
+        A RetrievalReport: retrieval scores (HeadScores), the echo/induction scan, per-trial records and the
+        per-condition summary (recall under masking and KV policies).
+
+    Raises:
+        PromptError: not a causal LM, no tokenizer (with the default prompts), unknown needle sets, or lengths
+            longer than the model's context.
     """
     start = time.perf_counter()
     if not model.causal or not model.is_lm:

@@ -67,19 +67,44 @@ class RazorKV:
         object.__setattr__(self, "full", frozenset((int(l), int(g)) for l, g in self.full))
 
     def cache(self, model) -> "RazorCache":
-        """A real compressed cache with this policy (`headlab.edits.razor_cache.RazorCache`): decode with it instead
-        of the edit to hold only the kept entries in memory (same outputs as the edit with `compress_at` = the
-        prompt's length)."""
+        """A real compressed cache with this policy (`headlab.edits.razor_cache.RazorCache`).
+
+        Decode with it instead of the edit to hold only the kept entries in memory (same outputs as the edit with
+        `compress_at` = the prompt's length).
+
+        Args:
+            model: the HeadModel that will decode with it.
+
+        Returns:
+            An empty RazorCache.
+        """
         from headlab.edits.razor_cache import RazorCache
 
         return RazorCache(model, self)
 
     def window_for(self, n_tokens: int) -> int:
-        """The recent-window length L for a context of n tokens."""
+        """The recent-window length L for a context of n tokens.
+
+        Args:
+            n_tokens: the context length N.
+
+        Returns:
+            max(window, ceil(window_frac · N)).
+        """
         return max(self.window, math.ceil(self.window_frac * n_tokens))
 
     def layer_ops(self, model) -> dict[int, LayerOps]:
-        """One override per layer over the query heads whose KV group is compressed."""
+        """One override per layer over the query heads whose KV group is compressed (what `hl.edit` calls).
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps with one `attend` override}, for layers with a compressed KV group.
+
+        Raises:
+            EditError: `full` names a KV head outside the model.
+        """
         per_group = heads_per_group(model.n_heads, model.n_kv_heads)
         for layer, group in self.full:
             if not (0 <= layer < model.n_layers and 0 <= group < model.n_kv_heads):
@@ -93,7 +118,14 @@ class RazorKV:
         return ops
 
     def dropped(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dropped key range [lo, hi) of each query row at absolute `positions` `[Q]` (hi <= lo: none)."""
+        """The dropped key range [lo, hi) of each query row at absolute `positions` `[Q]` (hi <= lo: none).
+
+        Args:
+            positions: absolute query positions `[Q]`.
+
+        Returns:
+            (lo `[Q]`, hi `[Q]`): keys lo .. hi-1 are dropped (lo = sinks; hi <= lo before compression).
+        """
         lo = torch.full_like(positions, self.sinks)
         if self.compress_at is not None:
             hi = torch.full_like(positions, self.compress_at - self.window_for(self.compress_at))
@@ -109,6 +141,13 @@ class RazorKV:
 
         Computed per KV group (all query heads of the groups involved, then the asked ones are picked),
         so keys and values are never expanded to query heads.
+
+        Args:
+            record: the layer's LayerRecord (q, k, v, visibility, scale).
+            heads: the query heads to compute.
+
+        Returns:
+            (outputs `[B, Q, h, D]` in v's dtype, None: no pattern).
         """
         n_heads, n_groups = record.q.shape[1], record.k.shape[1]
         per = heads_per_group(n_heads, n_groups)
@@ -144,7 +183,14 @@ class RazorKV:
         return out.transpose(1, 2).to(record.v.dtype), None
 
     def kept_tokens(self, n_tokens: int) -> int:
-        """KV entries one compressed KV head holds when the cache has n tokens (compensation token included)."""
+        """KV entries one compressed KV head holds when the cache has n tokens (compensation token included).
+
+        Args:
+            n_tokens: the cache length.
+
+        Returns:
+            The entry count.
+        """
         if self.compress_at is None:
             return self.kept_tokens_at(n_tokens)
         if n_tokens < self.compress_at:  # not compressed yet
@@ -152,15 +198,27 @@ class RazorKV:
         return self.kept_tokens_at(self.compress_at) + (n_tokens - self.compress_at)
 
     def kept_tokens_at(self, n: int) -> int:
-        """KV entries of a compressed head right after compressing a cache of n tokens."""
+        """KV entries of a compressed head right after compressing a cache of n tokens.
+
+        Args:
+            n: the cache length at compression.
+
+        Returns:
+            min(n, sinks + window) plus the compensation token when something was dropped.
+        """
         kept = min(n, self.sinks + self.window_for(n))
         return kept + int(self.compensation and n > kept)
 
     def cache_fraction(self, model, n_tokens: int) -> dict[str, float]:
         """KV entries and bytes kept against the full cache, when the cache holds n tokens.
 
-        Returns kept / full entries (one entry = one key and one value of one KV head at one
-        position), their bytes in the model's dtype, and `fraction` = kept / full.
+        Args:
+            model: the HeadModel (its geometry and dtype).
+            n_tokens: the cache length.
+
+        Returns:
+            {"kept_entries", "full_entries" (one entry = one key and one value of one KV head at one position),
+            "fraction" = kept / full, "kept_bytes", "full_bytes" (in the model's dtype)}.
         """
         n_full = len(self.full)
         total = model.n_layers * model.n_kv_heads
@@ -197,12 +255,26 @@ class DecodeOnly:
     On prefill forwards every head the inner edits touch is recomputed explicitly (`capture.attend`: a
     `[B, h, Q, S]` pattern per head, equal to the backend to float noise). One edit per head: a head's
     ops become separate overrides, so stacking two edits on one head keeps only the last.
+
+    Attributes:
+        edits: the inner edits (Ablate, Scale, RazorKV, ...; not MoH, Add or positional Patch).
     """
 
     edits: tuple = ()
 
     def layer_ops(self, model) -> dict[int, LayerOps]:
-        """The inner edits' ops, each turned into an override that leaves the heads unedited when Q > 1."""
+        """The inner edits' ops, each turned into an override that leaves the heads unedited when Q > 1.
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps of decode-only overrides}.
+
+        Raises:
+            EditError: a MoH, Add or Patch (with positions or per-position values) among the inner edits.
+            HeadIndexError: a head out of range.
+        """
         from headlab.edits.heads import compile_edits
 
         out = {}

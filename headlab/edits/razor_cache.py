@@ -228,9 +228,18 @@ class RazorCache(Cache):
 
     @classmethod
     def from_cache(cls, model: Any, policy: Any, cache: Any) -> "RazorCache":
-        """A RazorCache holding what a prefilled full KV cache (e.g. transformers' DynamicCache) holds; it is
-        compressed at its next update (`compress_at` defaults to the cache's length). The tensors are shared, not
-        copied: pass a copy if the full cache is used again.
+        """A RazorCache holding what a prefilled full KV cache (e.g. transformers' DynamicCache) holds.
+
+        It is compressed at its next update (`compress_at` defaults to the cache's length). The tensors are shared,
+        not copied: pass a copy if the full cache is used again.
+
+        Args:
+            model: the HeadModel the cache serves.
+            policy: the RazorKV policy.
+            cache: the prefilled full cache (per-layer keys and values).
+
+        Returns:
+            The RazorCache.
 
         Raises:
             EditError: the cache has no per-layer keys and values of this model's layers.
@@ -253,6 +262,19 @@ class RazorCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a layer's new keys and values (compressing layers whose prompt is done), as transformers calls it.
+
+        Args:
+            key_states: the new keys `[B, G, Q, D]`.
+            value_states: the new values `[B, G, Q, D]`.
+            layer_idx: the layer.
+            args: passed to the layer's update.
+            kwargs: passed to the layer's update.
+
+        Returns:
+            (keys, values) of every KV head of the layer for this forward's attention (padded to the longest, the key
+            bias attached to the keys).
+        """
         if self.compress_at is None and layer_idx == 0 and self.layers[0].length == 0:
             self.compress_at = key_states.shape[2]  # the first forward's length: compress after the prompt
         for i, layer in enumerate(self.layers):  # layers whose prompt attention is done (every layer but this one)
@@ -264,14 +286,26 @@ class RazorCache(Cache):
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens the cache has seen (held or dropped).
+
+        Args:
+            layer_idx: the layer.
+
+        Returns:
+            The layer's length in tokens.
+        """
         return self.layers[layer_idx].length
 
     def nbytes(self) -> int:
-        """Bytes of keys and values held now, every layer."""
+        """Returns the bytes of keys and values held now, every layer."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def fraction(self) -> dict[str, float]:
-        """KV entries held against a full cache of the same tokens (as `RazorKV.cache_fraction` counts them)."""
+        """KV entries held against a full cache of the same tokens (as `RazorKV.cache_fraction` counts them).
+
+        Returns:
+            {"kept_entries", "full_entries", "fraction" (1.0 for an empty cache)}.
+        """
         layers = self.layers
         n_groups = len(layers[0].full) + len(layers[0].compressed)
         full = sum(n_groups * layer.length for layer in layers)

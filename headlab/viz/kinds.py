@@ -21,6 +21,11 @@ def metric_by_model(table: Sequence[dict[str, Any]], metric: str, *, title: str 
 
     Args:
         table: rows with model, layer, head, kind and the metric (`KindComparison.table()`); NaN values are left out.
+        metric: the metric's key.
+        title: the figure title (default: the metric).
+
+    Returns:
+        A plotly Figure.
     """
     if not table:
         raise ValueError("empty table: nothing to plot")
@@ -56,8 +61,17 @@ def pattern_grid(patterns: dict[str, torch.Tensor], *, tokens: list[str] | None 
     a sequential scale from 0 to their maximum. Each panel has its own colour bar.
 
     Args:
+        patterns: {model key: one head's pattern `[T, T]` on the same prompt}.
         tokens: display strings of the prompt's tokens (`i:token` tick labels); integer positions when None.
         titles: per key, the panel title (default: the key).
+        cols: panels per row.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure.
+
+    Raises:
+        ValueError: no patterns.
     """
     if not patterns:
         raise ValueError("no patterns to plot")

@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headlab.errors import EditError
 from headlab.heads import heads_per_group
-from headlab_kernels.head_stats.fused import attention_with_lse
+from headlab_kernels.head_stats.fused import attention_with_stats
 
 IMPLEMENTATION = "headlab"
 
@@ -57,6 +57,9 @@ class LayerRecord:
             compressed cache (`headlab.edits.RazorCache`: its KV heads hold different key sets, padded, and a
             compensation slot whose logit gets + log|D|): −inf where a slot may not be attended, else the bias; the
             pattern adds it (then `mask` is None: the bias holds causality too). None otherwise.
+        fused: the statistics a capture asked to ride on the fused call (`Capture.fused_stats`), as
+            `headlab_kernels.head_stats.fused.attention_with_stats` returns them ("lse", "entropy", "set_mass",
+            "received"); None where the fused route did not run.
     """
 
     layer: int
@@ -72,6 +75,7 @@ class LayerRecord:
     gates: torch.Tensor | None = None
     x: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
+    fused: dict[str, torch.Tensor] | None = None
 
     @property
     def linear(self) -> bool:
@@ -120,6 +124,11 @@ class Capture:
         with_lse: ask for each row's log-sum-exp from the attention call itself: where the backend is sdpa and the
             fused CPU kernel applies, the seam computes the layer's output with that kernel (the kernel sdpa runs,
             so the same output) and records its lse; elsewhere `record.lse` stays None.
+        fused_stats: with `with_lse`, further statistics to compute in that same call where it applies
+            ("entropy", "key_sets", "received"; see `attention_with_stats`), recorded in `record.fused`.
+        key_sets: bool `[K, B, S]` key sets for "key_sets" (the batch's own positions).
+        query_mask: bool `[B, T]` the batch's real tokens, for "received" (a padded query gives nothing; without
+            it, queries that see no key count as padded).
     """
 
     layers: frozenset[int] | None = None
@@ -127,6 +136,9 @@ class Capture:
     callback: Callable[[LayerRecord], None] | None = None
     with_z: bool = False
     with_lse: bool = False
+    fused_stats: frozenset[str] = frozenset()
+    key_sets: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
     records: dict[int, LayerRecord] = field(default_factory=dict)
 
     def wants(self, layer: int) -> bool:
@@ -422,12 +434,14 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             and not any(c.with_lse and c.wants(slot.layer) for c in state.captures):
         routed_out = _routed(query, key, value, attention_mask, gate_values[1], kwargs, causal)
     fused = None
-    if (state is not None and mixer is None and base is sdpa_attention_forward and routed_out is None
-            and key_bias is None and any(c.with_lse and c.wants(slot.layer) for c in state.captures)):
-        fused = _sdpa_with_lse(module, query, key, value, attention_mask, kwargs)
-    lse = None
-    if fused is not None:  # the output and the rows' lse from one kernel call
-        out, lse = fused
+    fused_caps = [c for c in state.captures if c.with_lse and c.wants(slot.layer)] if state is not None else []
+    if (fused_caps and mixer is None and base is sdpa_attention_forward and routed_out is None
+            and key_bias is None):
+        fused = _sdpa_with_stats(module, query, key, value, attention_mask, kwargs, fused_caps)
+    lse = fused_stats = None
+    if fused is not None:  # the output and the rows' lse (and what else was asked) from one kernel call
+        out, fused_stats = fused
+        lse = fused_stats["lse"]
         weights = None
     elif routed_out is not None:
         out, weights = routed_out, None
@@ -491,7 +505,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         record = LayerRecord(
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
-            mixer=_detached(mixer), lse=lse if cap.with_lse else None,
+            mixer=_detached(mixer), lse=lse if cap.with_lse else None, fused=fused_stats if cap.with_lse else None,
             gates=gates.detach() if gates is not None else None, key_bias=key_bias,
         )
         if cap.keep:
@@ -546,10 +560,12 @@ def _routed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     return out.to(query.dtype)
 
 
-def _sdpa_with_lse(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _sdpa_with_stats(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, kwargs: dict, captures: list[Capture]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """transformers' sdpa attention (`sdpa_attention_forward`) through the fused CPU kernel that also returns each
-    row's lse: (output `[B, Q, H, D]`, lse `[B, H, Q]`), or None where that route does not apply."""
+    row's lse and the statistics the captures ask for: (output `[B, Q, H, D]`, {"lse" `[B, H, Q]`, ...}), or None
+    where that route does not apply."""
     if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or module.training:
         return None
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
@@ -561,12 +577,23 @@ def _sdpa_with_lse(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and kv_len > q_len:  # sdpa_attention_forward cuts the keys here: leave it to the backend
         return None
-    res = attention_with_lse(query, key, value, mask=attention_mask, causal=is_causal, scale=kwargs.get("scaling"),
-                             dropout=float(kwargs.get("dropout", 0.0) or 0.0))
+    if float(kwargs.get("dropout", 0.0) or 0.0):
+        return None
+    wanted = frozenset().union(*(c.fused_stats for c in captures))
+    sets = next((c.key_sets for c in captures if c.key_sets is not None), None) if "key_sets" in wanted else None
+    query_mask = next((c.query_mask for c in captures if c.query_mask is not None), None)
+    if query_mask is not None:
+        query_mask = query_mask[:, -q_len:].to(query.device)
+    elif "received" in wanted and attention_mask is not None:  # the real queries: rows that see some key
+        query_mask = visible_mask(attention_mask, causal=False, q_len=q_len, k_len=kv_len,
+                                  device=query.device)[:, 0].any(-1).expand(query.shape[0], q_len)
+    res = attention_with_stats(query, key, value, mask=attention_mask, causal=is_causal, scale=kwargs.get("scaling"),
+                               entropy="entropy" in wanted, received="received" in wanted, query_mask=query_mask,
+                               key_sets=None if sets is None else sets[:, :, -kv_len:].to(query.device))
     if res is None:
         return None
-    out, lse = res
-    return out.transpose(1, 2).contiguous(), lse
+    out, stats = res
+    return out.transpose(1, 2).contiguous(), stats
 
 
 def _detached(mixer: Any) -> Any:

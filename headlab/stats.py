@@ -38,8 +38,9 @@ class StatsRun:
         output: the HF output (logits for a causal LM).
         layers: per reduced layer, its HeadStats (`[B, H, ...]`, all query heads of the layer).
         extra: per layer, what a custom reducer returned (see `layer_stats`).
-        paths: per layer, how its statistics were computed: "fused-lse" (the lse came with the layer's output from
-            the fused CPU kernel; the other statistics were not asked for and are NaN / empty), or the head-stats
+        paths: per layer, how its statistics were computed: "fused-lse", "fused-lse+entropy+key_sets+received" and
+            the like (the statistics named came with the layer's output from the fused CPU kernel, received mass from
+            one more flash call; the others were not asked for and are NaN / empty), or the head-stats
             implementation that ran ("reference" / "triton" / "implicit" for linear layers).
     """
 
@@ -105,27 +106,68 @@ class StatsRun:
         return html_or_message(self.token_view)
 
 
-def lse_only_stats(record: LayerRecord, batch: Batch) -> HeadStats:
-    """HeadStats holding only the lse the fused kernel returned with the layer's output.
+def stack_key_sets(key_sets: torch.Tensor | Mapping[str, torch.Tensor], batch: Batch
+                   ) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """Key sets as `head_stats` takes them (bool `[K, B|1, S]`, or {name: bool `[B|1, S]`}) → (bool `[K, B, S]` over
+    the batch's positions, their names).
+
+    Raises:
+        ValueError: sets whose shape does not fit the batch.
+    """
+    n_b, n_s = batch.input_ids.shape
+    if isinstance(key_sets, Mapping):
+        names = tuple(key_sets)
+        if not names:
+            return None, ()
+        sets = torch.stack([torch.as_tensor(key_sets[n]).to(torch.bool).expand(n_b, n_s) for n in names])
+        return sets, names
+    sets = torch.as_tensor(key_sets).to(torch.bool)
+    if sets.dim() != 3 or sets.shape[1] not in (1, n_b) or sets.shape[2] != n_s:
+        raise ValueError(f"key_sets must be [K, B|1, S] = [K, {n_b}|1, {n_s}]; got {tuple(sets.shape)}")
+    return (sets.expand(-1, n_b, -1) if sets.shape[0] else None), ()
+
+
+def fused_stats(record: LayerRecord, batch: Batch, set_names: tuple[str, ...] = ()) -> HeadStats:
+    """HeadStats from what the fused kernel computed with the layer's output (`record.fused`).
 
     Args:
-        record: the layer's record, with `lse` `[B, H, Q]` set by the fused kernel.
-        batch: the batch that ran (its mask marks padded queries).
+        record: the layer's record, with `fused` set by the seam ("lse", and "entropy", "set_mass", "received" where
+            they were asked for).
+        batch: the batch that ran (its mask marks padded queries and keys).
+        set_names: names of the key sets, when they were given as a dict.
 
     Returns:
-        HeadStats with `lse` (padded queries: -inf, as `head_stats` gives them); top-k keys and key sets are empty,
-        entropy / received / n_visible NaN (not asked for).
+        HeadStats with what was computed (padded queries: lse -inf, entropy 0, set mass 0; padded keys receive 0);
+        n_visible `[B, S]` counted from the masks (O(S) for causal + padding); what was not asked for is NaN, and
+        the top-k keys are empty (they need the full route).
     """
-    lse = record.lse.float()
-    B, H, Q = lse.shape
-    S = record.k.shape[2]
-    query_mask = batch.attention_mask.bool()[:, -Q:].to(lse.device)
-    lse = lse.masked_fill(~query_mask[:, None], float("-inf"))
+    got = record.fused
+    lse = got["lse"].float()
+    n_b, n_h, n_q = lse.shape
+    n_s = record.k.shape[2]
+    dev = lse.device
+    query_mask = batch.attention_mask.bool()[:, -n_q:].to(dev)
+    key_mask = batch.attention_mask.bool()[:, -n_s:].to(dev)
     nan = float("nan")
-    empty = torch.zeros(B, H, Q, 0, device=lse.device)
-    return HeadStats(topk_idx=empty.long(), topk_weight=empty, lse=lse, entropy=torch.full_like(lse, nan),
-                     set_mass=empty.clone(), received=torch.full((B, H, S), nan, device=lse.device),
-                     n_visible=torch.full((B, S), nan, device=lse.device))
+    lse = lse.masked_fill(~query_mask[:, None], float("-inf"))
+    entropy = got["entropy"].masked_fill(~query_mask[:, None], 0.0) if "entropy" in got else torch.full_like(lse, nan)
+    empty = torch.zeros(n_b, n_h, n_q, 0, device=dev)
+    set_mass = got["set_mass"].masked_fill(~query_mask[:, None, :, None], 0.0) if "set_mass" in got else empty.clone()
+    if "received" in got:
+        received = got["received"].masked_fill(~key_mask[:, None], 0.0)
+        if record.mask is not None:  # the model's own mask (padding, a window): count what each real query sees
+            vis = record.visible()[:, 0] & query_mask[:, :, None]  # [B|1, Q, S]
+            n_visible = vis.sum(1).float().expand(n_b, n_s)
+        elif record.causal and n_q == n_s:  # query i sees keys j <= i
+            n_visible = query_mask.flip(-1).cumsum(-1).flip(-1).float()
+        else:
+            n_visible = query_mask.sum(-1, keepdim=True).float().expand(n_b, n_s)
+        n_visible = n_visible * key_mask
+    else:
+        received = torch.full((n_b, n_h, n_s), nan, device=dev)
+        n_visible = torch.full((n_b, n_s), nan, device=dev)
+    return HeadStats(topk_idx=empty.long(), topk_weight=empty, lse=lse, entropy=entropy, set_mass=set_mass,
+                     received=received, n_visible=n_visible, set_names=set_names)
 
 
 def layer_stats(model: "HeadModel", record: LayerRecord, batch: Batch, *, topk: int = 1,

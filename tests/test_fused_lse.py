@@ -14,7 +14,7 @@ import headlab as hl
 from conftest import FAMILIES, tiny_config
 from headlab.analyses.induction import _reduce, repeated_tokens
 from headlab_kernels.head_stats import head_stats_materialised
-from headlab_kernels.head_stats.fused import attention_with_lse
+from headlab_kernels.head_stats.fused import attention_with_lse, attention_with_stats
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -60,7 +60,10 @@ def test_key_sets_and_linear_layers_take_the_full_route():
     sets = {"first": torch.zeros(1, 41, dtype=torch.bool)}
     assert set(twin.stats(ids, statistics="lse", key_sets=sets).paths.values()) == {"reference", "implicit"}
     with pytest.raises(ValueError, match="statistics"):
-        twin.stats(ids, statistics="entropy")
+        twin.stats(ids, statistics="topk")  # top-k keys need the full route: ask for "all"
+    with pytest.raises(ValueError, match="no key_sets"):
+        twin.stats(ids, statistics={"key_sets"})
+    assert twin.stats(ids, statistics={"entropy"}).paths == {0: "fused-lse+entropy", 1: "implicit"}
 
 
 def test_induction_scan_scores_equal_either_route():
@@ -71,3 +74,58 @@ def test_induction_scan_scores_equal_either_route():
     for layer in full.extra:
         for key in full.extra[layer]:
             assert torch.allclose(full.extra[layer][key], fused.extra[layer][key], atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_stats_kernel_equals_the_materialised_definition(causal):
+    torch.manual_seed(1)
+    n_b, n_h, n_t, d = 2, 3, 33, 16
+    q, k, v = (torch.randn(n_b, n_h, n_t, d) for _ in range(3))
+    real = torch.ones(n_b, n_t, dtype=torch.bool)
+    real[1, :6] = False  # left padding in the second row
+    mask = None if causal else torch.ones(n_t, n_t).tril().bool()[None, None] & real[:, None, None, :]
+    sets = torch.zeros(2, n_b, n_t, dtype=torch.bool)
+    sets[0, :, 0] = sets[1, :, 9:13] = True
+    out, st = attention_with_stats(q, k, v, mask=mask, causal=causal, scale=0.25, entropy=True, key_sets=sets,
+                                   received=True, query_mask=None if causal else real)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                is_causal=causal, scale=0.25),
+                          atol=1e-6)
+    ref = head_stats_materialised(q, k, scale=0.25, causal=True, topk=1, key_sets=sets,
+                                  key_mask=None if causal else real)
+    rows = (real if not causal else torch.ones_like(real))[:, None]  # [B, 1, T]
+    for name, got in (("lse", st["lse"]), ("entropy", st["entropy"])):
+        assert (got - ref[name].float())[rows.expand_as(got)].abs().max() < 1e-5, name
+    assert (st["set_mass"] - ref["set_mass"].float())[rows[..., None].expand_as(st["set_mass"])].abs().max() < 1e-5
+    assert (st["received"] - ref["received"].float())[rows.expand_as(st["received"])].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_statistics_equal_the_full_route_on_every_family(family):
+    cls, cfg = tiny_config(family)
+    if family == "mistral":
+        cfg.sliding_window = 5  # the model's own mask carries the window: the swapped call reads it transposed
+    torch.manual_seed(0)
+    m = hl.load(cls(cfg).eval(), device="cpu")
+    ids = [[5, 9, 3, 7, 2, 8, 5, 9, 3, 7, 2, 8], [4, 6, 1, 3, 3, 9, 5]]  # the second is padded
+    n_s = m.encode(ids).input_ids.shape[1]
+    sets = {"first": torch.zeros(2, n_s, dtype=torch.bool), "mid": torch.zeros(2, n_s, dtype=torch.bool)}
+    sets["first"][:, 0] = True
+    sets["mid"][:, 3:6] = True
+    full = m.stats(ids, key_sets=sets)
+    fast = m.stats(ids, key_sets=sets, statistics={"entropy", "received", "key_sets"})
+    assert set(fast.paths.values()) == {"fused-lse+entropy+key_sets+received"}
+    real = m.encode(ids).attention_mask.bool()
+    key = "logits" if getattr(full.output, "logits", None) is not None else "last_hidden_state"
+    assert torch.allclose(getattr(full.output, key)[real], getattr(fast.output, key)[real], atol=1e-5)
+    for layer in full.layers:
+        a, b = full.layers[layer], fast.layers[layer]
+        rows = real[:, None].expand_as(a.lse)
+        assert (a.lse - b.lse)[rows].abs().max() < 1e-5
+        assert (a.entropy - b.entropy)[rows].abs().max() < 1e-4
+        assert (a.set_mass - b.set_mass)[rows].abs().max() < 1e-5 and b.set_names == ("first", "mid")
+        assert (a.received - b.received).abs().max() < 1e-4
+        assert torch.equal(a.n_visible, b.n_visible)
+        assert b.topk_idx.shape[-1] == 0  # top-k keys were not asked for
+    sinks = m.stats(ids, statistics={"received"})
+    assert torch.isnan(sinks.layers[0].entropy).all() and not torch.isnan(sinks.layers[0].received).any()

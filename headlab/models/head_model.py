@@ -585,7 +585,7 @@ class HeadModel:
 
     def stats(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
               topk: int = 1, key_sets: Any = None, impl: str = "auto", prepend_bos: bool = False,
-              reducer: Any = None, statistics: str = "all") -> "StatsRun":
+              reducer: Any = None, statistics: str | Iterable[str] = "all") -> "StatsRun":
         """Streaming per-head statistics of the layers holding `heads` (or `layers`; all when neither).
 
         Each layer's q and k are reduced to HeadStats (Triton on CUDA, the torch reference elsewhere;
@@ -600,10 +600,12 @@ class HeadModel:
             impl: "auto", "triton" or "torch" (the chunked torch reference).
             prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
-            statistics: "all" (every statistic, from q and k after the layer ran) or "lse" (only each row's
-                log-sum-exp, which then rides on the attention call itself where the fused CPU kernel applies: no
-                second sweep over the query-key pairs; elsewhere everything is computed as for "all").
-                `StatsRun.paths` says which route each layer took.
+            statistics: "all" (every statistic, from q and k after the layer ran), or only those named — "lse",
+                or a set of "lse", "entropy", "key_sets", "received" (lse always comes along) — which then ride on
+                the attention call itself where the fused CPU kernel applies (`attention_with_stats`: lse with the
+                output; entropy and key-set masses as extra value columns of that same call; received mass from one
+                more flash call with the roles swapped); elsewhere everything is computed as for "all". Statistics
+                not asked for are NaN / empty. `StatsRun.paths` says which route each layer took.
 
         Returns:
             A StatsRun: per-layer HeadStats (top-k keys, log-sum-exp, entropy, key-set mass, received attention).
@@ -612,11 +614,15 @@ class HeadModel:
             HeadIndexError: a head or layer out of range.
             PromptError: an empty, malformed or too long prompt.
         """
-        from headlab.stats import StatsRun, layer_stats, lse_only_stats
+        from headlab.stats import StatsRun, fused_stats, layer_stats, stack_key_sets
         from headlab_kernels.head_stats import resolve_impl
 
-        if statistics not in ("all", "lse"):
-            raise ValueError(f"statistics must be 'all' or 'lse', got {statistics!r}")
+        fused_names = ("lse", "entropy", "key_sets", "received")
+        asked = {statistics} if isinstance(statistics, str) else set(statistics)
+        if asked != {"all"} and (not asked or not asked <= set(fused_names)):
+            raise ValueError(f"statistics must be 'all' or a set of {', '.join(fused_names)}; got {statistics!r}")
+        if "key_sets" in asked and key_sets is None:
+            raise ValueError("statistics names 'key_sets' but no key_sets were given")
 
         refs = as_heads(heads) if heads is not None else []
         self.check_heads(refs)
@@ -625,9 +631,13 @@ class HeadModel:
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         result = StatsRun(model=self, batch=batch, output=None, layers={})
 
+        fused = asked != {"all"} and (key_sets is None or "key_sets" in asked)
+        sets, names = (stack_key_sets(key_sets, batch) if fused and key_sets is not None else (None, ()))
+
         def reduce(record) -> None:
-            if statistics == "lse" and record.lse is not None and key_sets is None:
-                st, path = lse_only_stats(record, batch), "fused-lse"
+            if fused and record.fused is not None:
+                st = fused_stats(record, batch, names)
+                path = "fused-" + "+".join(n for n in fused_names if n == "lse" or n in asked)
             else:
                 st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
                 path = "implicit" if record.linear else resolve_impl(impl, record.q)
@@ -636,8 +646,9 @@ class HeadModel:
             if reducer is not None:
                 result.extra[record.layer] = reducer(record, st)
 
-        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce,
-                          with_lse=statistics == "lse")
+        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce, with_lse=fused,
+                          fused_stats=frozenset(asked - {"lse", "all"}), key_sets=sets,
+                          query_mask=batch.attention_mask.bool())
         with activate(self._owner, capture=capture), torch.no_grad():
             result.output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return result

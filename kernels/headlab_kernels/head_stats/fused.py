@@ -44,3 +44,94 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, bool(causal),
                                                                           attn_mask=attn_mask, scale=scale)
     return out, lse.float()
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's CPU flash kernel, its q / k zero-padded to v's head size (zeros change no score)."""
+    width = v.shape[-1]
+    if q.shape[-1] < width:
+        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+        k = torch.nn.functional.pad(k, (0, width - k.shape[-1]))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, bool(causal),
+                                                                          attn_mask=mask, scale=scale)
+    return out, lse.float()
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
+                         causal: bool, scale: float | None, entropy: bool = False,
+                         key_sets: torch.Tensor | None = None, received: bool = False,
+                         query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The attention output and the statistics asked for, riding on ATen's fused CPU flash kernel.
+
+    One call computes softmax(scale · q kᵀ + mask) V′ with V′ = [V | K | 1_sets] (q and k zero-padded to V′'s
+    width, which changes no score), and its row lse:
+
+    - the output is the first D columns;
+    - entropy: Σⱼ pᵢⱼ kⱼ comes out of the K columns, and Hᵢ = lseᵢ − scale · qᵢ · Σⱼ pᵢⱼ kⱼ;
+    - key-set mass: each indicator column gives Σⱼ∈set pᵢⱼ.
+
+    `received` (Σᵢ pᵢⱼ over the real queries) needs every row's lse first, so it takes one more flash call with the
+    roles swapped: keys as queries over queries as keys, with −lseᵢ / scale carried in one extra dimension (so the
+    scores are scale · kⱼ·qᵢ − lseᵢ) and both sequences reversed so that causality stays lower-triangular; that
+    call's lse is log receivedⱼ. A padded query gets lse +1e4 there (it gives nothing).
+
+    Args:
+        q: `[B, H, Q, D]`; k, v: `[B, H, S, D]` (KV groups expanded to query heads).
+        mask: None, a bool mask `[B|1, 1|H, Q, S]` (True = may attend) or an additive float mask.
+        causal: apply the causal mask (only with `mask=None`, as sdpa does).
+        scale: the softmax scale (None: D^-1/2).
+        entropy: compute each row's entropy (nats).
+        key_sets: bool `[K, B|1, S]`: compute each row's mass on each set.
+        received: compute each key's received attention, summed over real queries.
+        query_mask: bool `[B, Q]` of the real queries (for `received`; None: all real).
+
+    Returns:
+        (output `[B, H, Q, D]` in q's dtype, {"lse": `[B, H, Q]`, and "entropy" `[B, H, Q]`, "set_mass"
+        `[B, H, Q, K]`, "received" `[B, H, S]` as asked, all float32}), or None where the fused route does not
+        apply (as `attention_with_lse`; also `received` with causal Q ≠ S).
+    """
+    if (q.device.type != "cpu" or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1] or k.shape[1] != q.shape[1]
+            or (mask is not None and causal)):
+        return None
+    n_q, n_s, d = q.shape[2], k.shape[2], q.shape[-1]
+    if received and causal and n_q != n_s:
+        return None
+    scale = float(scale) if scale is not None else d ** -0.5
+    extra = []
+    if entropy:
+        extra.append(k)
+    if key_sets is not None:
+        ind = key_sets.to(v.dtype).permute(1, 2, 0)[:, None]  # [B|1, 1, S, K]
+        extra.append(ind.expand(v.shape[0], v.shape[1], n_s, key_sets.shape[0]))
+    wide = torch.cat([v, *extra], -1) if extra else v
+    attn_mask = _additive_mask(mask, q.dtype)
+    out, lse = _flash(q, k, wide, attn_mask, causal, scale)
+    stats: dict[str, torch.Tensor] = {"lse": lse}
+    col = d
+    if entropy:
+        mean_k = out[..., col:col + d].float()
+        stats["entropy"] = (lse - scale * (q.float() * mean_k).sum(-1)).clamp_min(0.0)
+        col += d
+    if key_sets is not None:
+        stats["set_mass"] = out[..., col:].float()
+    if received:
+        rows = lse if query_mask is None else lse.masked_fill(~query_mask[:, None, :].to(lse.device), 1e4)
+        rows = torch.where(torch.isfinite(rows), rows, torch.full_like(rows, 1e4))  # rows that see nothing
+        qq = torch.cat([k.float(), torch.ones_like(k[..., :1], dtype=torch.float32)], -1).to(q.dtype)  # keys ask
+        kk = torch.cat([q.float(), (-rows / scale)[..., None]], -1).to(q.dtype)  # queries answer, −lse carried
+        swapped = None if mask is None else _additive_mask(mask, q.dtype).transpose(-1, -2)
+        if causal or swapped is not None:  # reverse both sequences: i >= j becomes i' <= j'
+            qq, kk = qq.flip(2), kk.flip(2)
+            swapped = None if swapped is None else swapped.flip(-1).flip(-2)
+        _, back = _flash(qq, kk, torch.zeros_like(qq), swapped, causal, scale)
+        if causal or swapped is not None:
+            back = back.flip(-1)
+        stats["received"] = back.exp().nan_to_num(0.0)
+    return out[..., :d].contiguous() if extra else out, stats

@@ -39,7 +39,8 @@ class CalibrationParams:
 
     Attributes:
         tasks: task names (see `headlab.tasks.TASKS`).
-        n_calib, n_eval: items per task in the calibration and evaluation splits (capped by the word pools).
+        n_calib: items per task in the calibration split (capped by the word pools).
+        n_eval: items per task in the evaluation split (capped likewise).
         seed: seed of the task builders and of the bootstrap.
         beta: the share of their weight that sinks keep (ACT: 0.4).
         rule: how sinks are found per input (prompts here are ~40–80 tokens: tail rule at 16 queries).
@@ -69,13 +70,32 @@ class CalibrationParams:
     bootstrap: int = 2000
 
     def layer_range(self, n_layers: int) -> range:
+        """The layers searched in a model of `n_layers` layers.
+
+        Args:
+            n_layers: L.
+
+        Returns:
+            `layers` (inclusive), or 2..L−2, clipped to 0..L−2.
+        """
         lo, hi = self.layers if self.layers is not None else (2, n_layers - 2)
         return range(max(0, lo), min(n_layers - 1, hi) + 1)
 
 
 def sink_strength(model: HeadModel, items: EncodedItems, rule: SinkRule, *, first_exempt: bool = True,
                   batch: int = 16) -> torch.Tensor:
-    """`[L, H]`: mean share of each head's attention on its calibration sink set over the items' prompts."""
+    """`[L, H]`: mean share of each head's attention on its calibration sink set over the items' prompts.
+
+    Args:
+        model: the HeadModel.
+        items: the encoded calibration items.
+        rule: how sinks are found per input.
+        first_exempt: leave each head's first sink out of the set.
+        batch: prompts per forward.
+
+    Returns:
+        float32 `[L, H]`.
+    """
     total = torch.zeros(model.n_layers, model.n_heads)
     for i0 in range(0, len(items), batch):
         rows = items.ids[i0:i0 + batch]
@@ -123,7 +143,12 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
     """Search heads on the calibration split, evaluate on the evaluation split; resumable when `out` is given.
 
     Args:
+        model: the HeadModel.
+        params: the tasks, sink rule, search and evaluation settings.
+        out: a folder for the search state (resumed).
         items: (calibration, evaluation) items to use instead of building `params.tasks` (e.g. token-id items).
+        progress: show progress bars.
+
     Returns:
         HeadScores "act_calibration": maps calib_gain (calibration accuracy change when the head was tried; NaN
         if not tried), kept (1 for chosen heads), sink_strength; meta["table"] the accuracies before/after.
@@ -189,8 +214,19 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
 
 def accuracy_table(before: torch.Tensor, after: torch.Tensor, tasks: list[str], *, reps: int = 2000,
                    seed: int = 0) -> list[dict]:
-    """Per task and pooled: n, accuracy before/after with Wilson 95% intervals, the change with a paired bootstrap 95%
-    interval, and the discordant items (right → wrong, wrong → right)."""
+    """Per task and pooled: accuracy before/after with Wilson 95% intervals and the change with a paired bootstrap.
+
+    Args:
+        before: bool `[N]`, items right before calibration.
+        after: bool `[N]`, items right after.
+        tasks: each item's task name.
+        reps: bootstrap resamples.
+        seed: the bootstrap's seed.
+
+    Returns:
+        One row per task and one "all": task, n, before, before_ci, after, after_ci, delta, delta_ci (paired
+        bootstrap 95%), lost (right → wrong), gained (wrong → right).
+    """
     rows = []
     for name in list(dict.fromkeys(tasks)) + ["all"]:
         idx = torch.tensor([i for i, t in enumerate(tasks) if name in ("all", t)])
@@ -230,7 +266,14 @@ def _scores(model, params, state, strength, candidates, kept, evals, results, se
 
 
 def table_lines(scores: HeadScores) -> list[str]:
-    """The accuracy tables as text lines."""
+    """The accuracy tables as text lines.
+
+    Args:
+        scores: a `calibration_search` HeadScores.
+
+    Returns:
+        The lines, without newlines.
+    """
     def fmt(ci) -> str:
         return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 

@@ -71,7 +71,21 @@ class RazorParams:
 
 
 def repeated_random(model: HeadModel, *, block: int, repeats: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """`[batch, 1 + repeats*block]` token ids: BOS, then one random block repeated `repeats` times."""
+    """`[batch, 1 + repeats*block]` token ids: BOS, then one random block repeated `repeats` times.
+
+    Args:
+        model: the model whose content tokens and BOS (else pad) id to use.
+        block: K, the random block's length.
+        repeats: how many times it is repeated.
+        batch: number of sequences.
+        seed: seed of the token sampler.
+
+    Returns:
+        A LongTensor `[batch, 1 + repeats·block]`.
+
+    Raises:
+        PromptError: block < 2, repeats < 2, batch < 1, or a sequence longer than the model's context.
+    """
     if block < 2 or repeats < 2 or batch < 1:
         raise PromptError(f"repeated random tokens need block >= 2, repeats >= 2, batch >= 1; got block={block}, "
                           f"repeats={repeats}, batch={batch}")
@@ -98,13 +112,29 @@ def _layer_scores(record, stats, block: int, repeats: int) -> dict[str, torch.Te
 
 
 def per_kv_head(scores: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """`[L, H]` query-head scores → `[L, G]`: the max over each KV head's query heads."""
+    """`[L, H]` query-head scores → `[L, G]`: the max over each KV head's query heads.
+
+    Args:
+        scores: `[L, H]`.
+        n_kv_heads: G.
+
+    Returns:
+        `[L, G]`.
+    """
     n_layers, n_heads = scores.shape
     return scores.view(n_layers, n_kv_heads, heads_per_group(n_heads, n_kv_heads)).amax(-1)
 
 
 def top_share(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Bool mask of the round(ratio × numel) highest entries of a map (ranked over all of it)."""
+    """Bool mask of the round(ratio × numel) highest entries of a map (ranked over all of it).
+
+    Args:
+        scores: any map (NaN ranks last).
+        ratio: the share of entries kept.
+
+    Returns:
+        A bool tensor of scores' shape.
+    """
     flat = scores.flatten()
     k = round(ratio * flat.numel())
     mask = torch.zeros_like(flat, dtype=torch.bool)
@@ -115,13 +145,30 @@ def top_share(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def select_retrieval_kv(echo_kv: torch.Tensor, induction_kv: torch.Tensor, *, echo_ratio: float = 0.01,
                         induction_ratio: float = 0.14) -> frozenset[tuple[int, int]]:
-    """RazorAttention's retrieval KV heads: top share by induction ∪ top share by echo, as (layer, group)."""
+    """RazorAttention's retrieval KV heads: top share by induction ∪ top share by echo, as (layer, group).
+
+    Args:
+        echo_kv: `[L, G]` echo scores per KV head.
+        induction_kv: `[L, G]` induction scores per KV head.
+        echo_ratio: the share kept by echo score.
+        induction_ratio: the share kept by induction score.
+
+    Returns:
+        The set of (layer, kv_group) pairs.
+    """
     chosen = top_share(induction_kv, induction_ratio) | top_share(echo_kv, echo_ratio)
     return frozenset((int(l), int(g)) for l, g in chosen.nonzero().tolist())
 
 
 def retrieval_kv_heads(scores: HeadScores) -> frozenset[tuple[int, int]]:
-    """The (layer, kv_group) retrieval heads recorded in an echo/induction result."""
+    """The (layer, kv_group) retrieval heads recorded in an echo/induction result.
+
+    Args:
+        scores: an `echo_induction_scan` HeadScores (its "retrieval_kv" map).
+
+    Returns:
+        The set of (layer, kv_group) pairs.
+    """
     return frozenset((int(l), int(g)) for l, g in (scores.maps["retrieval_kv"] > 0.5).nonzero().tolist())
 
 
@@ -168,7 +215,8 @@ class Condition:
 
     Attributes:
         name: its label (e.g. "baseline", "top10-uniform", "random10-uniform-0", "razor-w256").
-        mask: heads to mask; `how` = "uniform" (attention made uniform over the cache) or "zero" (output zeroed).
+        mask: heads to mask.
+        how: how they are masked: "uniform" (attention made uniform over the cache) or "zero" (output zeroed).
         kv_policy: a RazorKV; its `compress_at` is set to each trial's prefill length.
         score: accumulate retrieval scores (the baseline).
         real_cache: decode with the policy as a real compressed cache (`RazorCache`, only the kept entries in
@@ -192,19 +240,47 @@ class Condition:
         return f"{self.name}|{self.how}|{','.join(map(str, self.mask))}|{policy}{real}"
 
     def policy(self, prefill: int) -> RazorKV | None:
-        """The KV policy compressing a cache of `prefill` tokens (None without a policy)."""
+        """The KV policy compressing a cache of `prefill` tokens (None without a policy).
+
+        Args:
+            prefill: the prompt's length in the cache.
+
+        Returns:
+            `kv_policy` with `compress_at = prefill`, or None.
+        """
         return None if self.kv_policy is None else dataclasses.replace(self.kv_policy, compress_at=prefill)
 
     def edits(self, prefill: int) -> list[Any]:
-        """The scoped edits for a trial whose cache holds `prefill` tokens before decoding."""
+        """The scoped edits for a trial whose cache holds `prefill` tokens before decoding.
+
+        Args:
+            prefill: the prompt's length in the cache.
+
+        Returns:
+            Ablate edits of the masked heads, plus the KV policy unless it runs as a real cache.
+        """
         policy = None if self.real_cache else self.policy(prefill)  # a real cache compresses itself
         return [Ablate(h, how=self.how) for h in self.mask] + ([policy] if policy is not None else [])
 
 
 def masking_conditions(scores: HeadScores, ks: Iterable[int], *, draws: int = 3, how: str = "uniform",
                        exclude_top: float = 0.1, seed: int = 0) -> list[Condition]:
-    """Mask the top-K retrieval heads; and K random heads, `draws` times, from outside the top
-    max(K, `exclude_top` × all) heads (the authors draw outside their top-100 list)."""
+    """Mask the top-K retrieval heads; and K random heads, `draws` times, from outside the top heads.
+
+    The random heads are drawn outside the top max(K, `exclude_top` × all) heads (the authors draw outside their
+    top-100 list).
+
+    Args:
+        scores: retrieval scores (HeadScores).
+        ks: the K values.
+        draws: random draws per K.
+        how: "uniform" or "zero" masking.
+        exclude_top: the share of top heads random draws avoid.
+        seed: the draws' seed.
+
+    Returns:
+        Conditions "top{K}-{how}" and "random{K}-{how}-{draw}".
+    """
     ranked = [h for h, _ in scores.top(scores.scores.numel())]
     out = []
     for k in ks:
@@ -219,9 +295,23 @@ def masking_conditions(scores: HeadScores, ks: Iterable[int], *, draws: int = 3,
 
 def razor_conditions(full: frozenset[tuple[int, int]], windows: Iterable[int], *, sinks: int = 4,
                      window_frac: float = 0.0, controls: bool = True, kv_cache: str = "simulated") -> list[Condition]:
-    """RazorAttention at each window ("razor-w{W}", "-f{frac}" appended when window_frac > 0); with
-    `controls`, the same policy on every head, none kept full ("window-w{W}..."). `kv_cache`: "simulated" (the
-    `RazorKV` edit over the full cache), "real" (a `RazorCache`; names end in "-real") or "both"."""
+    """RazorAttention at each window ("razor-w{W}", "-f{frac}" appended when window_frac > 0).
+
+    Args:
+        full: the retrieval KV heads kept full, as (layer, kv_group).
+        windows: the recent-window lengths S0 (one condition each).
+        sinks: N0, the first tokens every head keeps.
+        window_frac: 1/C (the window grows with the context).
+        controls: also the same policy on every head, none kept full ("window-w{W}...").
+        kv_cache: "simulated" (the `RazorKV` edit over the full cache), "real" (a `RazorCache`; names end in
+            "-real") or "both".
+
+    Returns:
+        The Conditions.
+
+    Raises:
+        PromptError: an unknown kv_cache.
+    """
     if kv_cache not in ("simulated", "real", "both"):
         raise PromptError(f"kv_cache {kv_cache!r}: choose simulated, real or both")
     modes = {"simulated": (False,), "real": (True,), "both": (False, True)}[kv_cache]
@@ -239,7 +329,14 @@ def razor_conditions(full: frozenset[tuple[int, int]], windows: Iterable[int], *
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per condition: mean recall ("accuracy"), share of replies that count ("found"), mean KV fraction, count."""
+    """Per condition: mean recall ("accuracy"), share of replies that count ("found"), mean KV fraction, count.
+
+    Args:
+        records: per-trial records (keys condition, recall, found, and kv for KV policies).
+
+    Returns:
+        {condition: {"accuracy", "found", "kv_fraction", "n"}}.
+    """
     rows: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         rows.setdefault(rec["condition"], []).append(rec)
@@ -251,7 +348,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 @dataclass
 class RetrievalReport:
-    """What `retrieval_scan` found: retrieval and echo/induction scores, per-trial records, per-condition summary."""
+    """What `retrieval_scan` found: retrieval and echo/induction scores, per-trial records, per-condition summary.
+
+    Attributes:
+        scores: retrieval scores (HeadScores, primary "retrieval").
+        razor: the echo/induction scan that chose the retrieval KV heads.
+        records: one dict per (trial, condition): reply, recall, found, span, seconds, KV kept.
+        summary: `summarize(records)`.
+        mask_how: the masking of the masking test.
+    """
 
     scores: HeadScores
     razor: HeadScores
@@ -260,13 +365,26 @@ class RetrievalReport:
     mask_how: str = "uniform"
 
     def figures(self) -> dict[str, Any]:
-        """Plotly figures: layer × head retrieval scores, baseline recall grid, masking test, recall vs KV kept."""
+        """Plotly figures: layer × head retrieval scores, baseline recall grid, masking test, recall vs KV kept.
+
+        Returns:
+            {"retrieval_heatmap", "needle_accuracy", "masking", "kv_accuracy"}: plotly Figures.
+        """
         return {"retrieval_heatmap": self.scores.figure(), "needle_accuracy": accuracy_grid(self.records),
                 "masking": masking_figure(self.summary, self.mask_how), "kv_accuracy": kv_figure(self.summary)}
 
     def save(self, folder: str | Path) -> Path:
-        """razor/ (echo/induction), summary.json, records.json, the figures as HTML, then scores.json + items
-        (retrieval) last: the commit marker `load` and reruns look for."""
+        """Write the report into `folder`.
+
+        razor/ (echo/induction), summary.json, records.json, the figures as HTML, then scores.json + items
+        (retrieval) last: the commit marker `load` and reruns look for.
+
+        Args:
+            folder: the folder (created if needed).
+
+        Returns:
+            The folder, as a Path.
+        """
         folder = Path(folder)
         self.razor.save(folder / "razor")
         write_json(folder / "summary.json", self.summary)
@@ -278,7 +396,17 @@ class RetrievalReport:
 
     @classmethod
     def load(cls, folder: str | Path) -> "RetrievalReport":
-        """A report saved by `save` (a ResultError naming the file if a part is missing or unreadable)."""
+        """A report saved by `save`.
+
+        Args:
+            folder: the folder `save` wrote.
+
+        Returns:
+            The RetrievalReport.
+
+        Raises:
+            ResultError: a part missing or unreadable (the message names the file).
+        """
         folder = Path(folder)
         scores = HeadScores.load(folder)
         saved = read_json(folder / "records.json")

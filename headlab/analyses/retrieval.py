@@ -57,7 +57,14 @@ HAYSTACKS = HAYSTACKS_DIR
 
 @dataclass(frozen=True)
 class NeedleSet:
-    """One (needle, question, answer, haystack text) set; `answer` is the part of the needle to recall."""
+    """One (needle, question, answer, haystack text) set; `answer` is the part of the needle to recall.
+
+    Attributes:
+        needle: the sentence hidden in the haystack.
+        question: the question asked after the context.
+        answer: the part of the needle a reply must recall.
+        haystack: the haystack text.
+    """
 
     needle: str
     question: str
@@ -66,7 +73,14 @@ class NeedleSet:
 
 
 def needle_sets(folder: str | Path = HAYSTACKS) -> list[NeedleSet]:
-    """The needle sets of `folder/needles.json`, with their haystack texts read."""
+    """The needle sets of `folder/needles.json`, with their haystack texts read.
+
+    Args:
+        folder: the folder holding needles.json and the haystack files.
+
+    Returns:
+        The NeedleSets, in file order.
+    """
     folder = Path(folder)
     data = json.loads((folder / "needles.json").read_text())
     return [NeedleSet(s["needle"], s["question"], s["answer"], (folder / s["haystack"]).read_text())
@@ -75,7 +89,13 @@ def needle_sets(folder: str | Path = HAYSTACKS) -> list[NeedleSet]:
 
 @dataclass(frozen=True)
 class NeedlePrompt:
-    """Prompt token ids `[T]`, the needle span [start, end) in them, and the answer's recall units (words or ids)."""
+    """Prompt token ids `[T]`, the needle span [start, end) in them, and the answer's recall units (words or ids).
+
+    Attributes:
+        ids: the prompt's token ids.
+        span: (start, end) of the answer's tokens in `ids`.
+        reference: the answer's recall units: words (text models) or token ids.
+    """
 
     ids: tuple[int, ...]
     span: tuple[int, int]
@@ -83,19 +103,46 @@ class NeedlePrompt:
 
 
 def words(text: str) -> list[str]:
-    """ROUGE-style unigrams: lowercased runs of letters and digits."""
+    """ROUGE-style unigrams: lowercased runs of letters and digits.
+
+    Args:
+        text: any text.
+
+    Returns:
+        The unigrams, in order.
+    """
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def recall(reference: Iterable[Any], candidate: Iterable[Any]) -> float:
-    """ROUGE-1 recall: the share of the reference's unigrams (with multiplicity) found in the candidate."""
+    """ROUGE-1 recall: the share of the reference's unigrams (with multiplicity) found in the candidate.
+
+    Args:
+        reference: the reference's units (words or ids).
+        candidate: the reply's units.
+
+    Returns:
+        The recall in [0, 1] (0 for an empty reference).
+    """
     ref, cand = Counter(reference), Counter(candidate)
     total = sum(ref.values())
     return sum(min(n, cand[w]) for w, n in ref.items()) / total if total else 0.0
 
 
 def find_span(ids: list[int] | tuple[int, ...], answers: list[list[int]], threshold: float = 0.9) -> tuple[int, int]:
-    """The first window [i, i + len(a)) whose token set overlaps answer a's set by more than `threshold`."""
+    """The first window [i, i + len(a)) whose token set overlaps answer a's set by more than `threshold`.
+
+    Args:
+        ids: the prompt's token ids.
+        answers: candidate tokenisations of the answer.
+        threshold: the overlap a window must exceed.
+
+    Returns:
+        (start, end) of the window.
+
+    Raises:
+        PromptError: no window overlaps enough.
+    """
     for i in range(len(ids)):
         for ans in answers:
             want = set(ans)
@@ -112,6 +159,20 @@ def text_prompt(model: HeadModel, needle: NeedleSet, length: int, depth: float, 
     (`chat=None`: when the tokenizer has one) the user turn is "<book>{context}</book>\\nBased on
     the content of the book, Question: {q}\\nAnswer:"; without it the text is context + that question.
     `length` counts the whole prompt (the authors' code trims the context to length - 200 instead).
+
+    Args:
+        model: a HeadModel with a tokenizer.
+        needle: the needle set.
+        length: the prompt's length in tokens.
+        depth: where the needle goes, in percent of the haystack.
+        chat: use the chat template (None: when the tokenizer has one).
+
+    Returns:
+        The NeedlePrompt (ids, the answer's span, its words).
+
+    Raises:
+        PromptError: no tokenizer, a length that leaves no room for the haystack, or an answer not found in the
+            prompt.
     """
     tok = model.tokenizer
     if tok is None:
@@ -142,7 +203,21 @@ def text_prompt(model: HeadModel, needle: NeedleSet, length: int, depth: float, 
 
 def greedy_decode(model: HeadModel, cache: Any, first: int, *, max_new_tokens: int, stop: set[int],
                   on_step: Callable[[int], None] = lambda token: None) -> list[int]:
-    """Greedy decoding from a prefilled cache, feeding `first`; `on_step(token)` runs after each step."""
+    """Greedy decoding from a prefilled cache, feeding `first`; `on_step(token)` runs after each step.
+
+    Decoding stops at a stop token, after `max_new_tokens`, or at a newline once the reply has text.
+
+    Args:
+        model: the HeadModel (active edits apply to each step).
+        cache: the prefilled cache (updated in place by the model).
+        first: the first token fed (the prompt's last).
+        max_new_tokens: the most tokens generated.
+        stop: token ids that end the reply (not included).
+        on_step: called with each generated token.
+
+    Returns:
+        The generated token ids.
+    """
     out, token = [], first
     for _ in range(max_new_tokens):
         logits, cache = model.forward_cached(torch.tensor([[token]], device=model.device), cache)
@@ -163,6 +238,17 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
 
     A record holds the reply, its recall, whether it counts (recall > threshold), the KV fraction kept
     (KV policies) and, for a scoring condition, the per-head retrieval score `[L, H]` of the trial.
+
+    Args:
+        model: a causal LM HeadModel.
+        prompt: the trial's NeedlePrompt.
+        conditions: the decoding conditions.
+        max_new_tokens: the most tokens generated per reply.
+        recall_threshold: a reply counts when its recall exceeds this.
+
+    Returns:
+        One record per condition: condition, spec, reply, generated, recall, found, prompt_tokens, span, seconds,
+        and kv / scores where they apply.
     """
     ids = list(prompt.ids)
     start, end = prompt.span
@@ -217,7 +303,13 @@ def run_trial(model: HeadModel, prompt: NeedlePrompt, conditions: list[Condition
 
 @dataclass(frozen=True)
 class Trial:
-    """One grid point: needle set, prompt length (tokens) and depth (percent); `key` names it in trials.jsonl."""
+    """One grid point: needle set, prompt length (tokens) and depth (percent); `key` names it in trials.jsonl.
+
+    Attributes:
+        needle: the needle set's index.
+        length: the prompt length in tokens.
+        depth: the needle's depth in percent.
+    """
 
     needle: int
     length: int
@@ -225,6 +317,7 @@ class Trial:
 
     @property
     def key(self) -> str:
+        """`n{needle}-L{length}-d{depth}`."""
         return f"n{self.needle}-L{self.length}-d{self.depth:g}"
 
 
@@ -236,6 +329,20 @@ def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], tri
     Records are appended (one line each, flushed) as trials finish, so an interrupted run resumes
     where it stopped. A record is reused only if its trial key, `tag` (the decoding settings) and
     condition spec all match.
+
+    Args:
+        model: a causal LM HeadModel.
+        make_prompt: builds a trial's NeedlePrompt.
+        trials: the grid points.
+        conditions: the decoding conditions.
+        path: the JSONL file of records (None: nothing written or reused).
+        tag: the decoding settings, part of each record's key.
+        max_new_tokens: the most tokens generated per reply.
+        recall_threshold: a reply counts when its recall exceeds this.
+        progress: show a progress bar.
+
+    Returns:
+        The records of every (trial, condition), trials in order, with trial, needle, length and depth added.
     """
     path = Path(path) if path is not None else None
     done: dict[tuple[str, str], dict[str, Any]] = {}
@@ -262,6 +369,14 @@ def retrieval_scores(model: HeadModel, records: list[dict[str, Any]], *, params:
     """Retrieval score `[L, H]`: the mean of the trial scores over the trials whose reply counts.
 
     Maps: "retrieval" (primary). Items: "trial_scores" `[N, L, H]` and "found" `[N]` over all scored trials.
+
+    Args:
+        model: the HeadModel the records come from.
+        records: trial records, the scoring condition's carrying "scores".
+        params: the settings to record (a dict).
+
+    Returns:
+        HeadScores (analysis "retrieval").
     """
     scored = [r for r in records if "scores" in r]
     trial = torch.tensor([r["scores"] for r in scored]).view(-1, model.n_layers, model.n_heads)
@@ -279,12 +394,21 @@ class RetrievalParams:
     """Settings of `retrieval_scan`: the needle grid, decoding, the masking test and the KV policies.
 
     Attributes:
-        lengths, depths, needles: the grid: context lengths (tokens), needle depths (percent), needle sets.
-        max_new_tokens, chat: decoding and prompt settings (see `text_prompt`).
+        lengths: the grid's context lengths (tokens).
+        depths: the grid's needle depths (percent).
+        needles: the grid's needle sets.
+        max_new_tokens: the most tokens decoded per reply.
+        chat: use the chat template (None: when the tokenizer has one; see `text_prompt`).
         recall_threshold: a reply counts when its ROUGE-1 recall exceeds this.
-        ks, draws, mask_how, exclude_top, seed: the masking test (see `razor.masking_conditions`); ks=(): none.
+        ks: the masking test's K values (see `razor.masking_conditions`); ks=(): no masking test.
+        draws: random draws per K.
+        mask_how: "uniform" or "zero" masking.
+        exclude_top: the share of top heads random draws avoid.
+        seed: the draws' seed.
         mask_lengths: the lengths the masking test runs at (empty: all).
-        windows, window_frac, sinks: RazorAttention's recent windows S0 (one condition each; ()=none), 1/C, N0.
+        windows: RazorAttention's recent windows S0 (one condition each; (): none).
+        window_frac: 1/C (the window grows with the context).
+        sinks: N0, the first tokens every head keeps.
         kv_cache: "simulated" (the RazorKV edit over the full cache), "real" (a RazorCache holding only the kept
             entries) or "both" (each window both ways; the real conditions' names end in "-real").
         razor: the echo/induction scan that picks the retrieval KV heads kept full.

@@ -63,7 +63,14 @@ class SinkParams:
 
 
 def kjv_prompts(n: int = 8) -> list[str]:
-    """The first n of 16 King James Bible passages (~200–300 tokens each) committed under data/sinks/."""
+    """The first n of 16 King James Bible passages (~200–300 tokens each) committed under data/sinks/.
+
+    Args:
+        n: how many passages (at most 16).
+
+    Returns:
+        The passages' texts.
+    """
     passages = json.loads((DATA / "kjv_passages.json").read_text())["passages"]
     return [p["text"] for p in passages[:n]]
 
@@ -145,6 +152,13 @@ def sink_tokens(scores: HeadScores, *, top: int = 12) -> list[dict]:
     Each entry: token (its text), hits ((prompt, head, position) sinks on it), heads (distinct heads with one),
     occurrences (its qualifying positions ≥ 1 in the prompts), sunk (how many of those are a sink of some head)
     and rate = hits / (occurrences × heads of the model).
+
+    Args:
+        scores: a sink scan's HeadScores.
+        top: how many tokens.
+
+    Returns:
+        The entries above, most hits first.
     """
     sinks = scores.items["sink_mask"].bool()[..., 1:]  # [B, L, H, S-1]
     n_b, n_l, n_h, _ = sinks.shape
@@ -167,7 +181,15 @@ def sink_tokens(scores: HeadScores, *, top: int = 12) -> list[dict]:
 
 
 def summary_lines(scores: HeadScores, *, top: int = 8) -> list[str]:
-    """Printable lines: first-token and non-initial sink shares, the sink tokens, the heads with most later sinks."""
+    """Printable lines: first-token and non-initial sink shares, the sink tokens, the heads with most later sinks.
+
+    Args:
+        scores: a sink scan's HeadScores.
+        top: how many heads to list.
+
+    Returns:
+        The lines, without newlines.
+    """
     m, n_heads = scores.meta, scores.scores.numel()
     first = m["prompt_tokens"][0][0] if m["prompt_tokens"] else "?"
     lines = [f"{scores.model}: {m['n_prompts']} prompts of {min(m['prompt_lengths'])}–{max(m['prompt_lengths'])} "
@@ -187,8 +209,19 @@ def summary_lines(scores: HeadScores, *, top: int = 8) -> list[str]:
 
 
 def read_prompts(path: Path | None, n: int) -> list:
-    """Prompts from a .txt file (separated by blank lines) or a .json list (of strings, or of token-id lists); the
-    bundled KJV passages if None. Anything else is a PromptError naming the file and the item."""
+    """Prompts from a .txt file (separated by blank lines) or a .json list (of strings, or of token-id lists).
+
+    Args:
+        path: the file, or None for the bundled KJV passages.
+        n: how many bundled passages when path is None.
+
+    Returns:
+        The prompts: strings, or token-id lists.
+
+    Raises:
+        PromptError: invalid JSON, not a non-empty list, an item that is neither a non-empty string nor a list of
+            ints, or no prompts (the message names the file and the item).
+    """
     if path is None:
         return kjv_prompts(n)
     text = path.read_text()

@@ -25,8 +25,9 @@ def _command(rel: str) -> tuple[str, str]:
     c = _read(f"{rel}/command.json")
     secs = c["wall_seconds"]
     when = f"{secs / 60:.0f} min" if secs >= 120 else f"{secs:.0f} s"
+    note = f" Note: {c['note']}" if c.get("note") else ""
     return c["command"], (f"{when} wall clock on this {c.get('cpus', 2)}-core CPU shared with other jobs, "
-                          f"{c.get('threads', 1)} torch thread")
+                          f"{c.get('threads', 1)} torch thread.{note}")
 
 
 def _share(records: list[dict], condition: str, length: int | None = None) -> tuple[float, float, int]:
@@ -65,8 +66,9 @@ def retrieval_section() -> list[str]:
     out += ["Top retrieval heads: " + ", ".join(f"{h} {_num(s, 2)}" for h, s in ranked[:10]) + ".", ""]
 
     out += _masking(records, params, n_heads) + _razor(records, params)
-    out += [f"Retrieval KV heads kept full: {len(meta.get('retrieval_kv', []))} (layer, KV head) pairs. "
-            f"Run time: {took}.", "", f"Source: `{RETRIEVAL}/` (scores.json, records.json). Reproduce:", "",
+    n_kv = f" of {meta['n_layers'] * meta['n_kv_heads']}" if "n_kv_heads" in meta else ""
+    out += [f"Retrieval KV heads kept full: {len(meta.get('retrieval_kv', []))}{n_kv} (layer, KV head) pairs. "
+            f"Run time: {took}", "", f"Source: `{RETRIEVAL}/` (scores.json, records.json). Reproduce:", "",
             _fence(command, "bash"), ""]
     return out
 
@@ -99,7 +101,7 @@ def _razor(records: list[dict], params: dict) -> list[str]:
     if not params["windows"]:
         return []
     out = ["**RazorAttention** (claim: > 70% KV reduction, \"nearly lossless\"; the paper keeps S0 = 4000 recent "
-            "tokens, with retrieval heads = top 14% by induction score ∪ top 1% by echo score keeping the full cache): "
+            "tokens, a fixed 256 in their deployment code, with retrieval heads = top 14% by induction score ∪ top 1% by echo score keeping the full cache): "
             "the same heads from headlab's echo/induction scan keep their full KV cache, the others 4 sink tokens, "
             "a recent window and one compensation token; the control gives every head the window. Over all "
             f"{_share(records, 'baseline')[2]} trials ({' and '.join(map(str, params['lengths']))} tokens):", ""]
@@ -167,7 +169,7 @@ def pruning_section() -> list[str]:
                 f"{c['k']} overlap {_pct(c['top_k_overlap'])}"
                 + (f", {_num(c['speedup'], 1)}× faster ({_num(c['atp_seconds'], 1)} s against "
                    f"{_num(c['ablation_seconds'], 1)} s)" if c.get("speedup") else "") + ".", ""]
-    out += [f"Run time: {took}.", "", f"Source: `{PRUNE}/results.jsonl`. Reproduce:", "", _fence(command, "bash"), ""]
+    out += [f"Run time: {took}", "", f"Source: `{PRUNE}/results.jsonl`. Reproduce:", "", _fence(command, "bash"), ""]
     return out
 
 

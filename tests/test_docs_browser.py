@@ -93,6 +93,21 @@ def test_page_renders_without_errors(served, browser, path, shot, must_have):
     page.context.close()
 
 
+def test_reproduction_tables_render(served, browser):
+    """The retrieval-head and pruning sections (generated from benchmarks/results/) are on the page, as tables."""
+    page, problems = _visit(browser, f"{served}/reproductions.html")
+    for heading in ("Retrieval heads", "Head pruning"):
+        section = page.locator("h2", has_text=heading)
+        assert section.count() == 1, heading
+        assert page.locator(f"h2:has-text('{heading}') ~ table").count() >= 1
+    page.locator("h2", has_text="Retrieval heads").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "05-reproductions-retrieval.png")
+    page.locator("h2", has_text="Head pruning").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "06-reproductions-pruning.png")
+    assert not problems, "\n".join(problems)
+    page.context.close()
+
+
 def test_tutorial_figures_render(served, browser):
     """Every figure of the executed notebook is drawn by the site's own plotly.js: a .js-plotly-plot with an SVG of
     real size for each nb-plotly div, no console errors, no missing files."""

@@ -25,7 +25,14 @@ DATA = TASKS_DIR
 
 @dataclass(frozen=True)
 class ChoiceItem:
-    """One question: the prompt, the answer options (each scored as `" " + option` after it), the right option."""
+    """One question: the prompt, the answer options (each scored as `" " + option` after it), the right option.
+
+    Attributes:
+        task: the task's name.
+        prompt: the prompt text (with its demonstrations).
+        options: the answer options.
+        answer: the index of the right option.
+    """
 
     task: str
     prompt: str
@@ -35,7 +42,13 @@ class ChoiceItem:
 
 @dataclass(frozen=True)
 class TaskSplits:
-    """The calibration and evaluation items of one task (built from disjoint word pools)."""
+    """The calibration and evaluation items of one task (built from disjoint word pools).
+
+    Attributes:
+        name: the task's name.
+        calibration: the calibration items.
+        evaluation: the evaluation items.
+    """
 
     name: str
     calibration: list[ChoiceItem]
@@ -127,7 +140,20 @@ TASKS: dict[str, Callable[..., TaskSplits]] = {"categories": categories, "sentim
 
 
 def build_tasks(names: tuple[str, ...] | list[str], *, n_calib: int, n_eval: int, seed: int = 0) -> list[TaskSplits]:
-    """The named tasks' splits (each task with its own seeded generator, so adding a task changes no other)."""
+    """The named tasks' splits (each task with its own seeded generator, so adding a task changes no other).
+
+    Args:
+        names: task names (keys of `TASKS`: categories, sentiment, antonyms, ...).
+        n_calib: calibration items per task (capped by the word pools).
+        n_eval: evaluation items per task (capped likewise).
+        seed: the builders' seed.
+
+    Returns:
+        One TaskSplits per name, in order.
+
+    Raises:
+        KeyError: an unknown task.
+    """
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise KeyError(f"unknown task(s) {unknown}: choose from {sorted(TASKS)}")

@@ -40,13 +40,33 @@ class EncodedItems:
         return len(self.ids)
 
     def subset(self, index: Sequence[int]) -> "EncodedItems":
+        """The items at `index`, in that order.
+
+        Args:
+            index: item indices.
+
+        Returns:
+            The EncodedItems of those items.
+        """
         idx = list(index)
         return EncodedItems([self.ids[i] for i in idx], self.options[idx], self.answer[idx],
                             [self.task[i] for i in idx])
 
 
 def encode_items(model: HeadModel, items: Sequence[ChoiceItem], *, prepend_bos: bool = False) -> EncodedItems:
-    """Tokenise prompts and options; every item's options must start with distinct tokens."""
+    """Tokenise prompts and options; every item's options must start with distinct tokens.
+
+    Args:
+        model: a HeadModel with a tokenizer.
+        items: the ChoiceItems.
+        prepend_bos: put the model's BOS before each prompt.
+
+    Returns:
+        EncodedItems: prompt ids, each option's first token id, answers and task names.
+
+    Raises:
+        PromptError: no tokenizer, options that do not start with distinct tokens, or a bad prompt.
+    """
     if model.tokenizer is None:
         raise PromptError(f"{model.name} has no tokenizer: build EncodedItems from token ids instead")
     ids, options = [], []
@@ -67,6 +87,19 @@ def option_logprobs(model: HeadModel, items: EncodedItems, *, batch: int = 16, p
     """Log-probabilities `[N, K]` of each option's first token after each prompt (-inf where an item has fewer options).
 
     Runs whatever head edits are active in the caller's context (`with hl.edit(model, ...)`).
+
+    Args:
+        model: an LM HeadModel.
+        items: the EncodedItems.
+        batch: prompts per forward (prompts are sorted by length first).
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        float32 `[N, K]` log-probabilities.
+
+    Raises:
+        PromptError: a model without an LM head.
     """
     if not model.is_lm:
         raise PromptError(f"{model.name} has no language-model head: options cannot be scored on it")
@@ -92,14 +125,31 @@ def option_logprobs(model: HeadModel, items: EncodedItems, *, batch: int = 16, p
 
 
 def correct(logprobs: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """Bool `[N]`: whether the right option has the highest log-probability (ties count as wrong)."""
+    """Bool `[N]`: whether the right option has the highest log-probability (ties count as wrong).
+
+    Args:
+        logprobs: `[N, K]` option log-probabilities.
+        answer: `[N]` right options.
+
+    Returns:
+        Bool `[N]`.
+    """
     right = logprobs.gather(-1, answer[:, None])[:, 0]
     others = logprobs.scatter(-1, answer[:, None], float("-inf")).max(-1).values
     return right > others
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95% by default)."""
+    """Wilson score interval of a proportion k/n (95% by default).
+
+    Args:
+        k: successes.
+        n: trials.
+        z: the normal quantile (1.96: 95%).
+
+    Returns:
+        (low, high) in [0, 1]; NaNs when n = 0.
+    """
     if n == 0:
         return (float("nan"), float("nan"))
     p = k / n
@@ -110,7 +160,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def paired_bootstrap(before: torch.Tensor, after: torch.Tensor, *, reps: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(after) − mean(before) over items resampled in pairs."""
+    """Percentile bootstrap interval of mean(after) − mean(before) over items resampled in pairs.
+
+    Args:
+        before: per-item scores (e.g. bool right/wrong) before.
+        after: per-item scores after, same items.
+        reps: bootstrap resamples.
+        seed: the resampling seed.
+        level: the interval's coverage.
+
+    Returns:
+        (low, high); NaNs for no items.
+    """
     n = len(before)
     if n == 0:
         return (float("nan"), float("nan"))

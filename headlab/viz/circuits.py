@@ -20,13 +20,20 @@ def _label(head: str) -> tuple[int, int]:
 
 def circuit_graph(heads: Sequence[dict[str, Any]], edges: Iterable[dict[str, Any]], *, title: str = "",
                   min_edge: float = 0.02, n_heads: int | None = None) -> go.Figure:
-    """Heads as nodes (x: head index, y: layer; colour: role; size: |effect|) and path-patching edges as lines (width:
-    |effect|; dashed when negative; only |effect| ≥ `min_edge`).
+    """A circuit as a graph: heads as nodes and path-patching edges as lines.
+
+    Nodes sit at x = head index, y = layer, coloured by role and sized by |effect|; edges are as wide as |effect|,
+    dashed when negative.
 
     Args:
         heads: dicts with "head" ("L3H1"), "effect", "role" (a Circuit's `to_json()["heads"]`).
         edges: dicts with "sender", "receiver", "channel", "effect".
+        title: the figure title.
+        min_edge: edges with |effect| below this are left out.
         n_heads: the model's heads per layer (for the x range; the largest index shown by default).
+
+    Returns:
+        A plotly Figure.
     """
     heads = list(heads)
     pos = {h["head"]: _label(h["head"]) for h in heads}
@@ -59,7 +66,17 @@ def circuit_graph(heads: Sequence[dict[str, Any]], edges: Iterable[dict[str, Any
 
 
 def overlap_figure(matrix, tasks: Sequence[str], *, title: str = "", measure: str = "IoU") -> go.Figure:
-    """A task × task overlap matrix (`[n, n]` tensor or nested list) as an annotated heatmap."""
+    """A task × task overlap matrix (`[n, n]` tensor or nested list) as an annotated heatmap.
+
+    Args:
+        matrix: `[n, n]` values in [0, 1] (`overlap_matrix`).
+        tasks: the n task names, in matrix order.
+        title: the figure title.
+        measure: the colour bar's title.
+
+    Returns:
+        A plotly Figure.
+    """
     values = matrix.tolist() if hasattr(matrix, "tolist") else [list(r) for r in matrix]
     fig = go.Figure(go.Heatmap(z=values, x=list(tasks), y=list(tasks), zmin=0, zmax=1, colorscale="Blues",
                                colorbar={"title": measure}, text=[[f"{v:.2f}" for v in r] for r in values],
@@ -69,7 +86,15 @@ def overlap_figure(matrix, tasks: Sequence[str], *, title: str = "", measure: st
 
 
 def shared_roles(rows: Iterable[dict[str, Any]], *, title: str = "") -> go.Figure:
-    """Stacked bars: for each task pair, its shared heads counted by role (rows: pair, role, count)."""
+    """Stacked bars: for each task pair, its shared heads counted by role.
+
+    Args:
+        rows: dicts with "pair", "role", "count".
+        title: the figure title.
+
+    Returns:
+        A plotly Figure.
+    """
     rows = list(rows)
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
     fig = go.Figure()
@@ -82,7 +107,17 @@ def shared_roles(rows: Iterable[dict[str, Any]], *, title: str = "") -> go.Figur
 
 def estimate_scatter(exact, estimates: dict[str, Any], *, title: str = "", labels: Sequence[str] | None = None
                      ) -> go.Figure:
-    """Patching estimates (AtP, AtP*) against exact patching, one point per head (flat lists or tensors in)."""
+    """Patching estimates (AtP, AtP*) against exact patching, one point per head (flat lists or tensors in).
+
+    Args:
+        exact: exact patching effects (a tensor or a flat list).
+        estimates: {name: estimates in the same order}.
+        title: the figure title.
+        labels: per-head hover labels ("L3H1").
+
+    Returns:
+        A plotly Figure.
+    """
     ex = exact.flatten().tolist() if hasattr(exact, "flatten") else list(exact)
     fig = go.Figure()
     for name, est in estimates.items():

@@ -10,7 +10,15 @@ from headlab.icl.theory import head_measures, lsa_optimum, rel_dist
 
 
 def training_curves(run, *, title: str | None = None) -> go.Figure:
-    """Loss, every head's ω_h and μ_h, and the pattern measures against the training step."""
+    """Loss, every head's ω_h and μ_h, and the pattern measures against the training step.
+
+    Args:
+        run: an ICLRun.
+        title: the figure title (default: names the model).
+
+    Returns:
+        A plotly Figure.
+    """
     h = run.history
     steps = h["steps"].tolist()
     m = head_measures(h["kq"], h["ov"])  # each [C, H]
@@ -47,6 +55,13 @@ def weights_over_training(run, *, title: str | None = None) -> go.Figure:
 
     The slider toggles trace visibility (no animation frames), so the figure opens on the last
     checkpoint in every renderer.
+
+    Args:
+        run: an ICLRun.
+        title: the figure title (default: names the model).
+
+    Returns:
+        A plotly Figure.
     """
     kq, ov, steps = run.history["kq"], run.history["ov"], run.history["steps"].tolist()
     n_heads, dim = kq.shape[1], kq.shape[-1]
@@ -114,7 +129,15 @@ def weights_at(kq, ov, *, step: int, title: str | None = None, kq_max: float | N
 
 
 def lsa_distance_curve(run, *, title: str | None = None) -> go.Figure:
-    """‖W^PV_22·W^KQ_11 − Γ⁻¹‖/‖Γ⁻¹‖ over training, beside the distance to the (1+1/N)-less Γ₀⁻¹."""
+    """‖W^PV_22·W^KQ_11 − Γ⁻¹‖/‖Γ⁻¹‖ over training, beside the distance to the (1+1/N)-less Γ₀⁻¹.
+
+    Args:
+        run: a trained LSA's ICLRun.
+        title: the figure title (default: says what is compared).
+
+    Returns:
+        A plotly Figure.
+    """
     task, d = run.task, run.task.d
     products = run.history["ov"][:, 0, -1, None, None] * run.history["kq"][:, 0, :d, :d]
     target, variant = lsa_optimum(task), lsa_optimum(task, variant="no_1_over_n")
@@ -130,7 +153,18 @@ def lsa_distance_curve(run, *, title: str | None = None) -> go.Figure:
 
 def error_curves(table: dict, *, x: str = "n", title: str = "", x_title: str = "prompt length N",
                  train_n: int | None = None) -> go.Figure:
-    """MSE of each model and baseline against N (or another x column), log scale."""
+    """MSE of each model and baseline against N (or another x column), log scale.
+
+    Args:
+        table: `errors_vs_n`'s (or `covariate_shift`'s) table: the x column and, per name, MSEs (or {"mse": ...}).
+        x: the x column's key.
+        title: the figure title.
+        x_title: the x-axis title.
+        train_n: the training prompt length, marked by a dotted line (None: none).
+
+    Returns:
+        A plotly Figure.
+    """
     fig = go.Figure()
     dash = {"ols": "dot", "ridge": "dot", "gd": "dash", "debiased_gd": "dash"}
     for name, values in table.items():
@@ -150,7 +184,15 @@ def error_curves(table: dict, *, x: str = "n", title: str = "", x_title: str = "
 
 
 def shift_slopes(table: dict, *, title: str = "") -> go.Figure:
-    """The slope of ŷ on ⟨w, x_q⟩ against the covariate scale c, with c² for reference."""
+    """The slope of ŷ on ⟨w, x_q⟩ against the covariate scale c, with c² for reference.
+
+    Args:
+        table: `covariate_shift`'s table.
+        title: the figure title.
+
+    Returns:
+        A plotly Figure.
+    """
     scales = table["scale"]
     fig = go.Figure()
     for name, values in table.items():

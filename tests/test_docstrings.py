@@ -25,7 +25,7 @@ function, method (defined in the class itself, as the reference shows no inherit
    "Return " / "Returns " (the checkable short form: "Returns the number of ..."). A generator that yields values
    needs `Yields:` or `Returns:`. Properties describe their value in the summary and are exempt.
 4. **Raises**: a function whose source contains `raise X` / `raise X(...)` with X a HeadlabError subclass has a
-   `Raises:` section naming X.
+   `Raises:` section naming X; so does a class whose `__post_init__` (or own `__init__`) raises X.
 
 Known gaps are listed in KNOWN_FILES (by source file) and KNOWN (by qualified name) with their reason; the test fails
 when a new gap appears *and* when a listed one is closed, so the lists only shrink.
@@ -308,6 +308,13 @@ def check_class(cls) -> dict[str, list[str]]:
             missing = [p for p in params if p not in described]
             if missing:
                 out[name] = [f"constructor: no Args:/Attributes: entry for {', '.join(missing)}"]
+        ctor = [vars(cls)["__post_init__"]] if "__post_init__" in vars(cls) else []
+        if fields is None and (init := _own_init(cls)) is not None:
+            ctor.append(init)
+        raised = set().union(*(raised_headlab_errors(fn, _def_node(fn)) for fn in ctor))
+        named = {str(e.annotation).split(".")[-1] for e in sections(doc, []).get("raises", [])}
+        if raised - named:
+            out.setdefault(name, []).append(f"Raises: does not name {', '.join(sorted(raised - named))}")
     for attr, value in vars(cls).items():
         if attr.startswith("_"):
             continue
@@ -505,6 +512,21 @@ class NoDoc:
     a: int = 0
 
 
+@dataclass
+class Checked:
+    """Checks its field.
+
+    Attributes:
+        a: a positive int.
+    """
+
+    a: int = 1
+
+    def __post_init__(self):
+        if self.a < 1:
+            raise EditError("a < 1")
+
+
 class Plain:
     """A class.
 
@@ -540,7 +562,7 @@ def test_the_checker_finds_planted_gaps(tmp_path, monkeypatch):
     found = audit(public_objects(["planted_docs"]))
     p = "planted_docs."
     assert set(found) == {p + n for n in ["undocumented", "two_line_summary", "missing_arg", "no_returns", "no_raises",
-                                          "gen", "Fields", "NoDoc", "Plain", "Plain.size"]}, sorted(found)
+                                          "gen", "Fields", "NoDoc", "Checked", "Plain", "Plain.size"]}, sorted(found)
     assert found[p + "undocumented"] == ["no docstring"]
     assert found[p + "two_line_summary"] == ["the summary is not one line (no blank line after the first)"]
     assert found[p + "missing_arg"] == ["Args: no entry for b", "Args: entries for no parameter: c"]
@@ -549,5 +571,6 @@ def test_the_checker_finds_planted_gaps(tmp_path, monkeypatch):
     assert found[p + "gen"] == ["yields values: no Yields: section"]
     assert found[p + "Fields"] == ["Attributes: no entry for b"]
     assert found[p + "NoDoc"] == ["no docstring"]
+    assert found[p + "Checked"] == ["Raises: does not name EditError"]
     assert found[p + "Plain"] == ["constructor: no Args:/Attributes: entry for y"]
     assert found[p + "Plain.size"] == ["no docstring"]

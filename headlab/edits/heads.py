@@ -44,6 +44,9 @@ class Ablate:
             its mean output over `reference` (a prompt batch, required); "uniform" makes its attention
             uniform over the keys it may see.
         reference: prompts for "mean" ablation.
+
+    Raises:
+        EditError: more than one head, an unknown `how`, or "mean" without a reference.
     """
 
     head: HeadRef

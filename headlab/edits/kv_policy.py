@@ -47,6 +47,9 @@ class RazorKV:
         compensation: add the compensation token (False: plain sinks + window, StreamingLLM-like).
         compress_at: cache length at which the cache is compressed once (None: sliding, per query row).
         block: query rows per chunk when many rows are recomputed at once (bounds memory at prefill).
+
+    Raises:
+        EditError: sinks < 0, window < 1, window_frac outside [0, 1], block < 1, or compress_at < 1.
     """
 
     full: frozenset[tuple[int, int]] = field(default_factory=frozenset)

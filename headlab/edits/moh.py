@@ -202,6 +202,10 @@ class MoH:
         unit: "head" routes query heads one by one; "group" routes whole KV groups (a group's score: the mean of
             its heads' scores; k and the shared heads must then be whole groups), so every head that is off leaves
             its group's cache unread.
+
+    Raises:
+        EditError: an unknown unit or compute, an active count that is not a fraction in (0, 1] or a count ≥ 1, a
+            negative shared count, or a router without a `scores` method.
     """
 
     active: float | int

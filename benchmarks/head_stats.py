@@ -4,6 +4,11 @@ Methods, each in its own subprocess so that its peak memory is its own:
   plain      HF forward with sdpa, no analysis (the floor)
   lse        headlab `HeadModel.stats(statistics="lse")`: every head's row log-sum-exp, returned with the output
              by the fused CPU kernel the model's sdpa runs anyway (the induction scan's statistics)
+  sets       `statistics={"key_sets"}`: + the mass of every row on two key sets (the first token; a 16-token span),
+             as indicator columns of the values in that same fused call
+  entropy    `statistics={"entropy"}`: + each row's entropy (the keys as extra value columns of that call)
+  received   `statistics={"entropy", "received"}`: + each key's received attention (one more flash call with the
+             roles swapped)
   stats      headlab `HeadModel.stats` for every head (top-1, lse, entropy, received per key)
   eager      HF eager forward with `output_attentions=True`
   bridge     TransformerBridge `run_with_cache`, patterns only
@@ -13,7 +18,9 @@ table says how many GiB it would need. Timings are medians of paired runs on a n
 the ratios, not the seconds.
 
 Usage: python benchmarks/head_stats.py [--models smollm2-135m layer7b] [--lengths 512 2048 8192 16384]
-       [--repeats 3] [--device cpu|cuda] [--kernel-only]
+       [--repeats 3] [--device cpu|cuda] [--kernel-only] [--methods ...] [--paired]
+--paired: time only, every method in one process with its forwards interleaved with plain ones (round robin), each
+ratio the median of (method / the plain forward beside it): what a busy machine's load cannot skew.
 On CUDA it also times the Triton kernel against SDPA (flash) on the same shapes (TFLOP/s).
 """
 
@@ -32,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("plain", "lse", "stats", "eager", "bridge")
+METHODS = ("plain", "lse", "sets", "entropy", "received", "stats", "eager", "bridge")
+FUSED = {"lse": {"lse"}, "sets": {"key_sets"}, "entropy": {"entropy"}, "received": {"entropy", "received"}}
 LAYER7B = dict(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768)
 
@@ -81,11 +89,16 @@ def _one(method: str, model: str, length: int, repeats: int, device: str) -> dic
 
         def call():
             m.stats(ids, topk=1)
-    elif method == "lse":
+    elif method in FUSED:
         m = hl.load(hf, device=device)
+        sets = None
+        if method == "sets":
+            sets = torch.zeros(2, 1, length, dtype=torch.bool, device=device)
+            sets[0, :, 0] = True
+            sets[1, :, length // 2:length // 2 + 16] = True
 
         def call():
-            m.stats(ids, statistics="lse")
+            m.stats(ids, statistics=FUSED[method], key_sets=sets)
     elif method == "eager":
         def call():
             with torch.no_grad():
@@ -115,6 +128,45 @@ def _one(method: str, model: str, length: int, repeats: int, device: str) -> dic
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gib()) - base
     return {"seconds": statistics.median(times), "peak_gib": max(peak, 0.0)}
+
+
+def _paired(methods: list[str], model: str, length: int, repeats: int, device: str) -> dict[str, float]:
+    """Median time ratio to plain of each headlab method, their forwards interleaved with plain ones."""
+    import transformers as T
+
+    import headlab as hl
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    ids = torch.randint(10, 1000, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    hf = T.AutoModelForCausalLM.from_pretrained(_folder(model), attn_implementation="sdpa",
+                                                dtype=torch.float32).to(device).eval()
+    m = hl.load(hf, device=device)
+    sets = torch.zeros(2, 1, length, dtype=torch.bool, device=device)
+    sets[0, :, 0] = True
+    sets[1, :, length // 2:length // 2 + 16] = True
+    calls = {"plain": lambda: hf(ids), "stats": lambda: m.stats(ids, topk=1)}
+    for name, asked in FUSED.items():
+        calls[name] = (lambda asked=asked, name=name: m.stats(ids, statistics=asked,
+                                                               key_sets=sets if name == "sets" else None))
+    chosen = [x for x in methods if x in calls and x != "plain"]
+    ratios: dict[str, list[float]] = {x: [] for x in chosen}
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(calls["plain"])  # warm-up: weights paged in, kernels picked
+    for _ in range(repeats):
+        for x in chosen:
+            before = timed(calls["plain"])
+            got = timed(calls[x])
+            after = timed(calls["plain"])
+            ratios[x].append(got / (0.5 * (before + after)))
+    return {x: statistics.median(r) for x, r in ratios.items()}
 
 
 def _pattern_gib(folder: Path, length: int) -> float:
@@ -163,8 +215,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kernel-only", action="store_true")
+    parser.add_argument("--paired", action="store_true", help="time ratios from interleaved forwards in one process")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MODEL", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired:
+        for model in args.models:
+            for length in args.lengths:
+                ratios = _paired(args.methods, model, length, args.repeats, args.device)
+                print(f"{model:>13} T={length:6d} " + "  ".join(f"{k} ×{v:.2f}" for k, v in ratios.items()), flush=True)
+        return
     if args.one:
         method, model, length = args.one
         print(json.dumps(_one(method, model, int(length), args.repeats, args.device)))

@@ -18,8 +18,7 @@ function, method (defined in the class itself, as the reference shows no inherit
    griffe's Google parser, the one mkdocstrings uses), and every `Args:` entry names a parameter. A class documents its
    constructor in the class docstring (the reference hides `__init__`): a dataclass or NamedTuple has an
    `Attributes:` entry per field (one entry per name: griffe reads "a, b: ..." as the name "a," of type "b"), any
-   other class with its own `__init__` an `Args:` or
-   `Attributes:` entry per parameter.
+   other class with its own `__init__` an `Args:` or `Attributes:` entry per parameter.
 3. **Returns**: a function that returns something non-None (a return annotation other than None, or, unannotated, a
    `return <value>` other than `return None`) has a `Returns:` section, or a summary line that starts with
    "Return " / "Returns " (the checkable short form: "Returns the number of ..."). A generator that yields values
@@ -27,8 +26,8 @@ function, method (defined in the class itself, as the reference shows no inherit
 4. **Raises**: a function whose source contains `raise X` / `raise X(...)` with X a HeadlabError subclass has a
    `Raises:` section naming X; so does a class whose `__post_init__` (or own `__init__`) raises X.
 
-Known gaps are listed in KNOWN_FILES (by source file) and KNOWN (by qualified name) with their reason; the test fails
-when a new gap appears *and* when a listed one is closed, so the lists only shrink.
+Known gaps are listed in KNOWN_FILES (by source file, or folder ending in "/") and KNOWN (by qualified name) with their
+reason; the test fails when a new gap appears *and* when a listed one is closed, so the lists only shrink.
 """
 
 from __future__ import annotations
@@ -57,13 +56,11 @@ MODULES = [
 ]
 
 _BEING_WRITTEN = "being written in this session; audit next"
-# source files (relative to the repository root) whose gaps are tolerated, with the reason
+# source files or folders ("/" at the end; relative to the repository root) whose gaps are tolerated, with the reason
+# (the folders and viz/tokens.py are not on a reference page yet: listed so that adding them starts from the audit)
 KNOWN_FILES: dict[str, str] = {
     "headlab/run.py": _BEING_WRITTEN,
     "headlab/results.py": _BEING_WRITTEN,
-}
-# skipped without a check: other agents are writing them (they are not on a reference page yet)
-SKIPPED_PREFIXES: dict[str, str] = {
     "headlab/explore/": _BEING_WRITTEN,
     "headlab/models/linear/": _BEING_WRITTEN,
     "headlab/viz/tokens.py": _BEING_WRITTEN,
@@ -364,14 +361,13 @@ def audit(objects: dict[str, object]) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------------------------------------ the tests
 def _split(objects: dict[str, object]):
-    """(objects to audit, {known file: objects in it})."""
+    """(objects to audit, {KNOWN_FILES entry: its objects})."""
     audited, by_file = {}, {}
     for name, obj in objects.items():
         path = source_file(obj)
-        if any(path.startswith(p) for p in SKIPPED_PREFIXES):
-            continue
-        if path in KNOWN_FILES:
-            by_file.setdefault(path, {})[name] = obj
+        known = [k for k in KNOWN_FILES if path == k or (k.endswith("/") and path.startswith(k))]
+        if known:
+            by_file.setdefault(known[0], {})[name] = obj
         else:
             audited[name] = obj
     return audited, by_file

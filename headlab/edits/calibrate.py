@@ -26,7 +26,17 @@ from headlab.models.head_model import HeadModel
 
 
 def calibrate_pattern(pattern: torch.Tensor, sinks: torch.Tensor, beta: float) -> torch.Tensor:
-    """ACT's transform of patterns `[B, h, Q, S]` given sink keys `[B|1, h|1, S]` (bool): sinks keep β of theirs."""
+    """ACT's transform of patterns `[B, h, Q, S]` given sink keys `[B|1, h|1, S]` (bool): sinks keep β of theirs.
+
+    Args:
+        pattern: `[B, h, Q, S]` attention weights.
+        sinks: bool `[B|1, h|1, S]` sink keys.
+        beta: the share of their weight sinks keep.
+
+    Returns:
+        `[B, h, Q, S]`: the removed mass goes to each row's non-sink keys in proportion; rows with no non-sink mass
+        are left as they are.
+    """
     on = pattern * sinks[:, :, None, :]  # [B, h, Q, S] the weight on sinks
     mass = on.sum(-1, keepdim=True)  # [B, h, Q, 1]
     rest = pattern - on
@@ -42,8 +52,14 @@ def pattern_sinks(pattern: torch.Tensor, visible: torch.Tensor, rule: SinkRule, 
     """Sink keys `[B, h, S]` of patterns `[B, h, Q, S]` (Q = S, a prefill) from their column scores.
 
     Args:
+        pattern: `[B, h, Q, S]` prefill patterns.
         visible: bool `[B|1, 1, Q|1, S]`, which keys each query may see; a query that cannot see its own
             position is padding and adds nothing to the column sums.
+        rule: when a key is a sink (its column score).
+        first_exempt: leave each head's first sink out.
+
+    Returns:
+        Bool `[B, h, S]`.
     """
     n_b, _, n_q, n_s = pattern.shape
     vis = visible[:, 0].expand(-1, n_q, n_s)  # [B|1, Q, S]
@@ -65,6 +81,10 @@ class Calibrate:
             `SinkRule(min_visible=1)` is ACT's code exactly).
         first_exempt: leave the first sink found alone (ACT's code does).
         positions: fixed sink positions for every input and head instead of the rule (e.g. (0,)).
+
+    Raises:
+        EditError: beta outside [0, 1].
+        HeadIndexError: heads that cannot be read as heads.
     """
 
     heads: tuple[HeadRef, ...]
@@ -81,7 +101,15 @@ class Calibrate:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
 
     def sinks(self, pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """The sink keys `[B|1, h|1, S]` of patterns `[B, h, Q, S]`."""
+        """The sink keys `[B|1, h|1, S]` of patterns `[B, h, Q, S]`.
+
+        Args:
+            pattern: `[B, h, Q, S]` prefill patterns.
+            visible: bool `[B|1, 1, Q|1, S]` visibility.
+
+        Returns:
+            Bool `[1, 1, S]` for fixed positions, else `[B, h, S]` from the rule.
+        """
         if self.positions is not None:
             mask = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
             mask[[p for p in self.positions if p < pattern.shape[-1]]] = True
@@ -89,14 +117,32 @@ class Calibrate:
         return pattern_sinks(pattern, visible, self.rule, first_exempt=self.first_exempt)
 
     def override(self, record: LayerRecord, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The HeadOverride function: the heads' outputs `[B, Q, h, D]` and calibrated patterns `[B, h, Q, S]`."""
+        """The HeadOverride function: the heads' outputs `[B, Q, h, D]` and calibrated patterns `[B, h, Q, S]`.
+
+        Args:
+            record: the layer's LayerRecord.
+            heads: the heads to compute.
+
+        Returns:
+            (outputs `[B, Q, h, D]`, patterns `[B, h, Q, S]`); plain attention for decode steps.
+        """
         if record.q.shape[2] != record.k.shape[2]:  # a decode step with a cache: ACT calibrates the prefill only
             return attend(record, heads)
         visible = record.visible()
         return attend(record, heads, lambda p: calibrate_pattern(p, self.sinks(p, visible), self.beta))
 
     def layer_ops(self, model: HeadModel) -> dict[int, LayerOps]:
-        """One HeadOverride per layer holding chosen heads."""
+        """One HeadOverride per layer holding chosen heads (what `hl.edit` calls).
+
+        Args:
+            model: the HeadModel being edited.
+
+        Returns:
+            {layer: LayerOps with the calibrating override}.
+
+        Raises:
+            HeadIndexError: a head out of range.
+        """
         model.check_heads(self.heads)
         return {layer: LayerOps(overrides=(HeadOverride(tuple(heads), self.override, name="act-calibrate"),))
                 for layer, heads in by_layer(self.heads).items()}
@@ -104,5 +150,18 @@ class Calibrate:
 
 def calibrate(heads: Iterable[HeadRef] | HeadRef, *, beta: float = 0.4, rule: SinkRule | None = None,
               first_exempt: bool = True) -> Calibrate:
-    """A Calibrate edit (a convenience for `hl.edit(model, calibrate(heads))`)."""
+    """A Calibrate edit (a convenience for `hl.edit(model, calibrate(heads))`).
+
+    Args:
+        heads: the heads to calibrate.
+        beta: the share of their weight sinks keep.
+        rule: how sinks are found (None: the default SinkRule).
+        first_exempt: leave each head's first sink alone.
+
+    Returns:
+        The Calibrate edit.
+
+    Raises:
+        EditError: beta outside [0, 1].
+    """
     return Calibrate(heads=tuple(as_heads(heads)), beta=beta, rule=rule or SinkRule(), first_exempt=first_exempt)

@@ -129,6 +129,8 @@ class Capture:
         key_sets: bool `[K, B, S]` key sets for "key_sets" (the batch's own positions).
         query_mask: bool `[B, T]` the batch's real tokens, for "received" (a padded query gives nothing; without
             it, queries that see no key count as padded).
+        device: where records go (kept and given to `callback`): a model spread over devices by a device map gathers
+            every layer's record on its input device; None leaves each on its layer's device.
     """
 
     layers: frozenset[int] | None = None
@@ -139,6 +141,7 @@ class Capture:
     fused_stats: frozenset[str] = frozenset()
     key_sets: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
+    device: torch.device | None = None
     records: dict[int, LayerRecord] = field(default_factory=dict)
 
     def wants(self, layer: int) -> bool:
@@ -508,6 +511,8 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             mixer=_detached(mixer), lse=lse if cap.with_lse else None, fused=fused_stats if cap.with_lse else None,
             gates=gates.detach() if gates is not None else None, key_bias=key_bias,
         )
+        if cap.device is not None and query.device != cap.device:
+            record = _moved(record, cap.device)
         if cap.keep:
             cap.records[layer] = record
         if cap.callback is not None:
@@ -594,6 +599,23 @@ def _sdpa_with_stats(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return None
     out, stats = res
     return out.transpose(1, 2).contiguous(), stats
+
+
+def _moved(record: LayerRecord, device: torch.device) -> LayerRecord:
+    """A record with its tensors (mixer's and fused statistics' included) on another device."""
+    import dataclasses
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.replace(value, **{f.name: move(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value) if f.init})
+        return value
+
+    return dataclasses.replace(record, **{f.name: move(getattr(record, f.name)) for f in dataclasses.fields(record)})
 
 
 def _detached(mixer: Any) -> Any:

@@ -111,7 +111,7 @@ def mean_head_outputs(model: HeadModel, reference: Any, layers: Iterable[int]) -
         PromptError: a bad reference prompt.
     """
     layers = sorted(set(layers))
-    capture = Capture(layers=frozenset(layers), with_z=True)
+    capture = Capture(layers=frozenset(layers), with_z=True, device=model.device)  # gathered (device maps)
     batch = model.encode(reference)
     with activate(model.owner, capture=capture, isolated=True), torch.no_grad():  # no edits apply, outer ones neither
         model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

@@ -26,6 +26,7 @@ from headlab.heads import HeadRef, as_heads, heads_per_group
 from headlab.losses import next_token_losses
 from headlab.models.arch import arch_for, find_attention_modules, resolve_relative
 from headlab.models.layers import LayerInputs, record_layer_inputs
+from headlab.models.placement import input_device, is_dispatched
 from headlab.run import Batch, Run
 
 if TYPE_CHECKING:
@@ -105,6 +106,11 @@ class HeadModel:
         layer_kinds: each layer's attention kind: "softmax" for HF families; for headlab's linear LMs
             also "swa", "linear", "hedgehog", "based", "gla" or "deltanet" (implicit patterns).
         source: where the model came from (the bundled name or folder; the display name otherwise).
+        device_map: {module name: device} when accelerate spread the model over devices (`hl.load(...,
+            device_map=...)`; "cpu" / "disk" entries are offloaded weights), else None. Then `device` is where
+            inputs go (the input embeddings' execution device), and every record a capture keeps or hands to a
+            callback (`run`, `stats`, `capturing`) is gathered there, so patterns and statistics of all layers
+            come out on that one device; edits act on each layer's own device.
 
     Args:
         model: a transformers model (`hl.load` builds HeadModels from names, folders, TransformerLens bridges and
@@ -142,6 +148,7 @@ class HeadModel:
         self.max_context = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = getattr(cfg, "vocab_size", None)
         self.is_lm = hasattr(model, "lm_head") or type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+        self.device_map = dict(model.hf_device_map) if is_dispatched(model) else None
         self._owner = next(_owner_ids)
 
         original = getattr(cfg, "_attn_implementation", None)
@@ -183,8 +190,15 @@ class HeadModel:
 
     @property
     def device(self) -> torch.device:
-        """The device of the model's parameters."""
+        """Where inputs go and records end up: the device of the model's parameters, or with a device map the
+        execution device of its input embeddings (see `device_map`)."""
+        if self.device_map is not None:
+            return input_device(self.hf)
         return next(self.hf.parameters()).device
+
+    def _capture(self, **kwargs: Any) -> Capture:
+        """The one place captures are made: records of a model spread over devices are gathered on `device`."""
+        return Capture(device=self.device if self.device_map is not None else None, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -501,7 +515,7 @@ class HeadModel:
         wanted = None if layers is None else frozenset(layers)
         if wanted is not None:
             self.check_layers(wanted)
-        capture = Capture(layers=wanted, with_z=with_z, keep=keep, callback=callback)
+        capture = self._capture(layers=wanted, with_z=with_z, keep=keep, callback=callback)
         with activate(self._owner, capture=capture):
             yield capture
 
@@ -577,7 +591,7 @@ class HeadModel:
         self.check_heads(refs)
         wanted = {r.layer for r in refs} | set(layers or [])
         self.check_layers(wanted)
-        capture = Capture(layers=frozenset(wanted) if wanted else None, with_z=with_z)
+        capture = self._capture(layers=frozenset(wanted) if wanted else None, with_z=with_z)
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         with activate(self._owner, capture=capture), torch.no_grad():
             output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -646,7 +660,7 @@ class HeadModel:
             if reducer is not None:
                 result.extra[record.layer] = reducer(record, st)
 
-        capture = Capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce, with_lse=fused,
+        capture = self._capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce, with_lse=fused,
                           fused_stats=frozenset(asked - {"lse", "all"}), key_sets=sets,
                           query_mask=batch.attention_mask.bool())
         with activate(self._owner, capture=capture), torch.no_grad():

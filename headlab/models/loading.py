@@ -11,13 +11,15 @@ import torch
 import transformers
 from torch import nn
 
-from headlab.errors import ModelNotFoundError, UnsupportedModelError, WeightsError
+from headlab.errors import HeadlabError, ModelNotFoundError, UnsupportedModelError, WeightsError
 from headlab.models.arch import ARCHS
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from headlab.models.placement import check_device_map, dispatch, is_dispatched, meta_skeleton
 
 def load(source: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         tokenizer: Any = None, attn_implementation: str = "sdpa") -> HeadModel:
+         tokenizer: Any = None, attn_implementation: str = "sdpa", device_map: Any = None, max_memory: Any = None,
+         offload_folder: str | Path | None = None) -> HeadModel:
     """Load or wrap a model as a HeadModel.
 
     Args:
@@ -27,34 +29,62 @@ def load(source: Any, *, device: str | torch.device | None = None, dtype: str | 
         dtype: float32 (default) or bfloat16 for names and folders; objects keep theirs unless given.
         tokenizer: a tokenizer for model objects that carry none.
         attn_implementation: the backend headlab calls under its seam, "sdpa" or "eager" (folders and names).
+        device_map: spread the model over devices with accelerate instead of putting it on `device`: "auto",
+            "balanced", "balanced_low_0", "sequential", or {module name: device} with devices "cpu", "disk"
+            (offloaded to `offload_folder`), "cuda:N" / N. Names and folders go through transformers'
+            `from_pretrained(device_map=...)` (weights placed as they are read: a model larger than any one device
+            loads); model objects through `accelerate.dispatch_model`. See `headlab.models.placement`.
+        max_memory: {device: size} budgets for the automatic maps, e.g. {0: "10GiB", "cpu": "30GiB"}.
+        offload_folder: where "disk" entries keep their weights.
 
     Returns:
         A HeadModel whose attention runs through headlab's seam (hub kernels off: transformers' own torch layers).
+        With a device map, inputs go to the input embeddings' device and captured records are gathered there
+        (`HeadModel.device`).
 
     Raises:
         ModelNotFoundError: an unknown name, a path that is no HF folder, no safetensors weights (pickles are never
             loaded), or a corrupt config or checkpoint.
         WeightsError: weights missing, unexpected or wrongly shaped for the folder's config.
         UnsupportedModelError: a model family headlab has no adapter for.
+        HeadlabError: a device map naming a device that does not exist or a module the model does not have, "disk"
+            without an offload folder, both `device` and `device_map`, or a device map for a structurally pruned
+            folder.
     """
+    placement = None
+    if device_map is not None:
+        if device is not None:
+            raise HeadlabError("give device= or device_map=, not both (a device map says where every module goes)")
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    elif max_memory is not None or offload_folder is not None:
+        raise HeadlabError("max_memory and offload_folder only apply with a device_map")
     dev = resolve_device(device)
     if isinstance(source, (str, Path)):
         name = str(source)
         if name in BUNDLED:
             folder = BUNDLED[name].folder()
             model = load_folder(folder, device=dev, dtype=resolve_dtype(dtype), tokenizer=tokenizer,
-                                attn_implementation=attn_implementation, name=name)
+                                attn_implementation=attn_implementation, name=name, placement=placement)
             model.note = BUNDLED[name].note
             return model
         path = Path(name).expanduser()
         if path.exists():
             return load_folder(path, device=dev, dtype=resolve_dtype(dtype), tokenizer=tokenizer,
-                               attn_implementation=attn_implementation, name=str(path))
+                               attn_implementation=attn_implementation, name=str(path), placement=placement)
         raise ModelNotFoundError(f"unknown model {name!r}: not a bundled name ({', '.join(BUNDLED)}) and no such "
                                  "folder. Pass a bundled name, a local HF folder (config.json + *.safetensors), an HF "
                                  "model, a TransformerBridge or an nnsight model.")
     hf_model, tok, label = _unwrap(source)
-    hf_model = hf_model.to(dev) if dtype is None else hf_model.to(dev, resolve_dtype(dtype))
+    if placement is not None:
+        if dtype is not None:
+            hf_model = hf_model.to(resolve_dtype(dtype))
+        hf_model = dispatch(hf_model, **placement)
+    elif is_dispatched(hf_model):  # placed by accelerate already (e.g. meta-initialised + load_checkpoint_and_dispatch)
+        if device is not None or dtype is not None:
+            raise HeadlabError(f"{label} is already placed by a device map ({hf_model.hf_device_map}): load it without "
+                               "device= and dtype= (moving it would undo accelerate's placement)")
+    else:
+        hf_model = hf_model.to(dev) if dtype is None else hf_model.to(dev, resolve_dtype(dtype))
     return HeadModel(hf_model, tokenizer if tokenizer is not None else tok, name=label, source=label)
 
 
@@ -139,8 +169,12 @@ def check_loading_info(folder: Path, info: dict) -> None:
 
 
 def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, tokenizer: Any = None,
-                attn_implementation: str = "sdpa", name: str | None = None) -> HeadModel:
-    """Load a local HF folder (safetensors weights only: no unpickling of files from a path)."""
+                attn_implementation: str = "sdpa", name: str | None = None, placement: dict | None = None) -> HeadModel:
+    """Load a local HF folder (safetensors weights only: no unpickling of files from a path).
+
+    `placement` ({device_map, max_memory, offload_folder}, see `load`) loads it through transformers'
+    `from_pretrained(device_map=...)` after checking the map against the class built on the meta device.
+    """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -159,6 +193,8 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
     if not isinstance(config, dict):
         raise ModelNotFoundError(f"{config_path} is not an HF config (a JSON object)")
     if "headlab_pruned" in config:  # structurally pruned (headlab.prune): per-layer head counts
+        if placement is not None:
+            raise HeadlabError(f"{folder} is a structurally pruned model: it loads on one device (no device_map)")
         from headlab.models.pruned import load_pruned
 
         return load_pruned(folder, device=device, dtype=dtype, tokenizer=tokenizer,
@@ -174,6 +210,8 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
 
         import_fla_for(config.get("model_type"))
     impl = {} if own_attention else {"attn_implementation": attn_implementation}
+    if placement is not None:
+        impl.update(_placement_kwargs(folder, cls, placement))
     # use_kernels=False: transformers (>= 5.25) otherwise "kernelizes" layers (norms, rotary) with kernels from
     # the HF hub; headlab studies the computation transformers' own torch code defines, offline
     try:
@@ -182,8 +220,27 @@ def load_folder(folder: Path, *, device: torch.device, dtype: torch.dtype, token
     except Exception as err:  # a corrupt config or checkpoint: transformers and safetensors raise many types
         raise ModelNotFoundError(f"{folder} could not be loaded as an HF model folder: {err}") from err
     check_loading_info(folder, info)
-    hf_model = hf_model.to(device)
+    if placement is None:
+        hf_model = hf_model.to(device)
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                   "vocab.txt")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return HeadModel(hf_model, tokenizer, name=name or str(folder), source=str(folder))
+
+
+def _placement_kwargs(folder: Path, cls: Any, placement: dict) -> dict:
+    """from_pretrained's placement keywords, the map checked against the class built on the meta device."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except Exception as err:  # the same corrupt config from_pretrained would refuse
+        raise ModelNotFoundError(f"{folder}: config.json could not be read as an HF config: {err}") from err
+    skeleton = meta_skeleton(cls, config)
+    device_map, memory = check_device_map(placement["device_map"], skeleton,
+                                          offload_folder=placement.get("offload_folder"),
+                                          max_memory=placement.get("max_memory"))
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if memory is not None:
+        kwargs["max_memory"] = memory
+    if placement.get("offload_folder") is not None:
+        kwargs["offload_folder"] = str(placement["offload_folder"])
+    return kwargs

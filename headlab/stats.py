@@ -108,8 +108,14 @@ class StatsRun:
 
 def stack_key_sets(key_sets: torch.Tensor | Mapping[str, torch.Tensor], batch: Batch
                    ) -> tuple[torch.Tensor | None, tuple[str, ...]]:
-    """Key sets as `head_stats` takes them (bool `[K, B|1, S]`, or {name: bool `[B|1, S]`}) → (bool `[K, B, S]` over
-    the batch's positions, their names).
+    """Key sets in the fused route's form: bool `[K, B, S]` over the batch's positions, and their names.
+
+    Args:
+        key_sets: bool `[K, B|1, S]`, or {name: bool `[B|1, S]`} (as `head_stats` takes them).
+        batch: the batch the sets refer to.
+
+    Returns:
+        (bool `[K, B, S]`, or None for no sets; the names when the sets came as a dict, else ()).
 
     Raises:
         ValueError: sets whose shape does not fit the batch.

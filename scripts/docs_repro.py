@@ -39,7 +39,7 @@ def _share(records: list[dict], condition: str, length: int | None = None) -> tu
 
 
 def retrieval_section() -> list[str]:
-    if not (ROOT / RETRIEVAL / "scores.json").exists():
+    if not (ROOT / RETRIEVAL / "command.json").exists():  # written when the run has finished
         return []
     scores = _read(f"{RETRIEVAL}/scores.json")
     meta, params = scores["meta"], scores["params"]
@@ -131,7 +131,7 @@ def _ranked_heads(scores: dict) -> list[tuple[str, float]]:
 
 
 def pruning_section() -> list[str]:
-    if not (ROOT / PRUNE / "results.jsonl").exists():
+    if not (ROOT / PRUNE / "command.json").exists():  # written when the run has finished
         return []
     run = _read(f"{PRUNE}/run.json")
     params = run["params"]

@@ -5,6 +5,7 @@ its markdown cells as they are, its code cells as fenced Python, and their outpu
 
 - stdout / stderr streams and text/plain results as fenced text (progress-bar carriage returns resolved; very
   long outputs cut, with the number of lines left out);
+- text/html results (headlab's token views: markup and the script that draws them, self-contained) as raw HTML;
 - text/markdown results (tables the notebooks display) as markdown;
 - images (png, jpeg, svg) inline;
 - plotly figures (their JSON, application/vnd.plotly.v1+json) as a <div> drawn by Plotly.newPlot, with
@@ -111,6 +112,11 @@ def _rich(data: dict, div_id: str) -> tuple[str | None, bool]:
     if "image/svg+xml" in data:
         svg = data["image/svg+xml"]
         return f'<div class="nb-image">{"".join(svg) if isinstance(svg, list) else svg}</div>', False
+    if "text/html" in data:  # e.g. headlab's token views: markup and the inline script that draws it
+        markup = "".join(data["text/html"]) if isinstance(data["text/html"], list) else data["text/html"]
+        # raw HTML to markdown: no blank line inside (one would end the HTML block), a blank line around it
+        markup = "\n".join(line for line in markup.strip().split("\n") if line.strip())
+        return f'<div class="nb-html">\n{markup}\n</div>', False
     if "text/markdown" in data:
         md = data["text/markdown"]
         return ("".join(md) if isinstance(md, list) else md).strip(), False

@@ -37,7 +37,17 @@ class ResultError(HeadlabError):
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` atomically: a temp file beside it, flushed and fsynced, then renamed over it."""
+    """Write `data` to `path` atomically: a temp file beside it, flushed and fsynced, then renamed over it.
+
+    A kill at any point leaves the old file or the new one, never half of one (the temp file is removed on an error).
+
+    Args:
+        path: the file to write; its folder is created if needed.
+        data: the content: a str (written as UTF-8) or bytes.
+
+    Returns:
+        `path` as a Path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,15 +64,32 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_json(path: str | Path, obj: Any, *, indent: int = 1) -> Path:
-    """`obj` as JSON, atomically (values JSON cannot hold are written with str())."""
+    """Write `obj` as JSON, atomically (`write_atomic`); values JSON cannot hold are written with str().
+
+    Args:
+        path: the file to write.
+        obj: a JSON-ready value (dicts, lists, numbers, strings; anything else becomes its str()).
+        indent: the JSON indentation.
+
+    Returns:
+        `path` as a Path.
+    """
     return write_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
 def read_json(path: str | Path, *, missing_ok: bool = False) -> Any:
-    """A JSON file written by `write_json`.
+    """Read a JSON file written by `write_json`.
 
-    Absent: None if `missing_ok`, else ResultError. Unreadable: with `missing_ok`, a warning naming it and None (a
-    rerun recomputes it); else a ResultError naming the file.
+    Args:
+        path: the file.
+        missing_ok: treat an absent file as None, and an unreadable one (cut short, edited) as None with a warning
+            naming it (a rerun recomputes it), instead of raising.
+
+    Returns:
+        The parsed value, or None for an absent or unreadable file with `missing_ok`.
+
+    Raises:
+        ResultError: without `missing_ok`, a file that does not exist or is not valid JSON (naming the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,13 +106,32 @@ def read_json(path: str | Path, *, missing_ok: bool = False) -> Any:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Tensors as safetensors, atomically (`write_atomic`)."""
+    """Write tensors as a safetensors file, atomically (`write_atomic`).
+
+    Args:
+        path: the file to write.
+        tensors: name -> tensor (detached, made contiguous and copied to the CPU before writing).
+        metadata: string -> string metadata stored in the file's header.
+
+    Returns:
+        `path` as a Path.
+    """
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     return write_atomic(path, data)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors written by `save_tensors` (a ResultError naming the file if it cannot be read)."""
+    """Read the tensors of a safetensors file written by `save_tensors`.
+
+    Args:
+        path: the file.
+
+    Returns:
+        name -> tensor, on the CPU.
+
+    Raises:
+        ResultError: a file that is absent, torn or not safetensors (naming the file).
+    """
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for torn or foreign files
@@ -93,7 +139,14 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (none if absent); a torn or unreadable line is skipped with a warning."""
+    """Read the records of a JSON-lines file; a torn or unreadable line is skipped with a warning.
+
+    Args:
+        path: the file (absent: no records).
+
+    Returns:
+        The records in file order (an empty list for an absent file).
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -112,7 +165,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: str | Path, records: list[dict[str, Any]] | dict[str, Any]) -> None:
-    """Append records as JSON lines, flushed and fsynced; a torn last line (no newline) is ended first."""
+    """Append records as JSON lines, flushed and fsynced; a torn last line (no newline) is ended first.
+
+    Args:
+        path: the file (created with its folder if needed).
+        records: one record or a list of them; values JSON cannot hold are written with str().
+    """
     path = Path(path)
     records = [records] if isinstance(records, dict) else records
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +197,9 @@ class HeadScores:
         params: the settings that produced it (a params dataclass as a dict).
         meta: facts about the run (model geometry, device, dtype, versions, time, notes).
         items: per-item data (e.g. per-sequence maps `[B, L, H]`, the token ids), saved as safetensors.
+
+    Raises:
+        KeyError: a `primary` that is not a key of `maps`.
     """
 
     analysis: str
@@ -159,7 +220,19 @@ class HeadScores:
         return self.maps[self.primary]
 
     def top(self, k: int = 5, *, map: str | None = None, largest: bool = True) -> list[tuple[HeadRef, float]]:
-        """The k highest-scoring heads of a map (the primary one by default) with their scores."""
+        """The k highest-scoring (or lowest-scoring) heads of a map, with their scores.
+
+        Args:
+            k: how many heads (at most the number of heads in the map).
+            map: the key of the map in `maps` (None: the primary map).
+            largest: the highest scores first; False: the lowest first. Undefined (NaN) scores come last.
+
+        Returns:
+            (head, score) pairs, best first.
+
+        Raises:
+            KeyError: a `map` that is not in `maps`.
+        """
         scores = self.maps[map or self.primary]
         flat = scores.flatten().nan_to_num(float("-inf") if largest else float("inf"))
         k = min(k, flat.numel())
@@ -168,15 +241,34 @@ class HeadScores:
         return [(HeadRef(int(i) // n_heads, int(i) % n_heads), float(v)) for v, i in zip(values, idx)]
 
     def figure(self, map: str | None = None):
-        """A layer × head heatmap of a map (plotly)."""
+        """A layer × head heatmap of a map (plotly, `viz.heatmap`).
+
+        Args:
+            map: the key of the map in `maps` (None: the primary map).
+
+        Returns:
+            A plotly Figure of the `[L, H]` map.
+
+        Raises:
+            KeyError: a `map` that is not in `maps`.
+        """
         from headlab.viz import heatmap
 
         key = map or self.primary
         return heatmap(self.maps[key], title=f"{self.analysis}: {key} — {self.model}", colorbar=key)
 
     def grid_view(self, map: str | None = None):
-        """The layer × head grid of a map as self-contained HTML (`HtmlView`: inline in Jupyter, `.save(path)`):
-        hover a cell for its value, click it to select the head."""
+        """The layer × head grid of a map as self-contained HTML: hover a cell for its value, click to pick its head.
+
+        Args:
+            map: the key of the map in `maps` (None: the primary map).
+
+        Returns:
+            An `HtmlView` (`headlab.viz.html.grid_view`): it shows inline in Jupyter, `.save(path)` writes a page.
+
+        Raises:
+            ResultError: a `map` that is not in `maps`.
+        """
         from headlab.viz.html import grid_view
 
         key = map or self.primary
@@ -189,6 +281,12 @@ class HeadScores:
         return self.grid_view()._repr_html_()
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON-ready summary that `save` writes as `scores.json` (everything but `items`).
+
+        Returns:
+            A dict with the analysis, model, primary key, the primary map as `scores`, every map as nested lists,
+            the top 10 heads of the primary map as `[name, score]` pairs, params and meta.
+        """
         return {
             "analysis": self.analysis,
             "model": self.model,
@@ -201,7 +299,14 @@ class HeadScores:
         }
 
     def save(self, folder: str | Path) -> Path:
-        """Write `items.safetensors`, then `scores.json` (the commit marker), each atomically; returns the folder."""
+        """Write `items.safetensors`, then `scores.json` (the commit marker), each atomically.
+
+        Args:
+            folder: the result's folder (created if needed; files already there are replaced).
+
+        Returns:
+            `folder` as a Path.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / ITEMS_FILE, self.items)
@@ -210,7 +315,14 @@ class HeadScores:
 
     @staticmethod
     def saved(folder: str | Path) -> bool:
-        """Whether `folder` holds a complete, readable HeadScores (an unreadable one warns and counts as absent)."""
+        """Whether `folder` holds a complete, readable HeadScores (an unreadable one warns and counts as absent).
+
+        Args:
+            folder: the result's folder.
+
+        Returns:
+            True when its `scores.json` reads as JSON and its `items.safetensors` exists.
+        """
         folder = Path(folder)
         data = read_json(folder / SCORES_FILE, missing_ok=True)
         if data is None:
@@ -222,7 +334,18 @@ class HeadScores:
 
     @classmethod
     def load(cls, folder: str | Path) -> "HeadScores":
-        """A HeadScores saved by `save` (a ResultError naming the file if a part is missing or unreadable)."""
+        """Read a HeadScores saved by `save`.
+
+        Args:
+            folder: the result's folder.
+
+        Returns:
+            The HeadScores, maps as float32 `[L, H]` tensors (no items when `items.safetensors` is absent).
+
+        Raises:
+            ResultError: a `scores.json` that is absent, unreadable or not a headlab result, or an unreadable
+                `items.safetensors` (naming the file).
+        """
         folder = Path(folder)
         data = read_json(folder / SCORES_FILE)
         items_path = folder / ITEMS_FILE
@@ -238,12 +361,28 @@ class HeadScores:
 
 
 def params_dict(params: Any) -> dict[str, Any]:
-    """A params dataclass as a JSON-ready dict."""
+    """A params dataclass as a JSON-ready dict.
+
+    Args:
+        params: a dataclass instance (an analysis's settings).
+
+    Returns:
+        Its fields as a dict, nested dataclasses as dicts and values JSON cannot hold as their str().
+    """
     return json.loads(json.dumps(dataclasses.asdict(params), default=str))
 
 
 def run_meta(model: Any, **extra: Any) -> dict[str, Any]:
-    """The facts about a model and environment that every result records."""
+    """The facts about a model and environment that every result records (a result's `meta`).
+
+    Args:
+        model: the HeadModel that ran.
+        extra: further entries, added last (they override the ones above).
+
+    Returns:
+        A JSON-ready dict: model class and geometry, causal, device type, dtype, attention backend, the headlab,
+        torch and transformers versions, the weights note if any, and the UTC time.
+    """
     import transformers
 
     from headlab.version import __version__

@@ -16,7 +16,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
-    """Token ids `[B, T]` with `attention_mask` `[B, T]` (1 = real token; padding is on the right)."""
+    """A batch of prompts as token ids and their attention mask (padding on the right).
+
+    Attributes:
+        input_ids: int token ids `[B, T]`.
+        attention_mask: `[B, T]`, 1 for a real token and 0 for padding (each item's real tokens come first).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -27,7 +32,14 @@ class Batch:
         return self.attention_mask.sum(-1).tolist()
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The batch on another device."""
+        """The batch on another device.
+
+        Args:
+            device: the target device (`"cuda"`, `torch.device("cpu")`, ...).
+
+        Returns:
+            A new Batch whose `input_ids` and `attention_mask` are on `device` (this one is unchanged).
+        """
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
 
 
@@ -62,28 +74,98 @@ class Run:
         return self.records[head.layer]
 
     def pattern(self, head: HeadRef) -> torch.Tensor:
-        """Float32 attention pattern `[B, Q, S]` of one head, computed from its q and k."""
+        """Float32 attention pattern of one head, computed from its captured q and k.
+
+        Softmax layers: softmax(q·k·scale) over the visible keys; linear-attention layers (GLA, DeltaNet): the
+        implicit (signed, unnormalised) matrix the layer applies to v.
+
+        Args:
+            head: the query head.
+
+        Returns:
+            The pattern `[B, Q, S]` (queries by keys; a key the query does not see is 0).
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured in this run.
+        """
         return self._record(head).pattern([head.head])[:, 0]
 
     def patterns(self, layer: int, heads: list[int] | None = None) -> torch.Tensor:
-        """Float32 attention patterns `[B, h, Q, S]` of the given query heads of a captured layer (all when None)."""
+        """Float32 attention patterns of several query heads of one captured layer.
+
+        Args:
+            layer: the layer.
+            heads: query-head indices of that layer (None: all its heads).
+
+        Returns:
+            The patterns `[B, h, Q, S]`, h = `len(heads)` (or the model's `n_heads`), in the order of `heads`.
+
+        Raises:
+            HeadIndexError: a layer or head index out of the model's range.
+            KeyError: the layer was not captured in this run.
+        """
         self.model.check_heads([HeadRef(layer, h) for h in (heads or [0])])
         return self._record(HeadRef(layer, 0)).pattern(heads)
 
     def q(self, head: HeadRef) -> torch.Tensor:
-        """Post-RoPE queries `[B, Q, D]` of a head."""
+        """Post-RoPE queries of a head, as its attention read them.
+
+        Args:
+            head: the query head.
+
+        Returns:
+            Its queries `[B, Q, D]`.
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured in this run.
+        """
         return self._record(head).q[:, head.head]
 
     def k(self, head: HeadRef) -> torch.Tensor:
-        """Post-RoPE keys `[B, S, D]` of the KV group that the head reads."""
+        """Post-RoPE keys of the KV group that the head reads (shared by the heads of a group under GQA / MQA).
+
+        Args:
+            head: the query head.
+
+        Returns:
+            The keys `[B, S, D]` of its KV head (`HeadModel.kv_group(head)`).
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured in this run.
+        """
         return self._record(head).k[:, self.model.kv_group(head)]
 
     def v(self, head: HeadRef) -> torch.Tensor:
-        """Values `[B, S, D]` of the KV group that the head reads."""
+        """Values of the KV group that the head reads (shared by the heads of a group under GQA / MQA).
+
+        Args:
+            head: the query head.
+
+        Returns:
+            The values `[B, S, D]` of its KV head (`HeadModel.kv_group(head)`).
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured in this run.
+        """
         return self._record(head).v[:, self.model.kv_group(head)]
 
     def z(self, head: HeadRef) -> torch.Tensor:
-        """The head's output `[B, Q, D]` (its slice of the output-projection input); needs `run(..., with_z=True)`."""
+        """The head's output z: its slice of the output projection's input; needs `run(..., with_z=True)`.
+
+        Args:
+            head: the query head.
+
+        Returns:
+            z `[B, Q, D]`.
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured, or the run did not keep head outputs (`with_z=False`).
+        """
         record = self._record(head)
         if record.z is None:
             raise KeyError("this run did not keep head outputs: pass with_z=True to HeadModel.run")
@@ -91,7 +173,22 @@ class Run:
 
     def figure(self, head: HeadRef, *, index: int = 0, window: tuple[int, int] | None = None,
                title: str | None = None):
-        """`viz.pattern` of one head's pattern on batch item `index` (plotly; signed colour scale where needed)."""
+        """A plotly heatmap of one head's pattern on one batch item (`viz.pattern`), tokens on both axes.
+
+        Args:
+            head: the query head.
+            index: the batch item.
+            window: (start, stop) token positions to show on both axes, for long prompts (None: all).
+            title: the figure title (default: the head and the model's name).
+
+        Returns:
+            A plotly Figure of the `[Q, S]` pattern (a signed diverging colour scale where a weight is negative).
+
+        Raises:
+            HeadIndexError: a head out of the model's range.
+            KeyError: the head's layer was not captured in this run.
+            ValueError: an empty window.
+        """
         from headlab.viz.figures import pattern
 
         return pattern(self.pattern(head)[index], self.tokens(index), window=window,
@@ -99,20 +196,32 @@ class Run:
 
     def token_view(self, layer: int | None = None, heads: Any = None, *, index: int = 0, mode: str = "auto",
                    topk: int = 8, max_bytes: int | None = None):
-        """The token view of batch item `index` as self-contained HTML (`HtmlView`: shows inline in Jupyter,
-        `.save(path)` writes a page): hover or click a token for where it attends and what attends to it.
+        """The token view of one batch item as self-contained HTML: where each token attends, what attends to it.
+
+        An `HtmlView` (`headlab.viz.html`): it shows inline in Jupyter and `.save(path)` writes a standalone page.
+        Hover or click a token for its row (where it attends) and its column (what attends to it); several heads
+        show as small multiples. Without `layer` and `heads`: the heads the run was asked for, else every head of
+        the first captured layer.
 
         Args:
-            layer: show this layer's heads (all, or `heads` given as indices); heads: HeadRefs / `L1H2` strings.
-                Neither: the heads the run was asked for, else every head of the first captured layer.
-            mode: "dense" (the exact patterns, weights to 4 decimals), "stats" (per-token entropy, received
-                attention and each query's `topk` keys, computed from the run's q and k: no T×T matrix), or "auto"
-                (dense when the payload fits `max_bytes`, default `viz.html.DENSE_BYTES`, else stats; the
-                statistics view has its own budget, `viz.html.STATS_BYTES`).
+            layer: show this layer's heads: all of them, or those of `heads` when it gives head indices.
+            heads: the heads to show: HeadRefs / `L1H2` strings, or head indices of `layer`.
+            index: the batch item.
+            mode: "dense" (the exact `[Q, S]` patterns, weights to 4 decimals), "stats" (per-token entropy,
+                received attention and each query's `topk` keys, computed from the run's q and k: no T×T matrix),
+                or "auto" (dense when its payload fits `max_bytes`, else stats).
+            topk: keys kept per query by the statistics view.
+            max_bytes: budget of the dense view's payload (None: `viz.html.DENSE_BYTES`); the statistics view has
+                its own budget, `viz.html.STATS_BYTES`.
+
+        Returns:
+            An `HtmlView` ("tokens" for the dense view, "stats" for the statistics view).
 
         Raises:
-            HeadIndexError: a head out of range or of a layer the run did not capture.
-            ViewTooLarge: mode "dense" over the budget.
+            HeadIndexError: a head or layer out of range, a layer the run did not capture, head indices without a
+                layer, or a batch item out of range.
+            ViewError: an unknown mode.
+            ViewTooLarge: mode "dense" over `max_bytes`, or a statistics view over its budget.
         """
         from headlab.views import run_view
 
@@ -125,7 +234,14 @@ class Run:
         return html_or_message(self.token_view)
 
     def tokens(self, index: int = 0) -> list[str]:
-        """Display strings of the (unpadded) tokens of batch item `index`."""
+        """Display strings of the real (unpadded) tokens of one batch item.
+
+        Args:
+            index: the batch item.
+
+        Returns:
+            One string per real token (the decoded text of each; `#id` for a model without a tokenizer).
+        """
         n = int(self.batch.attention_mask[index].sum())
         return self.model.token_strings(self.batch.input_ids[index, :n].tolist())
 

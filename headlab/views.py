@@ -15,13 +15,30 @@ if TYPE_CHECKING:
     from headlab.stats import StatsRun
 
 Mode = Literal["auto", "dense", "stats"]
+"""A token view's mode: "dense" (exact patterns), "stats" (streaming statistics) or "auto" (dense if it fits)."""
 
 
 def view_heads(model: Any, layer: int | None, heads: Iterable[Any] | None, default: list[HeadRef],
                available: Iterable[int]) -> list[HeadRef]:
-    """The heads a view shows: `heads` (HeadRefs / `L1H2` strings, or head indices of `layer`), else all heads of
-    `layer`, else `default`, else every head of the first available layer; each checked against the model and the
-    layers the run holds (a HeadIndexError naming what is missing)."""
+    """The heads a view shows, each checked against the model and the layers the run holds.
+
+    The first that applies: `heads` (HeadRefs / `L1H2` strings, or head indices of `layer`), every head of `layer`,
+    `default`, every head of the first available layer.
+
+    Args:
+        model: the HeadModel (for `n_heads`, `check_layers` and `check_heads`).
+        layer: a layer whose heads to show (all of them, or those `heads` gives as indices), or None.
+        heads: HeadRefs / `L1H2` strings, or head indices of `layer`, or None.
+        default: the heads to show when neither `heads` nor `layer` is given (a run's requested heads).
+        available: the layers the run holds data for.
+
+    Returns:
+        The heads to show, in the order given.
+
+    Raises:
+        HeadIndexError: head indices without a layer, an empty `heads`, a head or layer out of the model's range, a
+            head of a layer the run does not hold, or no layer to show at all (naming what is missing).
+    """
     available = sorted(available)
     if heads is not None:
         heads = list(heads)
@@ -67,8 +84,29 @@ def _title(model: Any, refs: list[HeadRef], n: int, what: str) -> str:
 
 def run_view(run: "Run", layer: int | None = None, heads: Iterable[Any] | None = None, *, index: int = 0,
              mode: Mode = "auto", topk: int = 8, max_bytes: int | None = None):
-    """`Run.token_view`: dense from the run's patterns when they fit the budget (mode "auto" / "dense"), else (or
-    with mode "stats") the statistics view computed from the run's own q and k (`stats.layer_stats`)."""
+    """The token view of a `Run` (what `Run.token_view` returns): dense when it fits, else from statistics.
+
+    Modes "auto" and "dense" build the dense view from the run's patterns when its payload fits the budget; mode
+    "stats" (or "auto" over the budget) builds the statistics view from the run's own q and k (`stats.layer_stats`),
+    with a note saying why when "auto" fell back to it.
+
+    Args:
+        run: the Run (its captured layers hold q and k).
+        layer: show this layer's heads (all, or those `heads` gives as indices).
+        heads: HeadRefs / `L1H2` strings, or head indices of `layer` (see `view_heads` for the defaults).
+        index: the batch item.
+        mode: "auto", "dense" or "stats" (`Mode`).
+        topk: keys kept per query by the statistics view.
+        max_bytes: budget of the dense view's payload (None: `viz.html.DENSE_BYTES`).
+
+    Returns:
+        An `HtmlView`: kind "tokens" (dense) or "stats".
+
+    Raises:
+        ViewError: an unknown mode.
+        HeadIndexError: heads that `view_heads` rejects, or a batch item out of range.
+        ViewTooLarge: mode "dense" over `max_bytes`, or a statistics view over `viz.html.STATS_BYTES`.
+    """
     from headlab.viz.html import DENSE_BYTES, ViewError, ViewTooLarge, estimate_dense_bytes, token_view
 
     if mode not in ("auto", "dense", "stats"):
@@ -103,7 +141,23 @@ def _pattern(run: "Run", ref: HeadRef, index: int, n: int) -> torch.Tensor:
 
 def stats_run_view(run: "StatsRun", layer: int | None = None, heads: Iterable[Any] | None = None, *, index: int = 0,
                    max_bytes: int | None = None):
-    """`StatsRun.token_view`: the statistics view of the chosen heads on batch item `index`."""
+    """The statistics token view of a `StatsRun` (what `StatsRun.token_view` returns).
+
+    Args:
+        run: the StatsRun (its per-layer HeadStats need top-k keys and entropy: statistics="all").
+        layer: show this layer's heads (all, or those `heads` gives as indices).
+        heads: HeadRefs / `L1H2` strings, or head indices of `layer` (see `view_heads` for the defaults).
+        index: the batch item.
+        max_bytes: budget of the view's payload (None: `viz.html.STATS_BYTES`).
+
+    Returns:
+        An `HtmlView` of kind "stats".
+
+    Raises:
+        HeadIndexError: heads that `view_heads` rejects, or a batch item out of range.
+        ViewError: statistics without top-k keys or entropy.
+        ViewTooLarge: a payload over `max_bytes`.
+    """
     refs = view_heads(run.model, layer, heads, [], run.layers)
     n = _item(run.batch, index)
     return stats_view_of(run.model, run.layers, refs, run.model.token_strings(run.batch.input_ids[index, :n].tolist()),
@@ -112,7 +166,25 @@ def stats_run_view(run: "StatsRun", layer: int | None = None, heads: Iterable[An
 
 def stats_view_of(model: Any, layers: dict, refs: list[HeadRef], tokens: list[str], index: int, n: int, *,
                   note: str = "", max_bytes: int | None = None):
-    """The statistics view of `refs` from per-layer HeadStats `layers` (batch item `index`, its first n tokens)."""
+    """The statistics view of some heads from per-layer HeadStats, for one batch item.
+
+    Args:
+        model: the HeadModel (its name goes into the title).
+        layers: layer -> HeadStats (`[B, H, T, ...]` fields) holding every layer of `refs`.
+        refs: the heads to show.
+        tokens: display strings of the item's first `n` tokens.
+        index: the batch item.
+        n: the item's real (unpadded) length: statistics past it are dropped.
+        note: a line shown under the title (e.g. why the statistics view was chosen).
+        max_bytes: budget of the view's payload (None: `viz.html.STATS_BYTES`).
+
+    Returns:
+        An `HtmlView` of kind "stats" (`viz.html.token_stats_view`).
+
+    Raises:
+        ViewError: statistics without top-k keys or entropy, or tokens that do not match `n`.
+        ViewTooLarge: a payload over the budget.
+    """
     from headlab.viz.html import STATS_BYTES, token_stats_view
 
     def field(name: str, last: int) -> torch.Tensor:
@@ -128,8 +200,14 @@ def stats_view_of(model: Any, layers: dict, refs: list[HeadRef], tokens: list[st
 
 
 def html_or_message(make) -> str:
-    """A view's HTML for `_repr_html_`, or a line saying why there is none (Jupyter then shows that, not a
-    traceback)."""
+    """A view's HTML for `_repr_html_`, or a line saying why there is none (Jupyter shows it, not a traceback).
+
+    Args:
+        make: a callable with no arguments that returns an `HtmlView` (e.g. `run.token_view`).
+
+    Returns:
+        The view's HTML, or a `<pre>` line with the (escaped) HeadlabError / ValueError that `make` raised.
+    """
     import html
 
     from headlab.errors import HeadlabError

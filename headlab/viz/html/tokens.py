@@ -15,8 +15,11 @@ import torch
 from headlab.viz.html.view import SCALE, HtmlView, ViewError, check_budget, rounded
 
 DENSE_BYTES = 4_000_000   # default budget of a dense view's payload (T x T weights per head)
+"""Default budget, in bytes, of a dense token view's payload (`token_view`, `Run.token_view`)."""
 STATS_BYTES = 16_000_000  # default budget of a statistics view (per-token values and top-k keys per head)
+"""Default budget, in bytes, of a statistics view's payload (`token_stats_view`, `StatsRun.token_view`)."""
 BYTES_PER_CELL = 2.5      # bytes per visible (query, key) cell of a typical pattern's payload, for planning
+"""Bytes per visible (query, key) cell of a typical dense payload (`estimate_dense_bytes`)."""
 
 
 def _labels(labels: list[str] | None, n: int) -> list[str]:
@@ -34,9 +37,20 @@ def _tokens(tokens: list[str], n: int, what: str) -> list[str]:
 
 
 def estimate_dense_bytes(n_heads: int, n_queries: int, n_keys: int, *, causal: bool = True) -> int:
-    """A rough size of a dense view's payload from its shape alone (`BYTES_PER_CELL` per visible cell), for deciding
-    without building the patterns whether a dense view is worth trying (a head whose rows end early, e.g. a sink
-    head, costs less)."""
+    """A rough size of a dense view's payload from its shape alone (`BYTES_PER_CELL` per visible cell).
+
+    For deciding, without building the patterns, whether a dense view is worth trying (a head whose rows end early,
+    e.g. a sink head, costs less than this).
+
+    Args:
+        n_heads: heads in the view.
+        n_queries: query positions Q (the last Q of the S keys).
+        n_keys: key positions S.
+        causal: count only the keys each query sees under a causal mask; False: every (query, key) cell.
+
+    Returns:
+        The estimated payload size in bytes.
+    """
     cells = n_heads * (n_queries * (n_queries + 1) // 2 + n_queries * (n_keys - n_queries) if causal
                        else n_queries * n_keys)
     return int(cells * BYTES_PER_CELL)
@@ -44,15 +58,29 @@ def estimate_dense_bytes(n_heads: int, n_queries: int, n_keys: int, *, causal: b
 
 def token_view(tokens: list[str], weights: torch.Tensor, labels: list[str] | None = None, *, title: str = "",
                note: str = "", max_bytes: int | None = DENSE_BYTES) -> HtmlView:
-    """Hover or click a token to see where it attends (its row) and what attends to it (its column), for one head or
-    several heads as small multiples (a thumbnail of each pattern; click one to focus it).
+    """The dense token view: hover or click a token to see where it attends and what attends to it.
+
+    A token's row shows where it attends and its column what attends to it, for one head, or several heads as small
+    multiples (a thumbnail of each pattern; click one to focus it). Weights travel exact to 4 decimals, each row cut
+    after its last nonzero.
 
     Args:
         tokens: display strings of the S key positions.
-        weights: `[H, Q, S]` patterns (Q ≤ S: the queries are the last Q positions); signed weights (GLA /
-            DeltaNet) get a diverging colour scale (red > 0, blue < 0).
-        labels: a name per head (`L1H2`); a click on a head's card in the explorer selects it.
+        weights: `[H, Q, S]` patterns, or one head's `[Q, S]` (Q ≤ S: the queries are the last Q positions); signed
+            weights (GLA / DeltaNet) get a diverging colour scale (red > 0, blue < 0). NaN is shown as 0.
+        labels: a name per head (`L1H2`; default `head 0`, `head 1`, ...); a click on a head's card in the explorer
+            selects it.
+        title: a title shown above the view.
+        note: a line shown under the title.
         max_bytes: budget of the payload (None: no limit); over it, ViewTooLarge (use `token_stats_view`).
+
+    Returns:
+        An `HtmlView` of kind "tokens".
+
+    Raises:
+        ViewError: weights that are not `[H, Q, S]` / `[Q, S]`, more queries than keys, or tokens / labels whose
+            number does not match.
+        ViewTooLarge: a payload over `max_bytes`.
     """
     if weights.dim() == 2:
         weights = weights[None]
@@ -81,15 +109,31 @@ def token_view(tokens: list[str], weights: torch.Tensor, labels: list[str] | Non
 def token_stats_view(tokens: list[str], *, entropy: torch.Tensor, received: torch.Tensor, n_visible: torch.Tensor,
                      topk_idx: torch.Tensor, topk_weight: torch.Tensor, labels: list[str] | None = None,
                      title: str = "", note: str = "", max_bytes: int | None = STATS_BYTES) -> HtmlView:
-    """The token view of a long prompt from streaming statistics (no T×T matrix): tokens coloured by each row's
-    entropy, the attention each key receives, or its column score (received / queries that see it); hover a token
-    for its top-k keys (exact weights) and the queries that hold it among their top-k.
+    """The token view of a long prompt from streaming statistics, with no T×T matrix.
+
+    Tokens are coloured by each row's entropy, the attention each key receives, or its column score (received /
+    queries that see it); hover a token for its top-k keys (exact weights) and the queries that hold it among their
+    top-k. The arguments are the `HeadStats` fields of one batch item (`headlab_kernels.head_stats`).
 
     Args:
         tokens: display strings of the T positions.
-        entropy: `[H, T]` (nats); received: `[H, T]`; n_visible: `[T]` (HeadStats fields of one batch item).
-        topk_idx: int `[H, T, k]` (-1: no key); topk_weight: `[H, T, k]` (signed for GLA / DeltaNet).
+        entropy: `[H, T]`, each query row's entropy in nats.
+        received: `[H, T]`, the attention each key receives, summed over the queries.
+        n_visible: `[T]`, how many queries see each key.
+        topk_idx: int `[H, T, k]`, each query's most attended keys (-1: no key).
+        topk_weight: `[H, T, k]`, their weights (signed for GLA / DeltaNet).
+        labels: a name per head (`L1H2`; default `head 0`, `head 1`, ...).
+        title: a title shown above the view.
+        note: a line shown under the title.
         max_bytes: budget of the payload (None: no limit); over it, ViewTooLarge.
+
+    Returns:
+        An `HtmlView` of kind "stats".
+
+    Raises:
+        ViewError: statistics whose shapes disagree, statistics without top-k keys or entropy (an lse-only
+            StatsRun), or tokens / labels whose number does not match.
+        ViewTooLarge: a payload over `max_bytes`.
     """
     if entropy.dim() != 2 or topk_idx.dim() != 3 or topk_idx.shape != topk_weight.shape:
         raise ViewError(f"token_stats_view takes entropy [H, T] and top-k [H, T, k]; got {tuple(entropy.shape)}, "
@@ -120,8 +164,21 @@ def token_stats_view(tokens: list[str], *, entropy: torch.Tensor, received: torc
 
 
 def grid_view(scores: torch.Tensor, *, title: str = "", colorbar: str = "score") -> HtmlView:
-    """A layer × head heatmap of a `[L, H]` map as HTML: hover a cell for its value (4 decimals), click it to select
-    the head (in the explorer the selection shows that head). Undefined (NaN) cells are grey."""
+    """A layer × head heatmap of a score map as HTML: hover a cell for its value, click it to select the head.
+
+    Values are shown to 4 decimals; undefined (NaN) cells are grey. In the explorer, the selection shows that head.
+
+    Args:
+        scores: the map `[L, H]` (layers down, heads across).
+        title: a title shown above the grid.
+        colorbar: the colour bar's label (what the scores are).
+
+    Returns:
+        An `HtmlView` of kind "grid".
+
+    Raises:
+        ViewError: a map that is not 2-D.
+    """
     if scores.dim() != 2:
         raise ViewError(f"grid_view takes a [L, H] score map, got shape {tuple(scores.shape)}")
     values = rounded(scores.detach().float().cpu().tolist())

@@ -22,6 +22,7 @@ from headlab.errors import HeadlabError
 from headlab.viz.html.script import RENDERER_JS
 
 SCALE = 10_000  # weights travel as integers round(w * SCALE): exact to 4 decimals
+"""Weights travel in a payload as the integers round(w · SCALE): exact to 4 decimals."""
 _ATTR = re.compile(r'data-headlab="([^"]*)"')
 
 
@@ -51,6 +52,7 @@ class HtmlView:
 
     @property
     def kind(self) -> str:
+        """The view's kind, from its payload: "tokens" (dense), "stats" (statistics) or "grid"."""
         return self.payload["kind"]
 
     @property
@@ -59,11 +61,26 @@ class HtmlView:
         return len(html.escape(self._json, quote=True))
 
     def with_payload(self, **changes: Any) -> "HtmlView":
-        """The same view with some payload fields changed (e.g. `note`, or `focus`: the head shown first)."""
+        """The same view with some payload fields changed (e.g. `note`, or `focus`: the head shown first).
+
+        Args:
+            changes: payload fields to set (JSON-ready values).
+
+        Returns:
+            A new HtmlView with the same summary (this one is unchanged).
+        """
         return HtmlView({**self.payload, **changes}, self.summary)
 
     def markup(self, element_id: str | None = None) -> str:
-        """The view's `<div>` only (no script): for a page that loads the renderer itself (the explorer)."""
+        """The view's `<div>` only (no script): for a page that loads the renderer itself (the explorer).
+
+        Args:
+            element_id: an `id` attribute for the `<div>` (None: none).
+
+        Returns:
+            The `<div class="headlab-view">` with the escaped payload in its `data-headlab` attribute and the summary
+            as its fallback text.
+        """
         ident = f' id="{element_id}"' if element_id else ""
         fallback = html.escape(self.summary or f"headlab {self.kind} view")
         return (f'<div class="headlab-view"{ident} data-headlab="{html.escape(self._json, quote=True)}">'
@@ -80,13 +97,24 @@ class HtmlView:
         return self.html
 
     def document(self) -> str:
-        """A standalone HTML page holding the view."""
+        """A standalone HTML page holding the view.
+
+        Returns:
+            The page: the view's markup and the inline renderer, titled by the payload's title.
+        """
         title = html.escape(str(self.payload.get("title") or f"headlab {self.kind} view"))
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>\n'
                 f"<body>\n{self.html}\n</body></html>\n")
 
     def save(self, path: str | Path) -> Path:
-        """Write `document()` to `path` (atomically); returns the path."""
+        """Write the view as a standalone page (`document()`), atomically.
+
+        Args:
+            path: the `.html` file to write (its folder is created if needed).
+
+        Returns:
+            `path` as a Path.
+        """
         from headlab.results import write_atomic  # results sits beside viz; imported late to keep viz light
 
         return write_atomic(Path(path), self.document())
@@ -96,7 +124,17 @@ class HtmlView:
 
 
 def read_payload(page: str) -> dict[str, Any]:
-    """The payload of the (first) view in an HTML string: the inverse of the escaping done here (tests, tools)."""
+    """The payload of the (first) view in an HTML string: the inverse of the escaping done here (tests, tools).
+
+    Args:
+        page: HTML holding a view (`HtmlView.html`, `markup()` or `document()`).
+
+    Returns:
+        The view's payload, as parsed from its `data-headlab` attribute.
+
+    Raises:
+        ValueError: HTML without a headlab view.
+    """
     match = _ATTR.search(page)
     if match is None:
         raise ValueError("no headlab view (data-headlab attribute) in this HTML")

@@ -38,7 +38,7 @@ def _report(request):
 def _err(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference where both are finite; inf if their non-finite entries (-inf lse of padded rows, NaN
     statistics not asked for) are not the same."""
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     finite = torch.isfinite(a)
     if not torch.equal(finite, torch.isfinite(b)) or not torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()):
         return float("inf")
@@ -145,6 +145,14 @@ def test_forward_cached_decoding_equal(pair):
     assert _err(f"{family}: decode step logits (edited)", step_a, step_b) <= ATOL
 
 
+def test_layer_inputs_resume_equal(pair):
+    """Exact patching's replay (LayerInputs.resume) runs the placed layers through accelerate's hooks."""
+    family, single, spread = pair
+    a, b = single.layer_inputs(IDS), spread.layer_inputs(IDS)
+    for start in range(single.n_layers):
+        assert _err(f"{family}: LayerInputs.resume", a.resume(start, copies=2), b.resume(start, copies=2)) <= ATOL
+
+
 def test_automatic_map_with_max_memory_offloads(tiny_folder, tmp_path):
     """"sequential" with a CPU budget smaller than the model: accelerate puts what does not fit on disk."""
     folder = tiny_folder("llama")
@@ -193,6 +201,10 @@ def test_model_object_dispatched_by_load(tiny_folder, tmp_path):
     with hl.edit(spread, [hl.Ablate(hl.HeadRef(0, 3))]):
         b = spread.run(IDS)
     assert _err("llama: edited logits (object dispatched)", a.logits, b.logits) <= ATOL
+    size = sum(p.numel() * p.element_size() for p in single.hf.parameters())
+    again = transformers.LlamaForCausalLM.from_pretrained(folder, use_kernels=False)
+    with pytest.raises(HeadlabError, match="puts part of the model on disk.*give offload_folder"):
+        hl.load(again, device_map="sequential", max_memory={"cpu": int(0.7 * size)})
 
 
 @pytest.mark.parametrize("device_map,offload,match", [

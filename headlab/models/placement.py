@@ -172,6 +172,9 @@ def dispatch(model: nn.Module, device_map: Any, *, max_memory: Any = None, offlo
     if isinstance(checked, str):
         checked = infer_auto_device_map(model, max_memory=memory,
                                         no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+        if "disk" in checked.values() and offload_folder is None:
+            raise HeadlabError(f"the {device_map!r} map puts part of the model on disk (it does not fit max_memory): "
+                               "give offload_folder= (a folder for the offloaded weights)")
     dispatch_model(model, device_map=dict(checked), offload_dir=None if offload_folder is None else str(offload_folder))
     model.hf_device_map = dict(checked)
     return model

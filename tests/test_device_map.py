@@ -145,6 +145,27 @@ def test_forward_cached_decoding_equal(pair):
     assert _err(f"{family}: decode step logits (edited)", step_a, step_b) <= ATOL
 
 
+def test_records_are_gathered_on_the_capture_device(tiny_folder):
+    """The seam moves each record (q, k, v, z, fused statistics) to `Capture.device` when the layer ran elsewhere —
+    what HeadModel asks for on a model spread over devices. With only a CPU here, the target is the meta device (a
+    real move: every tensor of the record changes device, shapes and dtypes kept)."""
+    from headlab.capture import Capture, activate
+
+    model = hl.load(tiny_folder("llama"), device="cpu")
+    batch = model.encode(IDS)
+    plain = Capture(with_z=True, with_lse=True, fused_stats=frozenset({"entropy"}))
+    gathered = Capture(with_z=True, with_lse=True, fused_stats=frozenset({"entropy"}), device=torch.device("meta"))
+    with activate(model.owner, capture=plain), activate(model.owner, capture=gathered), torch.no_grad():
+        model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for layer, record in gathered.records.items():
+        ref = plain.records[layer]
+        for name in ("q", "k", "v", "z", "mask", "lse"):
+            moved, here = getattr(record, name), getattr(ref, name)
+            assert moved.device.type == "meta" and here.device.type == "cpu", name
+            assert moved.shape == here.shape and moved.dtype == here.dtype, name
+        assert record.fused["entropy"].device.type == "meta"
+
+
 def test_layer_inputs_resume_equal(pair):
     """Exact patching's replay (LayerInputs.resume) runs the placed layers through accelerate's hooks."""
     family, single, spread = pair

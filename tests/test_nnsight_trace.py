@@ -175,6 +175,23 @@ def test_bad_inputs_are_refused(pair):
         heads.run(IDS, layers=[0]).z(hl.HeadRef(0, 0))
 
 
+def test_sliding_window_equals_the_seam(tmp_path):
+    """Mistral with a 4-token window on 12-token prompts: the trace path's mask keeps only the window, as the seam's."""
+    cls, config = tiny_config("mistral")
+    config.sliding_window, config.initializer_range = 4, 0.3
+    torch.manual_seed(1)
+    cls(config).eval().save_pretrained(tmp_path)
+    tok = _tokenizer(config.vocab_size)
+    tok.save_pretrained(tmp_path)  # the same pad id on both sides (padded query rows see the pad token's q)
+    seam = hl.load(tmp_path, device="cpu")
+    traced = NNsightHeads(nnsight.TransformersModel(str(tmp_path), task="text-generation", tokenizer=tok)).run(IDS)
+    ref = seam.run(IDS)
+    for layer in range(seam.n_layers):
+        assert _err("mistral (window 4): patterns", traced.patterns(layer), ref.patterns(layer)) <= ATOL
+        assert float(traced.patterns(layer)[0, :, 11, :8].abs().max()) == 0.0  # keys 0..7 are out of query 11's window
+    assert _err("mistral (window 4): logits", traced.logits, ref.logits) <= ATOL
+
+
 def test_other_families_are_refused(tiny_folder):
     cls, config = tiny_config("gpt2")
     lm = nnsight.TransformersModel(cls(config), task="text-generation", tokenizer=_tokenizer(config.vocab_size))

@@ -182,7 +182,9 @@ class NNsightHeads:
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.scale = float(getattr(first, "scaling", self.head_dim ** -0.5))
-        self._windows = [getattr(module, "sliding_window", None) for _, module in found]
+        # Qwen2 keeps its window on each module (None on full-attention layers); Mistral only in its config
+        self._windows = [module.sliding_window if hasattr(module, "sliding_window")
+                         else getattr(config, "sliding_window", None) for _, module in found]
         self._rotate = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", None)
         if self._rotate is None:
             raise UnsupportedModelError(f"{type(first).__module__} has no apply_rotary_pos_emb")

@@ -272,17 +272,26 @@ def test_mqar_twins_with_a_short_convolution(tmp_path, monkeypatch):
 def test_committed_mqar_summary_is_reproduced():
     summary = json.loads((MQAR_TWINS_DIR / "summary.json").read_text())
     assert summary["task"] == MQAR and summary["eval"]["lengths"] == [256, 512, 1024, 2048]
-    assert {f"{k}-h64" for k in ("softmax", "linear", "hedgehog", "based", "gla", "deltanet")} <= set(summary["models"])
+    kinds = ("softmax", "linear", "hedgehog", "based", "gla", "deltanet")
+    assert {f"{k}-h64" for k in kinds} | {f"{k}-conv4-h64" for k in kinds} <= set(summary["models"])
+    assert any(m["hidden"] == 128 and m["short_conv"] == 4 for m in summary["models"].values())
     for name, m in summary["models"].items():
         folder = MQAR_TWINS_DIR / name
         assert sum(f.stat().st_size for f in folder.iterdir()) < 1_000_000
         run = json.loads((folder / "run.json").read_text())
         assert {k: v["accuracy"] for k, v in run["eval"]["lengths"].items()} == m["accuracy"]
-    # re-evaluate one committed model at one length
-    name = "based-h64"
+        config = json.loads((folder / "config.json").read_text())
+        assert config.get("short_conv", 0) == m["short_conv"] == run["params"].get("short_conv", 0)
+        assert name == f"{m['kind']}-conv4-h{m['hidden']}" if m["short_conv"] else name == f"{m['kind']}-h{m['hidden']}"
+    # re-evaluate one committed model at one length, with and without a convolution
+    for name in ("based-h64", "deltanet-conv4-h64"):
+        _reevaluate(summary, name)
+
+
+def _reevaluate(summary, name):
     run = json.loads((MQAR_TWINS_DIR / name / "run.json").read_text())
     params = TwinParams(**{**run["params"], "period_range": tuple(run["params"]["period_range"])})
     model = HeadlabLinearForCausalLM.from_pretrained(MQAR_TWINS_DIR / name)
-    assert model.config.position == "rotary" and model.model.embed_positions is None
+    assert model.config.position == params.position and model.model.embed_positions is None
     ev = evaluate_mqar(model, params, lengths=(512,))
     assert abs(ev["lengths"]["512"]["accuracy"] - summary["models"][name]["accuracy"]["512"]) <= 1e-6

@@ -143,10 +143,14 @@ def pruning_section() -> list[str]:
            "**Claim** (Michel, Levy & Neubig 2019, *Are Sixteen Heads Really Better than One?* — recalled, not "
            "in shared/ALGORITHMS.md ⚠): many heads can be removed at test time with little loss (about 20% of a "
            "WMT Transformer's heads and 40% of BERT's before a noticeable drop), and heads ranked by an importance "
-           "score can be pruned further than heads taken at random. Their importance score is the first-order "
-           "(gradient × gate) estimate — headlab's `atp` ranker is that estimate for zeroing a head's output; "
-           "`ablation` measures it exactly, one forward per head. Here heads are removed least important first, "
-           f"by each ranker, in steps of the {n_heads} heads; removal is zero ablation (`--save-model` removes "
+           "score can be pruned further than heads taken at random. Their importance score is the absolute "
+           "first-order (gradient × gate) estimate; headlab's `atp` ranker is the same estimate for zeroing a "
+           "head's output but *signed* (the most negative — heads whose removal is predicted to lower the loss — "
+           "go first), and `ablation` measures the loss change exactly, one forward per head, on KJV Genesis "
+           f"({params['rank']['windows']} × {params['rank']['ctx']} tokens). `induction` and `sink` rank by the "
+           "induction scan's maps; the `scores:` ranker by the retrieval scan above (most heads score 0 and tie, "
+           "so ties go by (layer, head): the early layers first). Heads are removed least important first, "
+           f"out of {n_heads}; removal is zero ablation (`--save-model` removes "
            "them for real and is checked against it). No fine-tuning after pruning.", ""]
     for spec in dict.fromkeys(r["eval"] for r in rows):
         sub = [r for r in rows if r["eval"] == spec]
@@ -161,7 +165,7 @@ def pruning_section() -> list[str]:
         out += _table(["removed", "heads", *[f"`{r}`" for r in rankers]],
                       [[f"{f:.0%}", str(round(f * n_heads)), *[_num(value.get((r, f)), 2) for r in rankers]]
                        for f in fractions])
-        out += [_tolerance(sub, rankers, fractions, primary), ""]
+        out += [_change_at(sub, rankers, primary), ""]
     cmp_path = ROOT / PRUNE / "atp_vs_ablation.json"
     if cmp_path.exists():
         c = json.loads(cmp_path.read_text())
@@ -173,15 +177,18 @@ def pruning_section() -> list[str]:
     return out
 
 
-def _tolerance(rows: list[dict], rankers: list[str], fractions: list[float], primary: str) -> str:
-    """The largest fraction each ranker removes while staying within 10% of the unpruned metric."""
+def _change_at(rows: list[dict], rankers: list[str], primary: str, shares: tuple[float, ...] = (0.1, 0.2)) -> str:
+    """Each ranker's change of the metric against the unpruned model at the given shares of heads removed."""
     base = next((r["value"] for r in rows if r["fraction"] == 0), None)
-    if base is None:
+    value = {(r["ranker"], r["fraction"]): r["value"] for r in rows}
+    shares = tuple(f for f in shares if any(abs(f - r["fraction"]) < 1e-9 for r in rows))
+    if base is None or not shares:
         return ""
-    reach = {}
-    for name in rankers:
-        ok = [f for f in fractions if f > 0 and all(
-            r["value"] <= 1.1 * base for r in rows if r["ranker"] == name and 0 < r["fraction"] <= f)]
-        reach[name] = max(ok) if ok else 0.0
-    return (f"Largest share removed with the {primary} within 10% of the unpruned {_num(base, 2)} (every smaller "
-            "share too): " + ", ".join(f"`{n}` {reach[n]:.0%}" for n in rankers) + ".")
+
+    def at(name: str, f: float) -> str:
+        v = next((v for (n, g), v in value.items() if n == name and abs(g - f) < 1e-9), None)
+        return "–" if v is None else f"{100 * (v / base - 1):+.0f}%"
+
+    return (f"Change of the {primary} against the unpruned {_num(base, 2)} with "
+            + " / ".join(f"{f:.0%}" for f in shares) + " of the heads removed: "
+            + "; ".join(f"`{n}` " + " / ".join(at(n, f) for f in shares) for n in rankers) + ".")

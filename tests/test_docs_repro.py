@@ -83,4 +83,4 @@ def test_pruning_tables_match_headlab_results():
             for name, cell in zip(rankers, cells[2:]):
                 got = next(v for f, v in table[name].items() if abs(f - fraction) < 1e-9)
                 assert cell == f"{got:.2f}", (spec, name, fraction)
-    assert re.search(r"Largest share removed with the \w+ within 10%", "\n".join(lines))
+    assert re.search(r"Change of the \w+ against the unpruned", "\n".join(lines))

@@ -99,10 +99,10 @@ def test_reproduction_tables_render(served, browser):
     for heading in ("Retrieval heads", "Head pruning"):
         section = page.locator("h2", has_text=heading)
         assert section.count() == 1, heading
-        assert page.locator(f"h2:has-text('{heading}') ~ table").count() >= 1
-    page.locator("h2", has_text="Retrieval heads").scroll_into_view_if_needed()
+        assert page.locator(f"h2:has-text('{heading}') ~ * table").count() >= 1  # Material wraps tables
+    page.locator("h2", has_text="Retrieval heads").evaluate("e => e.scrollIntoView()")
     page.screenshot(path=ARTIFACTS / "05-reproductions-retrieval.png")
-    page.locator("h2", has_text="Head pruning").scroll_into_view_if_needed()
+    page.locator("h2", has_text="Head pruning").evaluate("e => e.scrollIntoView()")
     page.screenshot(path=ARTIFACTS / "06-reproductions-pruning.png")
     assert not problems, "\n".join(problems)
     page.context.close()

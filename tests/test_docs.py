@@ -70,7 +70,13 @@ def test_strict_build_succeeds(site: Path):
         assert f'id="{ident}"' in api, ident
     # no page asks the network for fonts or scripts
     for html in site.rglob("*.html"):
-        assert "fonts.googleapis.com" not in html.read_text(), html
+        text = html.read_text()
+        assert "fonts.googleapis.com" not in text and "cdn.plot.ly" not in text, html
+    # the tutorials' figures are drawn by the installed plotly's own plotly.js, served with the site
+    import plotly
+
+    bundled = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert (site / "assets" / "javascripts" / "plotly.min.js").read_bytes() == bundled.read_bytes()
 
 
 class _Links(HTMLParser):

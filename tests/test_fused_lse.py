@@ -76,8 +76,12 @@ def test_induction_scan_scores_equal_either_route():
             assert torch.allclose(full.extra[layer][key], fused.extra[layer][key], atol=1e-6)
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["set-keys-from-lse", "indicator-columns"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_stats_kernel_equals_the_materialised_definition(causal):
+def test_stats_kernel_equals_the_materialised_definition(causal, sparse, monkeypatch):
+    import headlab_kernels.head_stats.fused as fused
+
+    monkeypatch.setattr(fused, "SPARSE_SETS", 128 if sparse else 0)
     torch.manual_seed(1)
     n_b, n_h, n_t, d = 2, 3, 33, 16
     q, k, v = (torch.randn(n_b, n_h, n_t, d) for _ in range(3))

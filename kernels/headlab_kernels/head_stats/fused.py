@@ -64,6 +64,30 @@ def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+#: Key sets holding at most this many distinct keys (over the sets and the batch) get their masses from the lse and
+#: those keys' scores directly (O(Q · u) per head) instead of as indicator columns widening the flash call.
+SPARSE_SETS = 128
+
+
+def _sparse_set_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_sets: torch.Tensor,
+                     union: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    """Mass `[B, H, Q, K]` of each row on each key set from the exact weights exp(scale · q·kⱼ − lse) of the few
+    keys the sets hold (`union` `[u]`), with the visibility of the flash call (causal, bottom-right; or `mask`)."""
+    n_q, n_s = q.shape[2], k.shape[2]
+    scores = torch.matmul(q.float(), k.index_select(2, union).float().transpose(-1, -2)) * scale  # [B, H, Q, u]
+    weights = torch.exp(scores - lse[..., None])
+    if mask is not None:
+        sub = mask.index_select(-1, union)
+        visible = sub if sub.dtype == torch.bool else sub > torch.finfo(sub.dtype).min / 2
+        weights = weights * visible
+    elif causal:
+        rows = torch.arange(n_q, device=q.device)[:, None] + (n_s - n_q)
+        weights = weights * (union[None, :] <= rows)
+    weights = weights.nan_to_num(0.0)  # rows that see no key (lse -inf)
+    ind = key_sets.index_select(-1, union).float().expand(-1, q.shape[0], -1)  # [K, B, u]
+    return torch.einsum("bhqu,kbu->bhqk", weights, ind)
+
+
 def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
                          causal: bool, scale: float | None, entropy: bool = False,
                          key_sets: torch.Tensor | None = None, received: bool = False,
@@ -107,9 +131,13 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
     extra = []
     if entropy:
         extra.append(k)
+    union = None
     if key_sets is not None:
-        ind = key_sets.to(v.dtype).permute(1, 2, 0)[:, None]  # [B|1, 1, S, K]
-        extra.append(ind.expand(v.shape[0], v.shape[1], n_s, key_sets.shape[0]))
+        union = key_sets.any(0).any(0).nonzero().flatten()  # [u] the keys some set holds
+        if union.numel() > SPARSE_SETS:  # large sets: indicator columns in the flash call
+            ind = key_sets.to(v.dtype).permute(1, 2, 0)[:, None]  # [B|1, 1, S, K]
+            extra.append(ind.expand(v.shape[0], v.shape[1], n_s, key_sets.shape[0]))
+            union = None
     wide = torch.cat([v, *extra], -1) if extra else v
     attn_mask = _additive_mask(mask, q.dtype)
     out, lse = _flash(q, k, wide, attn_mask, causal, scale)
@@ -119,8 +147,10 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
         mean_k = out[..., col:col + d].float()
         stats["entropy"] = (lse - scale * (q.float() * mean_k).sum(-1)).clamp_min(0.0)
         col += d
-    if key_sets is not None:
+    if key_sets is not None and union is None:
         stats["set_mass"] = out[..., col:].float()
+    elif key_sets is not None:  # few keys: their exact weights from the lse, O(Q · u) per head
+        stats["set_mass"] = _sparse_set_mass(q, k, lse, key_sets, union, mask, causal, scale)
     if received:
         rows = lse if query_mask is None else lse.masked_fill(~query_mask[:, None, :].to(lse.device), 1e4)
         rows = torch.where(torch.isfinite(rows), rows, torch.full_like(rows, 1e4))  # rows that see nothing

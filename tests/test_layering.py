@@ -48,6 +48,9 @@ RULES = [
     ("headlab.edits", "headlab.moh"), ("headlab.viz", "headlab.moh"), ("headlab.results", "headlab.moh"),
     ("headlab.tasks", "headlab.moh"), ("headlab.analyses", "headlab.moh"), ("headlab.circuits", "headlab.moh"),
     # linearize trains and measures (its hybrid sweep reads prune's text eval): nothing below imports it
+    # executors run a sweep's units (here or on Ray); they know nothing of models or analyses
+    ("headlab.executors", "headlab.models"), ("headlab.executors", "headlab.prune"), ("headlab.executors", "headlab.cli"),
+    ("headlab.executors", "headlab.analyses"),
     ("headlab.linearize", "headlab.cli"), ("headlab.prune", "headlab.linearize"), ("headlab.models", "headlab.linearize"),
     ("headlab.edits", "headlab.linearize"), ("headlab.viz", "headlab.linearize"), ("headlab.results", "headlab.linearize"),
     ("headlab.analyses", "headlab.linearize"), ("headlab.moh", "headlab.linearize"),

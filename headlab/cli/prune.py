@@ -41,6 +41,11 @@ def register(subparsers) -> None:
                    help="also remove that ranker's heads at that fraction for real and save the smaller model "
                         "under OUT/pruned-RANKER-FRACTION/ (checked against the masked model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
+                   help="where the (heads removed, eval) units run: this process (default), a local Ray cluster "
+                        "(ray), or a running one (ray:auto, ray:ray://HEAD:10001); each Ray worker loads the model once")
+    p.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
+    p.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
     p.set_defaults(handler=cmd_prune)
 
 
@@ -72,8 +77,11 @@ def cmd_prune(args) -> int:
         if not 0 < frac <= 1:
             raise HeadlabError(f"--save-model {args.save_model}: the fraction must lie in (0, 1]")
         save = (ranker, frac)
+    from headlab.executors import parse_executor
+
+    executor = parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)  # checked first
     model = load_model(args)
-    result = prune_experiment(model, params, args.out, progress=not args.no_progress)
+    result = prune_experiment(model, params, args.out, progress=not args.no_progress, executor=executor)
     for spec in params.evals:
         table = result.table(spec)
         metric = next(r["primary"] for r in result.rows if r["eval"] == spec)

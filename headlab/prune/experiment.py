@@ -231,22 +231,57 @@ def get_ranking(model: HeadModel, name: str, params: RankParams, out: Path | Non
     return result
 
 
+@dataclass
+class PruneWorker:
+    """Measures one (removed heads, eval) unit: the eval's metrics with those heads zero-ablated in a scope."""
+
+    model: HeadModel
+    evals: dict[str, Any]
+
+    def __call__(self, job: tuple[tuple[str, ...], str]) -> tuple[dict[str, float], float]:
+        """(metrics, seconds) of eval `job[1]` with heads `job[0]` ("L3H1", …) removed."""
+        removed, spec = job
+        start = time.perf_counter()
+        with edit(self.model, prune_edits([HeadRef.parse(h) for h in removed])):
+            metrics = self.evals[spec].metrics(self.model)
+        return metrics, round(time.perf_counter() - start, 3)
+
+
+@dataclass(frozen=True)
+class PruneWorkerSpec:
+    """A picklable recipe for a PruneWorker in another process (a Ray actor): load `source`, build the evals."""
+
+    source: str
+    params: PruneParams
+
+    def __call__(self) -> PruneWorker:
+        from headlab.models import load
+
+        p = self.params
+        evals = {spec: parse_eval(spec, ctx=p.ctx, windows=p.windows, seed=p.task_seed, seq_len=p.task_seq_len)
+                 for spec in p.evals}
+        return PruneWorker(load(self.source), evals)
+
+
 def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
-                     progress: bool = True) -> PruneResults:
+                     progress: bool = True, executor: Any = None) -> PruneResults:
     """Run (or resume) a pruning experiment into folder `out`; see the module doc.
 
     Args:
         model: the HeadModel to prune (restored after every evaluation).
         params: rankers, fractions, evals and their settings.
         out: the folder for run.json, results.jsonl, rankings/ and one curve_<eval>.html per eval.
-        progress: show a progress bar.
+        progress: show a progress bar (fed by finished rows).
+        executor: where the (removed heads, eval) units run: None / `headlab.executors.LocalExecutor` (this process,
+            on `model`), or a `RayExecutor` (each worker loads `model.source` once; rows are written here as their
+            units finish, so an interrupted run resumes either way).
 
     Returns:
         PruneResults with every row in `out` (earlier runs' included).
 
     Raises:
         HeadlabError: an unknown ranker or eval, no ranker / fraction / eval, or an `out` holding a run with other
-            settings.
+            settings; a Ray executor for a model that was not loaded from a name or a folder.
     """
     out = Path(out)
     # validate everything before the folder is made or run.json is written: a refused command leaves nothing behind
@@ -268,24 +303,46 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     jobs = [(n, f, e) for n in params.rankers for f in params.fractions for e in params.evals
             if (n, f, e) not in done]
     memo = {(frozenset(r["removed"]), r["eval"]): r for r in rows}
-    # rows are appended one by one (flushed, fsynced; a torn last line is ended first)
-    for name, fraction, spec in tqdm(jobs, desc=f"prune {model.name}", disable=not progress):
-        removed = removed_heads(rankings[name], fraction)
-        key = (frozenset(str(h) for h in removed), spec)
-        start = time.perf_counter()
-        if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
-            metrics = memo[key]["metrics"]
-        else:
-            with edit(model, prune_edits(removed)):
-                metrics = evals[spec].metrics(model)
+    bar = tqdm(total=len(jobs), desc=f"prune {model.name}", disable=not progress)
+
+    def write(name: str, fraction: float, spec: str, removed: list[HeadRef], metrics: dict, seconds: float) -> None:
+        # rows are appended one by one (flushed, fsynced; a torn last line is ended first)
         row = {"ranker": name, "fraction": fraction, "eval": spec, "primary": evals[spec].primary,
                "value": metrics[evals[spec].primary], "metrics": metrics, "n_removed": len(removed),
                "n_heads": n_total, "removed": [str(h) for h in removed], "seed": params.rank.seed,
-               "task_seed": params.task_seed, "seconds": round(time.perf_counter() - start, 3),
-               "model": model.name, "time": _now()}
+               "task_seed": params.task_seed, "seconds": seconds, "model": model.name, "time": _now()}
         append_jsonl(out / RESULTS_FILE, row)
         rows.append(row)
-        memo[key] = row
+        memo[(frozenset(row["removed"]), spec)] = row
+        bar.update(1)
+
+    waiting: dict[tuple[tuple[str, ...], str], list] = {}  # one unit per distinct (heads, eval): rows that share it
+    for name, fraction, spec in jobs:
+        removed = removed_heads(rankings[name], fraction)
+        key = (frozenset(str(h) for h in removed), spec)
+        if key in memo:  # the same heads were already measured (e.g. fraction 0 of another ranker)
+            write(name, fraction, spec, removed, memo[key]["metrics"], 0.0)
+        else:
+            waiting.setdefault((tuple(sorted(str(h) for h in removed)), spec), []).append((name, fraction, removed))
+
+    def on_result(unit: tuple[tuple[str, ...], str], result: tuple[dict, float]) -> None:
+        metrics, seconds = result
+        for name, fraction, removed in waiting[unit]:
+            write(name, fraction, unit[1], removed, metrics, seconds)
+
+    if waiting:
+        from headlab.executors import LocalExecutor
+
+        executor = executor or LocalExecutor()
+        if executor.name == "local":
+            factory: Any = lambda: PruneWorker(model, evals)  # noqa: E731 (this process: the model already loaded)
+        elif not (Path(model.source).is_dir() or model.source in _bundled()):
+            raise HeadlabError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
+                               f"{model.name} was loaded from an object: save it (save_pretrained) and load the folder")
+        else:
+            factory = PruneWorkerSpec(model.source, params)
+        executor.run(factory, list(waiting), on_result)
+    bar.close()
 
     comparison = None
     if "atp" in rankings and "ablation" in rankings:
@@ -295,6 +352,12 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     for spec in params.evals:
         result.figure(spec).write_html(out / f"curve_{slug(spec)}.html", include_plotlyjs="cdn")
     return result
+
+
+def _bundled() -> tuple[str, ...]:
+    from headlab.models.bundled import BUNDLED
+
+    return tuple(BUNDLED)
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:

@@ -134,3 +134,22 @@ def test_a_model_from_an_object_is_refused_on_ray(cluster, tmp_path):
     params = PruneParams(rankers=("random",), fractions=(0.25,), evals=("task:induction",), task_seq_len=16)
     with pytest.raises(hl.HeadlabError, match="loaded from an object"):
         prune_experiment(obj, params, tmp_path / "x", progress=False, executor=RayExecutor(workers=1))
+
+
+def test_needle_trials_on_ray_equal_the_serial_run(cluster, tmp_path):
+    """The retrieval scan's trials on Ray (each worker loads the model and builds the KJV prompts itself)."""
+    from headlab.analyses.retrieval import RetrievalParams, retrieval_scan
+    from test_explore import make_text_model  # a word-level tokenizer: the KJV haystack reads, mostly as <unk>
+
+    folder = str(make_text_model(tmp_path / "text"))
+    model = hl.load(folder)
+    torch.set_num_threads(1)
+    params = RetrievalParams(lengths=(128, 192), depths=(50.0,), needles=(0, 1), ks=(2,), draws=1, windows=(16,),
+                             max_new_tokens=6, razor=hl.analyses.razor.RazorParams(block=16))
+    serial = retrieval_scan(model, params, out=tmp_path / "serial", progress=False)
+    on_ray = retrieval_scan(model, params, out=tmp_path / "ray", progress=False, executor=RayExecutor(workers=2))
+
+    def records(report):
+        return sorted((r["trial"], r["spec"], tuple(r["generated"]), r["recall"], json.dumps(r.get("scores")))
+                      for r in report.records)
+    assert records(serial) == records(on_ray) and len(serial.records) == 4 * 5

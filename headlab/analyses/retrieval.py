@@ -47,6 +47,7 @@ from headlab.analyses.razor import (
 from headlab.edits.heads import edit
 from headlab.edits.razor_cache import RazorCache
 from headlab.errors import PromptError
+from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
 from headlab.paths import HAYSTACKS_DIR
 from headlab.results import append_jsonl, HeadScores, params_dict, read_jsonl, run_meta
@@ -321,9 +322,45 @@ class Trial:
         return f"n{self.needle}-L{self.length}-d{self.depth:g}"
 
 
+@dataclass
+class TrialWorker:
+    """Decodes one trial's missing conditions: `(trial, conditions)` → records (`run_trial`)."""
+
+    model: HeadModel
+    make_prompt: Callable[[Trial], NeedlePrompt]
+    max_new_tokens: int = 50
+    recall_threshold: float = 0.5
+
+    def __call__(self, job: tuple[Trial, list[Condition]]) -> list[dict[str, Any]]:
+        """The records of `job[1]`'s conditions on trial `job[0]`."""
+        trial, conditions = job
+        return run_trial(self.model, self.make_prompt(trial), conditions, max_new_tokens=self.max_new_tokens,
+                         recall_threshold=self.recall_threshold)
+
+
+@dataclass(frozen=True)
+class TrialWorkerSpec:
+    """A picklable recipe for a TrialWorker in another process (a Ray actor): load `source`, build the KJV needle
+    prompts (`text_prompt`) there."""
+
+    source: str
+    chat: bool | None = None
+    max_new_tokens: int = 50
+    recall_threshold: float = 0.5
+
+    def __call__(self) -> TrialWorker:
+        """Load the model and return the worker."""
+        from headlab.models import load
+
+        model, sets = load(self.source), needle_sets()
+        return TrialWorker(model, lambda t: text_prompt(model, sets[t.needle], t.length, t.depth, chat=self.chat),
+                           self.max_new_tokens, self.recall_threshold)
+
+
 def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], trials: list[Trial],
              conditions: list[Condition], *, path: str | Path | None = None, tag: str = "",
-             max_new_tokens: int = 50, recall_threshold: float = 0.5, progress: bool = True) -> list[dict[str, Any]]:
+             max_new_tokens: int = 50, recall_threshold: float = 0.5, progress: bool = True,
+             executor: Any = None, worker: Callable[[], TrialWorker] | None = None) -> list[dict[str, Any]]:
     """Run every (trial, condition) not already in the JSONL file at `path`; return all their records.
 
     Records are appended (one line each, flushed) as trials finish, so an interrupted run resumes
@@ -340,9 +377,16 @@ def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], tri
         max_new_tokens: the most tokens generated per reply.
         recall_threshold: a reply counts when its recall exceeds this.
         progress: show a progress bar.
+        executor: where trials run (`headlab.executors`): None / local (here, on `model` with `make_prompt`), or a
+            RayExecutor, whose workers are built by `worker` (a picklable factory, e.g. `TrialWorkerSpec`); records
+            are written here as trials finish either way.
+        worker: the factory of the workers of a non-local executor.
 
     Returns:
         The records of every (trial, condition), trials in order, with trial, needle, length and depth added.
+
+    Raises:
+        PromptError: a non-local executor without a `worker` factory.
     """
     path = Path(path) if path is not None else None
     done: dict[tuple[str, str], dict[str, Any]] = {}
@@ -351,17 +395,29 @@ def run_grid(model: HeadModel, make_prompt: Callable[[Trial], NeedlePrompt], tri
             done[(rec["trial"], rec["spec"])] = rec
     keys = [f"{t.key}|{tag}" for t in trials]
     todo = [(t, k) for t, k in zip(trials, keys) if any((k, c.spec) not in done for c in conditions)]
-    bar = tqdm(todo, desc=f"needles {model.name}", disable=not progress, leave=False)
-    for trial, key in bar:
-        bar.set_postfix_str(trial.key)
-        missing = [c for c in conditions if (key, c.spec) not in done]
-        recs = run_trial(model, make_prompt(trial), missing, max_new_tokens=max_new_tokens,
-                         recall_threshold=recall_threshold)
+    bar = tqdm(total=len(todo), desc=f"needles {model.name}", disable=not progress, leave=False)
+    key_of = {t: k for t, k in todo}
+
+    def finish(job: tuple[Trial, list[Condition]], recs: list[dict[str, Any]]) -> None:
+        trial, key = job[0], key_of[job[0]]
         for rec in recs:
             rec.update(trial=key, needle=trial.needle, length=trial.length, depth=trial.depth)
             done[(key, rec["spec"])] = rec
         if path is not None:  # one line per record; a line cut short by an interruption is ended first
             append_jsonl(path, recs)
+        bar.set_postfix_str(trial.key)
+        bar.update(1)
+
+    jobs = [(t, [c for c in conditions if (k, c.spec) not in done]) for t, k in todo]
+    if executor is None or executor.name == "local":
+        for job in jobs:
+            finish(job, TrialWorker(model, make_prompt, max_new_tokens, recall_threshold)(job))
+    elif worker is None:
+        raise PromptError(f"a {executor.name} executor needs a worker factory (TrialWorkerSpec): custom prompts "
+                          "cannot travel to other processes")
+    else:
+        executor.run(worker, jobs, finish)
+    bar.close()
     return [done[(k, c.spec)] for k in keys for c in conditions]
 
 
@@ -435,7 +491,7 @@ class RetrievalParams:
 
 def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams(), *, out: str | Path | None = None,
                    make_prompt: Callable[[Trial], NeedlePrompt] | None = None,
-                   progress: bool = True) -> RetrievalReport:
+                   progress: bool = True, executor: Any = None) -> RetrievalReport:
     """Retrieval scores on the needle grid, then top-K vs random-K masking and RazorAttention against full cache.
 
     Phase 1 decodes each trial under the baseline (scored) and the KV policies (retrieval KV heads from
@@ -448,6 +504,8 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
         out: a folder for the trial log and the echo/induction scan (reused by a rerun with the same settings).
         make_prompt: builds a trial's NeedlePrompt (default: `text_prompt` on the KJV needle sets).
         progress: show progress bars.
+        executor: where the trials run (`headlab.executors`; None: here). A Ray executor's workers load the model
+            from its name or folder and build the KJV prompts themselves (so not with a custom `make_prompt`).
 
     Returns:
         A RetrievalReport: retrieval scores (HeadScores), the echo/induction scan, per-trial records and the
@@ -460,6 +518,12 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     start = time.perf_counter()
     if not model.causal or not model.is_lm:
         raise PromptError(f"{model.name} is not a causal LM: the needle test decodes a reply, so it needs one")
+    remote = executor is not None and executor.name != "local"
+    if remote and make_prompt is not None:
+        raise PromptError("custom needle prompts (make_prompt) cannot travel to other processes: run them here")
+    if remote and not (Path(model.source).is_dir() or model.source in BUNDLED):
+        raise PromptError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
+                          f"{model.name} was loaded from an object: save it (save_pretrained) and load the folder")
     if make_prompt is None:
         if model.tokenizer is None:
             raise PromptError(f"{model.name} has no tokenizer: the needle prompts are text")
@@ -481,7 +545,9 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     trials = [Trial(n, length, float(d)) for n in params.needles for length in params.lengths for d in params.depths]
     grid = dict(path=out / "trials.jsonl" if out is not None else None, progress=progress,
                 tag=f"m{params.max_new_tokens}-c{params.chat}",
-                max_new_tokens=params.max_new_tokens, recall_threshold=params.recall_threshold)
+                max_new_tokens=params.max_new_tokens, recall_threshold=params.recall_threshold, executor=executor,
+                worker=TrialWorkerSpec(model.source, params.chat, params.max_new_tokens, params.recall_threshold)
+                if remote else None)
     phase1 = [Condition(name="baseline", score=True)] + razor_conditions(
         retrieval_kv_heads(razor), params.windows, sinks=params.sinks, window_frac=params.window_frac,
         kv_cache=params.kv_cache)

@@ -60,6 +60,11 @@ def register(sub) -> None:
     ret.add_argument("--kv-cache", default=d.kv_cache, choices=["simulated", "real", "both"],
                      help="RazorAttention as an edit over the full cache (simulated), as a real compressed cache "
                           "(real: only the kept entries in memory), or both side by side")
+    ret.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
+                     help="where the needle trials run: this process (default), a local Ray cluster (ray) or a running "
+                          "one (ray:auto, ray:ray://HEAD:10001); each Ray worker loads the model once")
+    ret.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
+    ret.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
     ret.set_defaults(handler=cmd_scan_retrieval)
 
 
@@ -126,6 +131,9 @@ def cmd_scan_retrieval(args: argparse.Namespace) -> int:
     from headlab.analyses.razor import RazorParams
     from headlab.analyses.retrieval import RetrievalParams, retrieval_scan
 
+    from headlab.executors import parse_executor
+
+    executor = parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)  # checked first
     model = load_model(args, show=False)
     print(model)
     params = RetrievalParams(lengths=tuple(args.lengths), depths=tuple(args.depths), needles=tuple(args.needles),
@@ -133,7 +141,7 @@ def cmd_scan_retrieval(args: argparse.Namespace) -> int:
                              mask_lengths=tuple(args.mask_lengths),
                              mask_how=args.mask_how, windows=tuple(args.windows), window_frac=args.window_frac,
                              kv_cache=args.kv_cache, razor=RazorParams(block=args.razor_block), seed=args.seed)
-    report = retrieval_scan(model, params, out=args.out)
+    report = retrieval_scan(model, params, out=args.out, executor=executor)
     meta = report.scores.meta
     print(f"\n{meta['n_counted']}/{meta['n_trials']} trials recalled the needle; heads with retrieval score "
           f"> 0.1: {meta['share_above_0_1']:.1%}, > 0.5: {meta['share_above_0_5']:.1%}")

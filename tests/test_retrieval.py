@@ -201,8 +201,8 @@ def test_cli_arguments_reach_the_scan(monkeypatch, tmp_path, capsys):
 
     seen = {}
 
-    def fake_scan(model, params, out):
-        seen.update(params=params, out=out)
+    def fake_scan(model, params, out, executor=None):
+        seen.update(params=params, out=out, executor=executor)
         records = [{"condition": "baseline", "recall": 1.0, "found": True, "scores": [[0.0]]}]
         scores = retrieval.retrieval_scores(model, records)
         scores.meta["seconds"] = 0.0
@@ -223,4 +223,5 @@ def test_cli_arguments_reach_the_scan(monkeypatch, tmp_path, capsys):
     p = seen["params"]
     assert (p.lengths, p.depths, p.ks, p.windows, p.mask_how, p.mask_lengths) == ((256, 512), (50.0,), (), (32,),
                                                                                   "zero", (512,))
+    assert seen["executor"].name == "local"  # the default
     assert "baseline" in capsys.readouterr().out

@@ -19,7 +19,7 @@ import execute_notebooks
 sys.path.pop(0)
 
 NOTEBOOKS = docs_tutorials.NOTEBOOKS
-MAX_EXECUTED_BYTES = 2_000_000  # an executed notebook is figures' JSON and text: a few hundred KiB
+MAX_EXECUTED_BYTES = 3_000_000  # figures' JSON and text, compact: 20 KiB to 1.9 MB (softmax_vs_linear's grids)
 NEWPLOT = re.compile(r'<script>Plotly\.newPlot\("([^"]+)",(.*)\);</script>')
 
 
@@ -99,9 +99,11 @@ def test_page_draws_every_figure_of_the_run(name):
 
 
 def test_page_size_is_sane():
-    """Figures are data, not scripts: no tutorial page (plotly.js excluded, it is one shared file) passes 1 MB."""
-    for name in NOTEBOOKS:
-        assert len(docs_tutorials.tutorial_page(name).encode()) < 1_000_000, name
+    """Figures are data, not scripts: no tutorial page (plotly.js excluded, it is one shared file) passes 2.5 MB;
+    most are under 200 KB (softmax_vs_linear's two 65×65 pattern grids carry a hover label per cell: 1.9 MB)."""
+    sizes = {name: len(docs_tutorials.tutorial_page(name).encode()) for name in NOTEBOOKS}
+    assert max(sizes.values()) < 2_500_000, sizes
+    assert sorted(sizes.values())[len(sizes) // 2] < 200_000, sizes
 
 
 def test_progress_bars_resolve_to_their_last_state():

@@ -82,21 +82,16 @@ def _text_block(text: str) -> str | None:
     return _fence(text, "text") if text.strip() else None
 
 
-def page_layout(layout: dict) -> dict:
-    """A figure's layout as the page draws it: its fixed width dropped, so it fits the text column (the height
-    and everything else kept)."""
-    return {**{k: v for k, v in layout.items() if k != "width"}, "autosize": True}
-
-
 def plotly_block(fig: dict, div_id: str) -> str:
     """A plotly figure's JSON as a div and the script that draws it (raw HTML: markdown leaves it alone)."""
     data = json.dumps(fig.get("data", []), separators=(",", ":"), sort_keys=True)
-    layout = json.dumps(page_layout(fig.get("layout", {})), separators=(",", ":"), sort_keys=True)
+    layout = json.dumps(fig.get("layout", {}), separators=(",", ":"), sort_keys=True)
 
     def safe(js: str) -> str:  # a "</script>" or "<!--" inside a string must not end the script element
         return js.replace("</", "<\\/").replace("<!--", "<\\!--")
 
-    return (f'<div class="nb-plotly" id="{div_id}"></div>\n\n'
+    # a figure keeps its own size (multi-panel layouts are placed for it); a wide one scrolls inside the text column
+    return (f'<div class="nb-plotly" id="{div_id}" style="max-width:100%;overflow-x:auto"></div>\n\n'
             f'<script>Plotly.newPlot("{div_id}",{safe(data)},{safe(layout)},'
             '{"responsive":true,"displaylogo":false});</script>')
 

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     names = resolve(args.names, NOTEBOOKS) if args.names else list(NOTEBOOKS)
     if args.stale:
         names = [n for n in names if is_stale(n)]
+        if not names:
+            print("every executed copy matches its generator: nothing to run")
     failed = []
     for name in names:
         print(f"executing {name} ...", flush=True)

@@ -141,44 +141,89 @@ Text twins (8 held-out windows of 128 bytes; `[BOS] r r` with |r| = 48 random by
     ("md", """## 5. Multi-query associative recall at length (MQAR twins)
 
 The twins above all have learned absolute positions (65 or 128), so none runs past its training length. The MQAR
-twins (`headlab.models.linear.train.train_mqar_twins`, committed under data/mqar-twins) have none: RoPE on the
+twins (`headlab.models.linear.mqar_twins.train_mqar_twins`, committed under data/mqar-twins) have none: RoPE on the
 softmax layers (softmax; BASED's sliding-window layer) and no position signal at all in the linear layers
-(`HeadlabLinearConfig.position`). One model per kind, the same recipe (2 layers × 4 heads, width 64,
-attention-only), trained at length 256 on Zoology's MQAR (`headlab.inputs.mqar`): 16 key-value pairs `k v`, then
-queries `k v` among filler, the loss on the answers only. Each is evaluated at 256–2048 tokens with the same 16
-pairs, each key queried once, the queries spread over the longer sequence: only the distance from the pairs to their
-queries grows. `state_per_head` is what a linear layer keeps (F × D floats); a softmax layer's KV cache grows by
-`kv_cache_per_token_per_head` floats per token instead (BASED's window layer keeps at most 8 tokens of it)."""),
+(`HeadlabLinearConfig.position`). One model per kind, the same recipe (2 layers × 4 heads, attention-only),
+trained at length 256 on Zoology's MQAR (`headlab.inputs.mqar`): 16 key-value pairs `k v`, then queries `k v` among
+filler, the loss on the answers only. Each is evaluated at 256–2048 tokens with the same 16 pairs, each key queried
+once, the queries spread over the longer sequence: only the distance from the pairs to their queries grows.
+Two sets: the plain twins at width 64 (`<kind>-h64`), and the same recipe with a **short convolution** of kernel 4
+on every layer's q, k and v (`HeadlabLinearConfig.short_conv`: causal, depthwise, no bias, then SiLU, as fla's GLA
+and DeltaNet and Zoology's configs) at widths 64 and 128 (`<kind>-conv4-h<width>`). The convolution hands each
+token its predecessors' features, so a value's position can carry its key and the lookup takes one layer.
+`state_per_head` is what a linear layer keeps (F × D floats); a softmax layer's KV cache grows by
+`kv_cache_per_token_per_head` floats per token instead (BASED's window layer keeps at most 8 tokens of it); the
+convolution adds its last 3 inputs, `conv_state_per_head` floats."""),
     ("code", """import json
 import plotly.graph_objects as go
 from headlab.paths import MQAR_TWINS_DIR
 
 mqar = json.loads((MQAR_TWINS_DIR / "summary.json").read_text())
 display(Markdown(markdown_table(mqar["table"], digits=4)))"""),
-    ("code", """lengths = mqar["eval"]["lengths"]
+    ("code", """import plotly.express as px
+
+lengths = mqar["eval"]["lengths"]
+colors = dict(zip(KINDS, px.colors.qualitative.D3))
 fig = go.Figure()
 for name, m in mqar["models"].items():
+    conv = m.get("short_conv", 0)
     fig.add_trace(go.Scatter(x=lengths, y=[m["accuracy"][str(n)] for n in lengths], mode="lines+markers",
-                             name=f"{m['kind']} ({'+'.join(m['layer_kinds'])}, h{m['hidden']})"))
+                             line=dict(color=colors[m["kind"]], dash="solid" if conv else "dot",
+                                       width=3 if m["hidden"] > 64 else 1.5),
+                             name=f"{m['kind']} h{m['hidden']}" + (f" conv{conv}" if conv else "")))
 fig.add_hline(y=mqar["eval"]["chance"]["value_in_context"], line_dash="dot",
               annotation_text="chance: a value of the context")
-fig.update_layout(title="MQAR accuracy vs sequence length (trained at 256; 16 pairs, each key queried once)",
+fig.update_layout(title="MQAR accuracy vs sequence length (trained at 256; dotted: no conv, thick: width 128)",
                   xaxis=dict(type="log", tickvals=lengths, title="sequence length"),
-                  yaxis=dict(title="accuracy on the queried values", range=[0, 1.05]), height=420)
+                  yaxis=dict(title="accuracy on the queried values", range=[0, 1.05]), height=460)
 fig"""),
-    ("md", """What it shows (seed 0, one width, 1,500 steps × 16 sequences on a CPU):
+    ("md", """**Accuracy against state size** (Zoology's plot): what each model keeps per head to answer a query at
+length L, its largest layer: a linear layer's F × D state, a softmax layer's KV cache 2·D·L (BASED's window layer
+at most 2·D·8), plus the K − 1 convolution inputs (K − 1)(2·D_qk + D) with conv. Below at L = 256 (the training
+length) and L = 2048."""),
+    ("code", """def floats_per_head(m, length):
+    kv = max([s["kv_cache_per_token"] * min(length, s["kv_cache_max"] // s["kv_cache_per_token"])
+              if "kv_cache_max" in s else s["kv_cache_per_token"] * length
+              for s in m["state"] if "kv_cache_per_token" in s], default=0)
+    return max(kv, m["state_per_head"] or 0) + m.get("conv_state_per_head", 0)
 
-- **Only BASED learns the lookup, and it holds at 8× its training length**: 1.000 on held-out training-like
-  sequences and at 256, 512 and 1024 tokens, 0.998 at 2048. Its sliding-window layer (RoPE over 8 keys) gives the
-  global Taylor layer the previous token of every value; its state is 273 × 16 = 4,368 floats per head (plus at
-  most 8 tokens of KV cache), against 32 floats per token of cache for softmax (65,536 per head at 2048).
-- **Every other twin stays on the plateau**: training loss ≈ ln 16 (a value of the context, not the right one)
-  and accuracy ≤ 0.08 at every length (GLA's falls to 0.003 at 2048), chance being 1/16 = 0.0625. Global
-  softmax with RoPE, and elu+1, Hedgehog, GLA and DeltaNet with no position signal, must find that previous-token
-  step through a global mixer; none did in this budget (Zoology's recipes give every layer a short convolution for
-  it). So this table separates
-  "learned the lookup" from "did not"; the state-size comparison at length needs those models trained further or
-  given a local mixer."""),
+
+fig = go.Figure()
+for length, symbol in ((256, "circle"), (2048, "diamond")):
+    for kind in KINDS:
+        for conv in (0, 4):
+            ms = [m for m in mqar["models"].values() if m["kind"] == kind and m.get("short_conv", 0) == conv]
+            if not ms:
+                continue
+            ms.sort(key=lambda m: m["hidden"])
+            fig.add_trace(go.Scatter(
+                x=[floats_per_head(m, length) for m in ms], y=[m["accuracy"][str(length)] for m in ms],
+                mode="lines+markers", marker=dict(symbol=symbol, size=9, color=colors[kind]),
+                line=dict(color=colors[kind], dash="solid" if conv else "dot"),
+                text=[f"h{m['hidden']}" for m in ms], hovertemplate="%{text}: %{x} floats, %{y:.3f}",
+                name=f"{kind}{' conv' + str(conv) if conv else ''} @ {length}"))
+fig.update_layout(title="MQAR accuracy vs floats kept per head (circles: at 256 tokens, diamonds: at 2048)",
+                  xaxis=dict(type="log", title="floats kept per head to decode at that length"),
+                  yaxis=dict(title="accuracy", range=[0, 1.05]), height=480)
+fig"""),
+    ("md", """What it shows (seed 0, one recipe, 1,500 steps × 16 sequences on a CPU):
+
+- **Without a convolution only BASED learns the lookup**: 1.000 at 256–1024 tokens, 0.998 at 2048; its
+  sliding-window layer (RoPE over 8 keys) hands the global Taylor layer the previous token of every value. Every other
+  plain twin stays on the plateau (training loss ≈ ln 16, accuracy ≤ 0.08, chance 1/16 = 0.0625): a global mixer
+  alone did not find that previous-token step in this budget.
+- **A short convolution (kernel 4) on q, k, v is that step**: at width 64 softmax (1.000 at 256), Hedgehog (0.906),
+  BASED (0.999) and DeltaNet (0.999) learn it, elu+1 partly (0.534); at width 128 softmax, elu+1, Hedgehog, GLA and
+  DeltaNet all reach 0.997–1.000 at 256. GLA at width 64 is the exception: it stays at chance even with the
+  convolution (training loss 3.06, above ln 16) and learns at width 128, with the same recipe.
+- **Length separates the mixers**: softmax, whose KV cache keeps every token, falls with distance (1.000 → 0.260 at
+  2048 for width 64, → 0.565 for 128: RoPE at distances it never saw), and so does elu+1 (→ 0.269 / 0.466), whose
+  normalised state dilutes as filler keys pile up, and GLA (→ 0.749 at 128), whose decay forgets. DeltaNet keeps
+  0.998 at 2048 from 256 floats per head at width 64 and 1.000 at 128; Hedgehog 0.917 (512 floats) and 1.000 (2,048).
+  A fixed state of a few hundred floats per head recalls 16 pairs at 8× the training length where a 65,536-float KV
+  cache does not.
+- Caveats: one seed, one recipe for all (no per-kind tuning), 16 pairs (a state of 256 floats per head is far from
+  full); wall-clock times come from a shared 2-core machine."""),
 ]
 
 

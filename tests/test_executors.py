@@ -153,3 +153,23 @@ def test_needle_trials_on_ray_equal_the_serial_run(cluster, tmp_path):
         return sorted((r["trial"], r["spec"], tuple(r["generated"]), r["recall"], json.dumps(r.get("scores")))
                       for r in report.records)
     assert records(serial) == records(on_ray) and len(serial.records) == 4 * 5
+
+
+def test_independent_calibration_search_on_ray_equals_the_serial_one(cluster, tmp_path):
+    """ACT's independent head search: each candidate head tried by a Ray worker; the search state equals the serial
+    one entry by entry (the greedy search is sequential and stays in the driver)."""
+    from headlab.analyses.calibration import CalibrationParams, calibration_search
+    from headlab.sink_rule import SinkRule
+    from test_sinks_calibration import _items
+
+    model = hl.load("toy-induction", device="cpu")
+    torch.set_num_threads(1)
+    params = CalibrationParams(beta=0.0, rule=SinkRule(min_visible=4), first_exempt=False, layers=(0, 1),
+                               candidates=4, batch=8, search="independent", bootstrap=200)
+    items = (_items(model, params, seed=0), _items(model, params, seed=1))
+    serial = calibration_search(model, params, out=tmp_path / "serial", items=items, progress=False)
+    on_ray = calibration_search(model, params, out=tmp_path / "ray", items=items, progress=False,
+                                executor=RayExecutor(workers=2))
+    state = [json.loads((tmp_path / d / "state.json").read_text())["tried"] for d in ("serial", "ray")]
+    assert state[0] == state[1] and len(state[0]) == 4
+    assert torch.equal(serial.maps["kept"], on_ray.maps["kept"])

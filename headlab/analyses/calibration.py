@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from headlab.sink_rule import SinkRule, exempt_first, sink_mask
 from headlab.edits.calibrate import Calibrate
 from headlab.edits.heads import edit
+from headlab.errors import PromptError
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
 from headlab.results import HeadScores, params_dict, read_json, run_meta, write_json
@@ -138,8 +139,39 @@ def _save_state(out: Path | None, state: dict) -> None:
     write_json(out / STATE_FILE, state, indent=0)
 
 
+@dataclass
+class CandidateWorker:
+    """Accuracy of one candidate head set on the calibration items: `heads` ("L3H1", …) → mean accuracy."""
+
+    model: HeadModel
+    items: EncodedItems
+    params: "CalibrationParams"
+
+    def __call__(self, heads: tuple[str, ...]) -> float:
+        """The calibration split's mean accuracy with `heads` calibrated."""
+        refs = [HeadRef.parse(h) for h in heads]
+        return float(_accuracy_items(self.model, self.items, refs, self.params, f"try {heads[-1]}", False)
+                     .float().mean())
+
+
+@dataclass(frozen=True)
+class CandidateWorkerSpec:
+    """A picklable recipe for a CandidateWorker in another process (a Ray actor): load `source` there."""
+
+    source: str
+    items: EncodedItems
+    params: "CalibrationParams"
+
+    def __call__(self) -> CandidateWorker:
+        """Load the model and return the worker."""
+        from headlab.models import load
+
+        return CandidateWorker(load(self.source), self.items, self.params)
+
+
 def calibration_search(model: HeadModel, params: CalibrationParams = CalibrationParams(), *, out: Path | None = None,
-                       items: tuple[EncodedItems, EncodedItems] | None = None, progress: bool = True) -> HeadScores:
+                       items: tuple[EncodedItems, EncodedItems] | None = None, progress: bool = True,
+                       executor: Any = None) -> HeadScores:
     """Search heads on the calibration split, evaluate on the evaluation split; resumable when `out` is given.
 
     Args:
@@ -148,6 +180,9 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
         out: a folder for the search state (resumed).
         items: (calibration, evaluation) items to use instead of building `params.tasks` (e.g. token-id items).
         progress: show progress bars.
+        executor: where the candidates of an "independent" search are tried (`headlab.executors`; None: here). A
+            Ray executor's workers load the model from its name or folder; the search state is written here as each
+            candidate finishes. A greedy search is sequential (each step depends on the last) and runs here.
 
     Returns:
         HeadScores "act_calibration": maps calib_gain (calibration accuracy change when the head was tried; NaN
@@ -184,6 +219,32 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
     reference = float(base.float().mean())
     if params.search == "greedy" and kept:
         reference = max(t["acc"] for t in state["tried"] if t["kept"])
+    remote = executor is not None and executor.name != "local" and params.search == "independent"
+    if remote:
+        from headlab.models.bundled import BUNDLED
+
+        if not (Path(model.source).is_dir() or model.source in BUNDLED):
+            raise PromptError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
+                              f"{model.name} was loaded from an object: save it and load the folder")
+        bar = tqdm(total=sum(str(r) not in tried for r in candidates), desc="head search", leave=False,
+                   disable=not progress)
+
+        def record(heads: tuple[str, ...], acc: float) -> None:
+            entry = {"head": heads[-1], "acc": acc, "reference": reference, "kept": acc > reference}
+            state["tried"].append(entry)
+            _save_state(out, state)
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        executor.run(CandidateWorkerSpec(model.source, calib, params),
+                     [(str(r),) for r in candidates if str(r) not in tried], record)
+        bar.close()
+        secs["search"] = round(secs.get("search", 0.0) + time.perf_counter() - t0, 1)
+        order = {str(r): i for i, r in enumerate(candidates)}  # the state lists candidates in search order
+        state["tried"].sort(key=lambda t: order.get(t["head"], len(order)))
+        _save_state(out, state)
+        tried = {t["head"]: t for t in state["tried"]}
+        kept = [HeadRef.parse(t["head"]) for t in state["tried"] if t["kept"]]
     for ref in tqdm(candidates, desc="head search", leave=False, disable=not progress):
         if str(ref) in tried:
             continue

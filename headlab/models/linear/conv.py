@@ -55,7 +55,8 @@ class ShortConv(nn.Module):
                              f"{(B, self.kernel - 1, C)} (the last kernel − 1 inputs of this batch)")
         full = torch.cat([past.to(x.dtype), x], dim=1)  # [B, K − 1 + T, C]
         y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
-        return F.silu(y), full[:, full.shape[1] - (self.kernel - 1):]
+        # a copy: a view would keep the whole [B, K − 1 + T, C] input alive in a cache
+        return F.silu(y), full[:, full.shape[1] - (self.kernel - 1):].clone()
 
 
 def convolve_qkv(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -136,6 +136,7 @@ def test_a_model_from_an_object_is_refused_on_ray(cluster, tmp_path):
         prune_experiment(obj, params, tmp_path / "x", progress=False, executor=RayExecutor(workers=1))
 
 
+@pytest.mark.slow
 def test_needle_trials_on_ray_equal_the_serial_run(cluster, tmp_path):
     """The retrieval scan's trials on Ray (each worker loads the model and builds the KJV prompts itself)."""
     from headlab.analyses.retrieval import RetrievalParams, retrieval_scan
@@ -173,3 +174,21 @@ def test_independent_calibration_search_on_ray_equals_the_serial_one(cluster, tm
     state = [json.loads((tmp_path / d / "state.json").read_text())["tried"] for d in ("serial", "ray")]
     assert state[0] == state[1] and len(state[0]) == 4
     assert torch.equal(serial.maps["kept"], on_ray.maps["kept"])
+
+
+@pytest.mark.slow
+def test_a_scan_over_several_models_on_ray_equals_the_serial_one(cluster):
+    """compare_kinds with one model per unit: each worker loads its twin by name; the same head metrics."""
+    from headlab.analyses.kinds import KindParams, compare_kinds
+
+    torch.set_num_threads(1)
+    names = {"softmax": "twin-recall-softmax", "gla": "twin-recall-gla", "based": "twin-recall-based"}
+    params = KindParams(n_prompts=4)
+    serial = compare_kinds({k: hl.load(v) for k, v in names.items()}, params, progress=False)
+    on_ray = compare_kinds(names, params, progress=False, executor=RayExecutor(workers=2))
+    assert on_ray.layer_kinds == serial.layer_kinds
+    for key in names:
+        for name, value in serial.scores[key].maps.items():
+            assert torch.allclose(value, on_ray.scores[key].maps[name], equal_nan=True), (key, name)
+    with pytest.raises(ValueError, match="bundled name or folder"):
+        compare_kinds({"a": hl.load("twin-recall-softmax")}, params, executor=RayExecutor(workers=1))

@@ -454,15 +454,38 @@ class KindComparison:
                    params=data["params"])
 
 
-def compare_kinds(models: dict[str, HeadModel], params: KindParams = KindParams(), *,
-                  prompts: Prompt | None = None, progress: bool = True) -> KindComparison:
+@dataclass(frozen=True)
+class KindsWorker:
+    """Scans one model in a worker process: `(key, name or folder)` → (its `head_metrics`, its layer kinds)."""
+
+    prompts: Any
+    params: KindParams
+
+    def __call__(self, job: tuple[str, str]) -> tuple[HeadScores, list[str]]:
+        """Load the model named `job[1]` and return its HeadScores and layer kinds."""
+        from headlab.models import load
+
+        key, source = job
+        model = load(source)
+        try:
+            check_model(model, self.params, self.prompts)
+        except (UnsupportedModelError, PromptError) as err:
+            raise type(err)(f"model {key!r}: {err}") from err
+        return head_metrics(model, self.prompts, self.params, progress=False), list(model.layer_kinds)
+
+
+def compare_kinds(models: dict[str, HeadModel | str], params: KindParams = KindParams(), *,
+                  prompts: Prompt | None = None, progress: bool = True, executor: Any = None) -> KindComparison:
     """`head_metrics` of every model on the same prompts (drawn once from `params.source` when none are given).
 
     Args:
-        models: {key: HeadModel}, e.g. {"softmax": hl.load(...), "gla": hl.load(...)}.
+        models: {key: HeadModel}, e.g. {"softmax": hl.load(...), "gla": hl.load(...)}; with a non-local executor,
+            {key: bundled name or folder} (each worker process loads its model).
         params: the settings shared by every model (`KindParams`).
         prompts: the prompts (None: drawn from `params.source`).
         progress: show progress bars.
+        executor: where the models are scanned (`headlab.executors`; None: here, one after another); a Ray
+            executor scans one model per unit, results gathered here as they finish.
 
     Returns:
         A KindComparison: each model's HeadScores and layer kinds, and the params.
@@ -475,6 +498,24 @@ def compare_kinds(models: dict[str, HeadModel], params: KindParams = KindParams(
     if not isinstance(models, dict) or not models:
         raise ValueError("compare_kinds needs a non-empty dict {name: HeadModel}, e.g. {'softmax': hl.load(...), "
                          f"'gla': hl.load(...)}}; got {models!r}")
+    if executor is not None and executor.name != "local":
+        if not all(isinstance(m, (str, Path)) for m in models.values()):
+            raise ValueError("with a non-local executor, give each model as its bundled name or folder: the workers "
+                             "load them")
+        shared = kind_prompts(params) if prompts is None else prompts
+        got: dict[str, tuple[HeadScores, list[str]]] = {}
+        bar = tqdm(total=len(models), desc="kinds", disable=not progress)
+
+        def done(job: tuple[str, str], result: tuple[HeadScores, list[str]]) -> None:
+            got[job[0]] = result
+            bar.update(1)
+        executor.run(lambda: KindsWorker(shared, params), [(k, str(v)) for k, v in models.items()], done)
+        bar.close()
+        return KindComparison(scores={k: got[k][0] for k in models}, layer_kinds={k: got[k][1] for k in models},
+                              params=params_dict(params))
+    from headlab.models import load as _load
+
+    models = {k: (_load(str(m)) if isinstance(m, (str, Path)) else m) for k, m in models.items()}
     for key, model in models.items():
         try:
             check_model(model, params, prompts)

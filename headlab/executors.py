@@ -35,7 +35,11 @@ class ExecutorError(HeadlabError):
 
 @dataclass
 class LocalExecutor:
-    """Every job in this process, one after another (the default)."""
+    """Every job in this process, one after another (the default).
+
+    Attributes:
+        name: "local" (sweeps ask it to decide whether the worker may reuse the model already loaded here).
+    """
 
     name: str = "local"
 
@@ -80,7 +84,9 @@ class RayExecutor:
         threads: torch threads per actor.
         max_restarts: times a dead actor is restarted (-1: always).
         max_task_retries: times a job of a dead actor is retried (-1: always).
-        actors, pids: while `run` runs, the Ray actor handles and their processes' ids.
+        name: "ray".
+        actors: while `run` runs, the Ray actor handles.
+        pids: while `run` runs, the actors' process ids (in the order of `actors`).
     """
 
     address: str | None = None

@@ -141,7 +141,13 @@ def _save_state(out: Path | None, state: dict) -> None:
 
 @dataclass
 class CandidateWorker:
-    """Accuracy of one candidate head set on the calibration items: `heads` ("L3H1", …) → mean accuracy."""
+    """Accuracy of one candidate head set on the calibration items: `heads` ("L3H1", …) → mean accuracy.
+
+    Attributes:
+        model: the HeadModel (in the worker's process).
+        items: the calibration split's encoded items.
+        params: the search's settings (beta, sink rule, batch).
+    """
 
     model: HeadModel
     items: EncodedItems
@@ -156,7 +162,13 @@ class CandidateWorker:
 
 @dataclass(frozen=True)
 class CandidateWorkerSpec:
-    """A picklable recipe for a CandidateWorker in another process (a Ray actor): load `source` there."""
+    """A picklable recipe for a CandidateWorker in another process (a Ray actor): load `source` there.
+
+    Attributes:
+        source: the model's bundled name or folder.
+        items: the calibration split's encoded items.
+        params: the search's settings.
+    """
 
     source: str
     items: EncodedItems
@@ -183,6 +195,10 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
         executor: where the candidates of an "independent" search are tried (`headlab.executors`; None: here). A
             Ray executor's workers load the model from its name or folder; the search state is written here as each
             candidate finishes. A greedy search is sequential (each step depends on the last) and runs here.
+
+    Raises:
+        PromptError: a non-local executor for a model that was not loaded from a name or a folder.
+        ValueError: `out` holds a search with other settings or another model.
 
     Returns:
         HeadScores "act_calibration": maps calib_gain (calibration accuracy change when the head was tried; NaN

@@ -324,7 +324,14 @@ class Trial:
 
 @dataclass
 class TrialWorker:
-    """Decodes one trial's missing conditions: `(trial, conditions)` → records (`run_trial`)."""
+    """Decodes one trial's missing conditions: `(trial, conditions)` → records (`run_trial`).
+
+    Attributes:
+        model: a causal LM HeadModel (in the worker's process).
+        make_prompt: builds a trial's NeedlePrompt.
+        max_new_tokens: the most tokens generated per reply.
+        recall_threshold: a reply counts when its recall exceeds this.
+    """
 
     model: HeadModel
     make_prompt: Callable[[Trial], NeedlePrompt]
@@ -340,8 +347,16 @@ class TrialWorker:
 
 @dataclass(frozen=True)
 class TrialWorkerSpec:
-    """A picklable recipe for a TrialWorker in another process (a Ray actor): load `source`, build the KJV needle
-    prompts (`text_prompt`) there."""
+    """A picklable recipe for a TrialWorker in another process (a Ray actor).
+
+    The worker loads `source` and builds the KJV needle prompts (`text_prompt`) itself.
+
+    Attributes:
+        source: the model's bundled name or folder.
+        chat: use the chat template (None: when the tokenizer has one).
+        max_new_tokens: the most tokens generated per reply.
+        recall_threshold: a reply counts when its recall exceeds this.
+    """
 
     source: str
     chat: bool | None = None

@@ -213,8 +213,8 @@ fig"""),
   plain twin stays on the plateau (training loss ≈ ln 16, accuracy ≤ 0.08, chance 1/16 = 0.0625): a global mixer
   alone did not find that previous-token step in this budget.
 - **A short convolution (kernel 4) on q, k, v is that step**: at width 64 softmax (1.000 at 256), Hedgehog (0.906),
-  BASED (0.999) and DeltaNet (0.999) learn it, elu+1 partly (0.534); at width 128 softmax, elu+1, Hedgehog, GLA and
-  DeltaNet all reach 0.997–1.000 at 256. GLA at width 64 is the exception: it stays at chance even with the
+  BASED (0.999) and DeltaNet (0.999) learn it, elu+1 partly (0.534); at width 128 all six kinds reach 0.996–1.000
+  at 256. GLA at width 64 is the exception: it stays at chance even with the
   convolution (training loss 3.06, above ln 16) and learns at width 128, with the same recipe.
 - **Length separates the mixers**: softmax, whose KV cache keeps every token, falls with distance (1.000 → 0.260 at
   2048 for width 64, → 0.565 for 128: RoPE at distances it never saw), and so does elu+1 (→ 0.269 / 0.466), whose

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from headlab.sink_rule import SinkRule, exempt_first, sink_mask
 from headlab.edits.calibrate import Calibrate
 from headlab.edits.heads import edit
-from headlab.errors import PromptError
 from headlab.heads import HeadRef
 from headlab.models.head_model import HeadModel
+from headlab.models.loading import worker_source
 from headlab.results import HeadScores, params_dict, read_json, run_meta, write_json
 from headlab.run import Batch
 from headlab.viz.sinks import accuracy_figure  # noqa: F401  (re-exported: the figure lives in viz)
@@ -197,7 +197,7 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
             candidate finishes. A greedy search is sequential (each step depends on the last) and runs here.
 
     Raises:
-        PromptError: a non-local executor for a model that was not loaded from a name or a folder.
+        UnsupportedModelError: a non-local executor for a model that was not loaded from a name or a folder.
         ValueError: `out` holds a search with other settings or another model.
 
     Returns:
@@ -237,11 +237,7 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
         reference = max(t["acc"] for t in state["tried"] if t["kept"])
     remote = executor is not None and executor.name != "local" and params.search == "independent"
     if remote:
-        from headlab.models.bundled import BUNDLED
-
-        if not (Path(model.source).is_dir() or model.source in BUNDLED):
-            raise PromptError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
-                              f"{model.name} was loaded from an object: save it and load the folder")
+        source = worker_source(model, executor.name)
         bar = tqdm(total=sum(str(r) not in tried for r in candidates), desc="head search", leave=False,
                    disable=not progress)
 
@@ -252,7 +248,7 @@ def calibration_search(model: HeadModel, params: CalibrationParams = Calibration
             bar.update(1)
 
         t0 = time.perf_counter()
-        executor.run(CandidateWorkerSpec(model.source, calib, params),
+        executor.run(CandidateWorkerSpec(source, calib, params),
                      [(str(r),) for r in candidates if str(r) not in tried], record)
         bar.close()
         secs["search"] = round(secs.get("search", 0.0) + time.perf_counter() - t0, 1)

@@ -47,8 +47,8 @@ from headlab.analyses.razor import (
 from headlab.edits.heads import edit
 from headlab.edits.razor_cache import RazorCache
 from headlab.errors import PromptError
-from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
+from headlab.models.loading import worker_source
 from headlab.paths import HAYSTACKS_DIR
 from headlab.results import append_jsonl, HeadScores, params_dict, read_jsonl, run_meta
 from headlab_kernels.head_stats import head_stats
@@ -527,6 +527,7 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
         per-condition summary (recall under masking and KV policies).
 
     Raises:
+        UnsupportedModelError: a non-local executor for a model loaded from an object (workers cannot load it).
         PromptError: not a causal LM, no tokenizer (with the default prompts), unknown needle sets, or lengths
             longer than the model's context.
     """
@@ -536,9 +537,7 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     remote = executor is not None and executor.name != "local"
     if remote and make_prompt is not None:
         raise PromptError("custom needle prompts (make_prompt) cannot travel to other processes: run them here")
-    if remote and not (Path(model.source).is_dir() or model.source in BUNDLED):
-        raise PromptError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
-                          f"{model.name} was loaded from an object: save it (save_pretrained) and load the folder")
+    source = worker_source(model, executor.name) if remote else None
     if make_prompt is None:
         if model.tokenizer is None:
             raise PromptError(f"{model.name} has no tokenizer: the needle prompts are text")
@@ -561,7 +560,7 @@ def retrieval_scan(model: HeadModel, params: RetrievalParams = RetrievalParams()
     grid = dict(path=out / "trials.jsonl" if out is not None else None, progress=progress,
                 tag=f"m{params.max_new_tokens}-c{params.chat}",
                 max_new_tokens=params.max_new_tokens, recall_threshold=params.recall_threshold, executor=executor,
-                worker=TrialWorkerSpec(model.source, params.chat, params.max_new_tokens, params.recall_threshold)
+                worker=TrialWorkerSpec(source, params.chat, params.max_new_tokens, params.recall_threshold)
                 if remote else None)
     phase1 = [Condition(name="baseline", score=True)] + razor_conditions(
         retrieval_kv_heads(razor), params.windows, sinks=params.sinks, window_frac=params.window_frac,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from headlab.cli.common import (add_model_args, add_rule_args, choose, count, finite, layer_range, load_model, natural,
-                                rule_from_args, write_figure)
+from headlab.cli.common import (add_executor_args, add_model_args, add_rule_args, choose, count, executor_from_args, finite,
+                                layer_range, load_model, natural, rule_from_args, write_figure)
 
 
 def register(sub) -> None:
@@ -27,11 +27,8 @@ def register(sub) -> None:
     p.add_argument("--layers", type=layer_range, default=None, help="inclusive layer range LO:HI (default 2:L-2)")
     p.add_argument("--candidates", type=count, default=d.candidates, help="heads to try, by sink strength")
     p.add_argument("--search", choices=("greedy", "independent"), default=d.search)
-    p.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
-                   help="where an independent search tries its candidates: this process (default), a local Ray "
-                        "cluster (ray) or a running one (ray:auto); a greedy search is sequential and runs here")
-    p.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
-    p.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
+    add_executor_args(p, units="an independent search's candidate heads",
+                      note="; a greedy search is sequential and runs here")
     p.add_argument("--no-control", action="store_true", help="skip evaluating all candidates at once")
     p.add_argument("--no-bos", action="store_true")
     p.add_argument("--batch", type=count, default=d.batch)
@@ -54,9 +51,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                first_exempt=not args.no_first_exempt, layers=layers, candidates=args.candidates,
                                search=args.search, control=not args.no_control, prepend_bos=not args.no_bos,
                                batch=args.batch)
-    from headlab.executors import parse_executor
-
-    executor = parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)  # checked first
+    executor = executor_from_args(args)  # checked before the model loads
     model = load_model(args, show=False)
     print(model, f"\n{model.note}" if model.note else "")
     scores = calibration_search(model, params, out=args.out, executor=executor)

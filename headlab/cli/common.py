@@ -156,6 +156,38 @@ def choose(value: str, allowed, what: str) -> list[str]:
     return items
 
 
+def add_executor_args(p: argparse.ArgumentParser, *, units: str, note: str = "") -> None:
+    """Add `--executor local|ray|ray:ADDRESS`, `--workers` and `--worker-threads` (`headlab.executors`).
+
+    Args:
+        p: the command's parser.
+        units: what the command's independent units are, for the help text (e.g. "the needle trials").
+        note: a sentence appended to the help.
+    """
+    p.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
+                   help=f"where {units} run: this process (default), a local Ray cluster (ray), or a running one "
+                        f"(ray:auto, ray:ray://HEAD:10001); each Ray worker loads the model once{note}")
+    p.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
+    p.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
+
+
+def executor_from_args(args: argparse.Namespace):
+    """The executor `add_executor_args`' options name (checked before any model is loaded).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        A `headlab.executors` LocalExecutor or RayExecutor.
+
+    Raises:
+        ExecutorError: an unknown `--executor`.
+    """
+    from headlab.executors import parse_executor
+
+    return parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)
+
+
 def add_rule_args(p: argparse.ArgumentParser, *, min_visible: int) -> None:
     """The SinkRule options (scan sinks, calibrate)."""
     p.add_argument("--threshold", choices=("absolute", "relative"), default="absolute",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headlab.cli.common import add_model_args, count, load_model, natural, split_list
+from headlab.cli.common import (add_executor_args, add_model_args, count, executor_from_args, load_model, natural,
+                                split_list)
 
 
 def register(subparsers) -> None:
@@ -41,11 +42,7 @@ def register(subparsers) -> None:
                    help="also remove that ranker's heads at that fraction for real and save the smaller model "
                         "under OUT/pruned-RANKER-FRACTION/ (checked against the masked model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
-                   help="where the (heads removed, eval) units run: this process (default), a local Ray cluster "
-                        "(ray), or a running one (ray:auto, ray:ray://HEAD:10001); each Ray worker loads the model once")
-    p.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
-    p.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
+    add_executor_args(p, units="the (heads removed, eval) units")
     p.set_defaults(handler=cmd_prune)
 
 
@@ -77,9 +74,7 @@ def cmd_prune(args) -> int:
         if not 0 < frac <= 1:
             raise HeadlabError(f"--save-model {args.save_model}: the fraction must lie in (0, 1]")
         save = (ranker, frac)
-    from headlab.executors import parse_executor
-
-    executor = parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)  # checked first
+    executor = executor_from_args(args)  # checked before the model loads
     model = load_model(args)
     result = prune_experiment(model, params, args.out, progress=not args.no_progress, executor=executor)
     for spec in params.evals:

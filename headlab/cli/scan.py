@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from headlab.cli.common import (add_model_args, add_rule_args, count, load_model, natural, percent, rule_from_args, unit,
-                                write_figure)
+from headlab.cli.common import (add_executor_args, add_model_args, add_rule_args, count, executor_from_args, load_model,
+                                natural, percent, rule_from_args, unit, write_figure)
 
 
 def register(sub) -> None:
@@ -60,11 +60,7 @@ def register(sub) -> None:
     ret.add_argument("--kv-cache", default=d.kv_cache, choices=["simulated", "real", "both"],
                      help="RazorAttention as an edit over the full cache (simulated), as a real compressed cache "
                           "(real: only the kept entries in memory), or both side by side")
-    ret.add_argument("--executor", default="local", metavar="local|ray|ray:ADDRESS",
-                     help="where the needle trials run: this process (default), a local Ray cluster (ray) or a running "
-                          "one (ray:auto, ray:ray://HEAD:10001); each Ray worker loads the model once")
-    ret.add_argument("--workers", type=count, default=2, help="Ray workers (actors) to start")
-    ret.add_argument("--worker-threads", type=count, default=1, help="torch threads per Ray worker")
+    add_executor_args(ret, units="the needle trials")
     ret.set_defaults(handler=cmd_scan_retrieval)
 
 
@@ -131,9 +127,7 @@ def cmd_scan_retrieval(args: argparse.Namespace) -> int:
     from headlab.analyses.razor import RazorParams
     from headlab.analyses.retrieval import RetrievalParams, retrieval_scan
 
-    from headlab.executors import parse_executor
-
-    executor = parse_executor(args.executor, workers=args.workers, threads=args.worker_threads)  # checked first
+    executor = executor_from_args(args)  # checked before the model loads
     model = load_model(args, show=False)
     print(model)
     params = RetrievalParams(lengths=tuple(args.lengths), depths=tuple(args.depths), needles=tuple(args.needles),

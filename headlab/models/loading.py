@@ -88,6 +88,26 @@ def load(source: Any, *, device: str | torch.device | None = None, dtype: str | 
     return HeadModel(hf_model, tokenizer if tokenizer is not None else tok, name=label, source=label)
 
 
+def worker_source(model: HeadModel, runner: str) -> str:
+    """The bundled name or folder another process (a sweep's worker) loads `model` from.
+
+    Args:
+        model: the HeadModel the sweep runs on.
+        runner: who loads it, for the message (e.g. "ray").
+
+    Returns:
+        `model.source`.
+
+    Raises:
+        UnsupportedModelError: the model was loaded from an object, so no other process can load it.
+    """
+    if Path(model.source).is_dir() or model.source in BUNDLED:
+        return model.source
+    raise UnsupportedModelError(f"a {runner} executor loads the model in each worker from its name or folder; "
+                                f"{model.name} was loaded from an object: save it (save_pretrained) and load the "
+                                "folder")
+
+
 def _unwrap(source: Any) -> tuple[nn.Module, Any, str]:
     """(HF model, tokenizer, display name) from an HF model, a TransformerBridge or an nnsight model.
 

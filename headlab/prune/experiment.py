@@ -336,11 +336,10 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
         executor = executor or LocalExecutor()
         if executor.name == "local":
             factory: Any = lambda: PruneWorker(model, evals)  # noqa: E731 (this process: the model already loaded)
-        elif not (Path(model.source).is_dir() or model.source in _bundled()):
-            raise HeadlabError(f"a {executor.name} executor loads the model in each worker from its name or folder; "
-                               f"{model.name} was loaded from an object: save it (save_pretrained) and load the folder")
         else:
-            factory = PruneWorkerSpec(model.source, params)
+            from headlab.models.loading import worker_source
+
+            factory = PruneWorkerSpec(worker_source(model, executor.name), params)
         executor.run(factory, list(waiting), on_result)
     bar.close()
 
@@ -352,12 +351,6 @@ def prune_experiment(model: HeadModel, params: PruneParams, out: str | Path, *,
     for spec in params.evals:
         result.figure(spec).write_html(out / f"curve_{slug(spec)}.html", include_plotlyjs="cdn")
     return result
-
-
-def _bundled() -> tuple[str, ...]:
-    from headlab.models.bundled import BUNDLED
-
-    return tuple(BUNDLED)
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:

@@ -228,6 +228,26 @@ def top_predictions(model: HeadModel, next_logits: torch.Tensor, k: int) -> tupl
     return tuple(zip(model.token_strings(idx.tolist()), values.tolist()))
 
 
+def predict(model: HeadModel, batch: Batch, k: int, edits: Any = ()) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """One forward of a one-prompt batch under `edits` (scoped with `hl.edit`; none: the model as it is).
+
+    Args:
+        model: a causal-LM HeadModel.
+        batch: the prompt, as `model.encode` gives it.
+        k: how many next-token predictions to return.
+        edits: an edit or a list of them.
+
+    Returns:
+        (mean next-token cross-entropy over the prompt, NaN for a one-token prompt; the k most likely next tokens
+        after the last position, with probabilities).
+    """
+    with hl.edit(model, edits), torch.no_grad():
+        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float()
+    ids = batch.input_ids[0]
+    loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
+    return loss, top_predictions(model, logits[-1], k)
+
+
 def md_token(token: str, *, table: bool = True) -> str:
     """A token as a Markdown code span that survives backticks (and pipes, inside a table)."""
     text = repr(token).replace("|", "\\|") if table else repr(token)
@@ -385,11 +405,7 @@ class Explorer:
         heads = parse_heads(model, heads_text)
         batch = model.encode(list(session.ids))
         edits = make_edits(model, heads, how, factor, batch)
-        with hl.edit(model, edits), torch.no_grad():
-            logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float()
-        ids = batch.input_ids[0]
-        loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
-        edited = top_predictions(model, logits[-1], self.settings.top_k)
+        loss, edited = predict(model, batch, self.settings.top_k, edits)
         label = f"{how} {'×' + format(float(factor), 'g') + ' ' if how == 'scale' else ''}{', '.join(map(str, heads))}"
         body = comparison_md(session.top, edited, session.loss, loss, label)
         return f"Applied {label} to {session.n_tokens} tokens (the shared model is untouched).", body
@@ -417,18 +433,9 @@ class Explorer:
                  f"token: {costs['query_heads_on']:.1%} of (token, head) pairs computed, "
                  f"{costs['kv_groups_read']:.1%} of (token, KV group) caches read."]
         if model.is_lm:
-            batch = model.encode(list(session.ids))
-            with torch.no_grad():
-                if use_moh:
-                    with hl.edit(model, moh):
-                        logits = model.hf(input_ids=batch.input_ids).logits[0].float()
-                else:
-                    logits = model.hf(input_ids=batch.input_ids).logits[0].float()
-            ids = batch.input_ids[0]
-            loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
+            loss, top = predict(model, model.encode(list(session.ids)), self.settings.top_k, moh if use_moh else [])
             label = f"MoH {k}/{n_routed} routed heads" if use_moh else "MoH off (original)"
-            lines.append(comparison_md(session.top, top_predictions(model, logits[-1], self.settings.top_k),
-                                       session.loss, loss, label))
+            lines.append(comparison_md(session.top, top, session.loss, loss, label))
         types = routing.by_type(top=3, min_tokens=2)
         rows = [f"| {name} | {entry['tokens']} | " + ", ".join(f"{h} ({lift:.2f}×)" for h, _, lift in entry["top"])
                 + " |" for name, entry in types.items() if entry["top"]]

@@ -10,14 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 import headlab as hl
 from headlab.analyses.kinds import pattern_identity_error
 from headlab.errors import ModelNotFoundError, PromptError
-from headlab.explore.core import Explorer, md_token, top_predictions
+from headlab.explore.core import Explorer, md_token, predict
 from headlab.heads import HeadRef
-from headlab.losses import next_token_losses
 from headlab.models.bundled import BUNDLED
 from headlab.models.head_model import HeadModel
 
@@ -34,13 +31,6 @@ def twin(ex: Explorer, name: str) -> HeadModel:
     return ex.twins.get(name)
 
 
-def _loss_and_top(model: HeadModel, ids: torch.Tensor, k: int) -> tuple[float, tuple]:
-    with torch.no_grad():
-        logits = model.hf(input_ids=ids).logits[0].float()
-    loss = float(next_token_losses(logits, ids[0]).mean()) if ids.shape[1] > 1 else math.nan
-    return loss, top_predictions(model, logits[-1], k)
-
-
 def twin_column(ex: Explorer, name: str, text: str, head: HeadRef, zero: bool) -> tuple[Any, str]:
     """(one twin's pattern figure for `head` on `text`, Markdown: kind, row sums, pattern identity, loss with the
     head zeroed beside the original, top predictions)."""
@@ -55,14 +45,13 @@ def twin_column(ex: Explorer, name: str, text: str, head: HeadRef, zero: bool) -
     fig = run.figure(head, title=f"{name}: {head} ({kind})")
     rows = run.pattern(head)[0].float().sum(-1)
     identity = pattern_identity_error(model, batch)[head.layer]
-    loss, top = _loss_and_top(model, batch.input_ids, 5)
+    loss, top = predict(model, batch, 5)
     lines = [f"**{name}**, layer {head.layer} is **{kind}**; pattern rows sum to {float(rows.min()):.3f}"
              f"…{float(rows.max()):.3f}; max |pattern @ v − output| / max |output| = {identity:.1e}.",
-             f"Next byte: " + ", ".join(f"{md_token(t, table=False)} {p:.2f}" for t, p in top)
+             "Next byte: " + ", ".join(f"{md_token(t, table=False)} {p:.2f}" for t, p in top)
              + f"; loss on the prompt **{loss:.4f}** nats/byte."]
     if zero:
-        with hl.edit(model, hl.Ablate(head, how="zero")):
-            zeroed, ztop = _loss_and_top(model, batch.input_ids, 5)
+        zeroed, ztop = predict(model, batch, 5, hl.Ablate(head, how="zero"))
         lines.append(f"{head} zeroed: loss **{zeroed:.4f}** ({zeroed - loss:+.4f}); next byte "
                      + ", ".join(f"{md_token(t, table=False)} {p:.2f}" for t, p in ztop) + ".")
     return fig, "\n\n".join(lines)

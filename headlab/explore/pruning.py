@@ -16,9 +16,8 @@ import torch
 
 import headlab as hl
 from headlab.errors import EditError
-from headlab.explore.core import Explorer, Session, _require, comparison_md, top_predictions
+from headlab.explore.core import Explorer, Session, _require, comparison_md, predict
 from headlab.explore.reports import Report, ReportError, ReportLibrary
-from headlab.losses import next_token_losses
 
 
 def prune_report(library: ReportLibrary, folder: str) -> Report:
@@ -83,14 +82,10 @@ def apply(ex: Explorer, library: ReportLibrary, session: Session | None, folder:
     heads, fraction = _mask(ex, report, model, ranker, fraction)
     from headlab.prune.experiment import prune_edits
 
-    batch = model.encode(list(session.ids))
-    with hl.edit(model, prune_edits(heads)), torch.no_grad():
-        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float()
-    ids = batch.input_ids[0]
-    loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
+    loss, top = predict(model, model.encode(list(session.ids)), ex.settings.top_k, prune_edits(heads))
     n_total = model.n_layers * model.n_heads
     label = f"{ranker} mask at fraction {fraction:g}: {len(heads)} of {n_total} heads zero-ablated"
-    body = comparison_md(session.top, top_predictions(model, logits[-1], ex.settings.top_k), session.loss, loss, label)
+    body = comparison_md(session.top, top, session.loss, loss, label)
     shown = ", ".join(map(str, heads[:24])) + (f", … ({len(heads) - 24} more)" if len(heads) > 24 else "")
     body += f"\n\nheads removed (least important first): {shown or 'none'}"
     rows = recorded_rows(report, ranker, fraction)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 import headlab as hl
 from headlab.analyses.sinks import SinkParams, sink_scan
 from headlab.edits.calibrate import Calibrate
 from headlab.errors import EditError
-from headlab.explore.core import Explorer, Session, _require, comparison_md, md_token, parse_heads, top_predictions
+from headlab.explore.core import Explorer, Session, _require, comparison_md, md_token, parse_heads, predict
 from headlab.heads import HeadRef
-from headlab.losses import next_token_losses
 from headlab.results import HeadScores
 from headlab.sink_rule import SinkRule
 
@@ -98,12 +95,8 @@ def calibrate_view(ex: Explorer, session: Session | None, heads_text: str, beta:
     if beta is None or not math.isfinite(float(beta)) or not 0.0 <= float(beta) <= 1.0:
         raise EditError(f"beta {beta!r} must lie in [0, 1]: the share of the sinks' attention they keep")
     edit = Calibrate(heads=tuple(heads), beta=float(beta), rule=rule_for(min_visible))
-    batch = model.encode(list(session.ids))
-    with torch.no_grad(), hl.edit(model, edit if use_edit else []):
-        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float()
-    ids = batch.input_ids[0]
-    loss = float(next_token_losses(logits, ids).mean()) if len(ids) > 1 else math.nan
+    loss, top = predict(model, model.encode(list(session.ids)), ex.settings.top_k, edit if use_edit else [])
     label = (f"ACT calibration β={float(beta):g} of {', '.join(map(str, heads))}" if use_edit
              else "calibration off (original)")
-    body = comparison_md(session.top, top_predictions(model, logits[-1], ex.settings.top_k), session.loss, loss, label)
+    body = comparison_md(session.top, top, session.loss, loss, label)
     return f"Calibrated {len(heads)} heads on {session.n_tokens} tokens (the shared model is untouched).", body

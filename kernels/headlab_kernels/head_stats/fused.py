@@ -32,17 +32,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     if (q.device.type != "cpu" or dropout or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1]
             or k.shape[1] != q.shape[1]):
         return None
-    attn_mask = None
-    if mask is not None:
-        if causal:
-            return None
-        attn_mask = mask
-        if mask.dtype == torch.bool:
-            attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        else:
-            attn_mask = mask.to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, bool(causal),
-                                                                          attn_mask=attn_mask, scale=scale)
+    if mask is not None and causal:
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, bool(causal), attn_mask=_additive_mask(mask, q.dtype), scale=scale)
     return out, lse.float()
 
 

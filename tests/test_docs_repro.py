@@ -6,7 +6,6 @@ import re
 import sys
 from pathlib import Path
 
-
 from headlab.analyses.razor import RetrievalReport, summarize
 from headlab.prune import PruneResults
 

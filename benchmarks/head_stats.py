@@ -5,10 +5,13 @@ Methods, each in its own subprocess so that its peak memory is its own:
   lse        headlab `HeadModel.stats(statistics="lse")`: every head's row log-sum-exp, returned with the output
              by the fused CPU kernel the model's sdpa runs anyway (the induction scan's statistics)
   sets       `statistics={"key_sets"}`: + the mass of every row on two key sets (the first token; a 16-token span),
-             as indicator columns of the values in that same fused call
-  entropy    `statistics={"entropy"}`: + each row's entropy (the keys as extra value columns of that call)
-  received   `statistics={"entropy", "received"}`: + each key's received attention (one more flash call with the
-             roles swapped)
+             from the lse and those keys' scores
+  entropy    `statistics={"entropy"}`: + each row's entropy
+  received   `statistics={"entropy", "received"}`: + each key's received attention
+  top1       `statistics={"entropy", "received", "topk"}`: + each row's top key
+             (these three from one sweep of headlab's compiled CPU kernel, route "kernel")
+  entropy_flash, received_flash   the same from ATen's flash kernel (route "flash": the keys as extra value columns;
+             received from one more flash call with the roles swapped), what runs where the compiled kernel is not built
   stats      headlab `HeadModel.stats` for every head (top-1, lse, entropy, received per key)
   eager      HF eager forward with `output_attentions=True`
   bridge     TransformerBridge `run_with_cache`, patterns only
@@ -39,8 +42,15 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("plain", "lse", "sets", "entropy", "received", "stats", "eager", "bridge")
-FUSED = {"lse": {"lse"}, "sets": {"key_sets"}, "entropy": {"entropy"}, "received": {"entropy", "received"}}
+METHODS = ("plain", "lse", "sets", "entropy", "received", "top1", "entropy_flash", "received_flash", "stats", "eager",
+           "bridge")
+FUSED = {"lse": {"lse"}, "sets": {"key_sets"}, "entropy": {"entropy"}, "received": {"entropy", "received"},
+         "top1": {"entropy", "received", "topk"}, "entropy_flash": {"entropy"},
+         "received_flash": {"entropy", "received"}}
+
+
+def _route(method: str) -> str:
+    return "flash" if method.endswith("_flash") else "auto"
 LAYER7B = dict(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768)
 
@@ -98,7 +108,7 @@ def _one(method: str, model: str, length: int, repeats: int, device: str) -> dic
             sets[1, :, length // 2:length // 2 + 16] = True
 
         def call():
-            m.stats(ids, statistics=FUSED[method], key_sets=sets)
+            m.stats(ids, statistics=FUSED[method], key_sets=sets, route=_route(method))
     elif method == "eager":
         def call():
             with torch.no_grad():
@@ -146,7 +156,7 @@ def _paired(methods: list[str], model: str, length: int, repeats: int, device: s
     sets[1, :, length // 2:length // 2 + 16] = True
     calls = {"plain": lambda: hf(ids), "stats": lambda: m.stats(ids, topk=1)}
     for name, asked in FUSED.items():
-        calls[name] = (lambda asked=asked, name=name: m.stats(ids, statistics=asked,
+        calls[name] = (lambda asked=asked, name=name: m.stats(ids, statistics=asked, route=_route(name),
                                                                key_sets=sets if name == "sets" else None))
     chosen = [x for x in methods if x in calls and x != "plain"]
     ratios: dict[str, list[float]] = {x: [] for x in chosen}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headlab.errors import EditError
@@ -59,7 +59,9 @@ class LayerRecord:
             pattern adds it (then `mask` is None: the bias holds causality too). None otherwise.
         fused: the statistics a capture asked to ride on the fused call (`Capture.fused_stats`), as
             `headlab_kernels.head_stats.fused.attention_with_stats` returns them ("lse", "entropy", "set_mass",
-            "received"); None where the fused route did not run.
+            "received", "topk_idx" / "topk_weight"); None where the fused route did not run.
+        fused_route: which fused route computed the output and `fused`: "flash" (ATen's CPU flash kernel, the one
+            sdpa runs) or "kernel" (headlab's compiled one-sweep kernel); None where none ran.
     """
 
     layer: int
@@ -76,6 +78,7 @@ class LayerRecord:
     x: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
     fused: dict[str, torch.Tensor] | None = None
+    fused_route: str | None = None
 
     @property
     def linear(self) -> bool:
@@ -125,7 +128,9 @@ class Capture:
             fused CPU kernel applies, the seam computes the layer's output with that kernel (the kernel sdpa runs,
             so the same output) and records its lse; elsewhere `record.lse` stays None.
         fused_stats: with `with_lse`, further statistics to compute in that same call where it applies
-            ("entropy", "key_sets", "received"; see `attention_with_stats`), recorded in `record.fused`.
+            ("entropy", "key_sets", "received", "topk"; see `attention_with_stats`), recorded in `record.fused`.
+        topk: how many top keys per row for "topk".
+        route: the fused route to take: "auto", "flash" or "kernel" (`attention_with_stats`).
         key_sets: bool `[K, B, S]` key sets for "key_sets" (the batch's own positions).
         query_mask: bool `[B, T]` the batch's real tokens, for "received" (a padded query gives nothing; without
             it, queries that see no key count as padded).
@@ -139,6 +144,8 @@ class Capture:
     with_z: bool = False
     with_lse: bool = False
     fused_stats: frozenset[str] = frozenset()
+    topk: int = 1
+    route: str = "auto"
     key_sets: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     device: torch.device | None = None
@@ -441,9 +448,9 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if (fused_caps and mixer is None and base is sdpa_attention_forward and routed_out is None
             and key_bias is None):
         fused = _sdpa_with_stats(module, query, key, value, attention_mask, kwargs, fused_caps)
-    lse = fused_stats = None
+    lse = fused_stats = fused_route = None
     if fused is not None:  # the output and the rows' lse (and what else was asked) from one kernel call
-        out, fused_stats = fused
+        out, fused_stats, fused_route = fused
         lse = fused_stats["lse"]
         weights = None
     elif routed_out is not None:
@@ -509,6 +516,7 @@ def headlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             layer=layer, q=query.detach(), k=key.detach(), v=value.detach(), mask=attention_mask,
             causal=causal, scale=scale, z=out.detach() if cap.with_z else None,
             mixer=_detached(mixer), lse=lse if cap.with_lse else None, fused=fused_stats if cap.with_lse else None,
+            fused_route=fused_route if cap.with_lse else None,
             gates=gates.detach() if gates is not None else None, key_bias=key_bias,
         )
         if cap.device is not None and query.device != cap.device:
@@ -567,15 +575,14 @@ def _routed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
 
 def _sdpa_with_stats(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, kwargs: dict, captures: list[Capture]
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """transformers' sdpa attention (`sdpa_attention_forward`) through the fused CPU kernel that also returns each
-    row's lse and the statistics the captures ask for: (output `[B, Q, H, D]`, {"lse" `[B, H, Q]`, ...}), or None
-    where that route does not apply."""
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str] | None:
+    """transformers' sdpa attention (`sdpa_attention_forward`) through a fused CPU route that also returns each
+    row's lse and the statistics the captures ask for: (output `[B, Q, H, D]`, {"lse" `[B, H, Q]`, ...}, the route:
+    "flash" or "kernel"), or None where no route applies."""
     if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or module.training:
         return None
-    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if query.shape[1] % key.shape[1]:
+        return None
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -592,13 +599,14 @@ def _sdpa_with_stats(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     elif "received" in wanted and attention_mask is not None:  # the real queries: rows that see some key
         query_mask = visible_mask(attention_mask, causal=False, q_len=q_len, k_len=kv_len,
                                   device=query.device)[:, 0].any(-1).expand(query.shape[0], q_len)
+    topk = max((c.topk for c in captures if "topk" in c.fused_stats), default=0)
     res = attention_with_stats(query, key, value, mask=attention_mask, causal=is_causal, scale=kwargs.get("scaling"),
                                entropy="entropy" in wanted, received="received" in wanted, query_mask=query_mask,
-                               key_sets=None if sets is None else sets[:, :, -kv_len:].to(query.device))
+                               key_sets=None if sets is None else sets[:, :, -kv_len:].to(query.device), topk=topk,
+                               route=next((c.route for c in captures if c.route != "auto"), "auto"))
     if res is None:
         return None
-    out, stats = res
-    return out.transpose(1, 2).contiguous(), stats
+    return res.out.transpose(1, 2).contiguous(), res.stats, res.route
 
 
 def _moved(record: LayerRecord, device: torch.device) -> LayerRecord:

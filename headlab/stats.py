@@ -38,10 +38,11 @@ class StatsRun:
         output: the HF output (logits for a causal LM).
         layers: per reduced layer, its HeadStats (`[B, H, ...]`, all query heads of the layer).
         extra: per layer, what a custom reducer returned (see `layer_stats`).
-        paths: per layer, how its statistics were computed: "fused-lse", "fused-lse+entropy+key_sets+received" and
-            the like (the statistics named came with the layer's output from the fused CPU kernel, received mass from
-            one more flash call; the others were not asked for and are NaN / empty), or the head-stats
-            implementation that ran ("reference" / "triton" / "implicit" for linear layers).
+        paths: per layer, how its statistics were computed: "fused-lse", "fused-lse+entropy+received" and the like
+            (the statistics named came with the layer's output from ATen's CPU flash kernel, received mass from one
+            more flash call), "kernel-lse+entropy+received+topk" and the like (all of them with the output from one
+            sweep of headlab's compiled CPU kernel) — statistics not named were not asked for and are NaN / empty —
+            or the head-stats implementation that ran ("reference" / "triton" / "implicit" for linear layers).
     """
 
     model: "HeadModel"
@@ -143,9 +144,9 @@ def fused_stats(record: LayerRecord, batch: Batch, set_names: tuple[str, ...] = 
         set_names: names of the key sets, when they were given as a dict.
 
     Returns:
-        HeadStats with what was computed (padded queries: lse -inf, entropy 0, set mass 0; padded keys receive 0);
-        n_visible `[B, S]` counted from the masks (O(S) for causal + padding); what was not asked for is NaN, and
-        the top-k keys are empty (they need the full route).
+        HeadStats with what was computed (padded queries: lse -inf, entropy 0, set mass 0, no top keys; padded keys
+        receive 0); n_visible `[B, S]` counted from the masks (O(S) for causal + padding); what was not asked for is
+        NaN, and the top-k keys are empty unless asked for.
     """
     got = record.fused
     lse = got["lse"].float()
@@ -172,7 +173,12 @@ def fused_stats(record: LayerRecord, batch: Batch, set_names: tuple[str, ...] = 
     else:
         received = torch.full((n_b, n_h, n_s), nan, device=dev)
         n_visible = torch.full((n_b, n_s), nan, device=dev)
-    return HeadStats(topk_idx=empty.long(), topk_weight=empty, lse=lse, entropy=entropy, set_mass=set_mass,
+    topk_idx, topk_weight = empty.long(), empty
+    if "topk_idx" in got:
+        pad = ~query_mask[:, None, :, None]
+        topk_idx = got["topk_idx"].masked_fill(pad, -1)
+        topk_weight = got["topk_weight"].masked_fill(pad, 0.0)
+    return HeadStats(topk_idx=topk_idx, topk_weight=topk_weight, lse=lse, entropy=entropy, set_mass=set_mass,
                      received=received, n_visible=n_visible, set_names=set_names)
 
 

@@ -2,7 +2,9 @@
 
 On the CPU, sdpa runs ATen's flash kernel, which returns each row's log-sum-exp with the output; the seam calls it
 directly when a capture asks for the lse. The model's output must stay bit-identical and the lse must equal the
-materialised definition, on every family, with padding, GQA and a sliding window.
+materialised definition, on every family, with padding, GQA and a sliding window. Statistics beyond the lse come
+from headlab's compiled kernel in the same sweep ("kernel" route), or, where it is not built, from extra columns of
+the flash call and one more swapped flash call ("flash" route): both are checked.
 """
 
 from __future__ import annotations
@@ -13,8 +15,18 @@ import torch
 import headlab as hl
 from conftest import FAMILIES, tiny_config
 from headlab.analyses.induction import _reduce, repeated_tokens
-from headlab_kernels.head_stats import head_stats_materialised
+from headlab_kernels.head_stats import cpu, head_stats_materialised
 from headlab_kernels.head_stats.fused import attention_with_lse, attention_with_stats
+
+
+@pytest.fixture(params=["kernel", "flash"])
+def route(request, monkeypatch):
+    """Each fused route in turn: "flash" is what runs where the compiled kernel is not built."""
+    if request.param == "flash":
+        monkeypatch.setattr(cpu, "load", lambda verbose=False: None)
+    else:
+        assert cpu.load() is not None, cpu.unavailable()
+    return request.param
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -60,10 +72,19 @@ def test_key_sets_and_linear_layers_take_the_full_route():
     sets = {"first": torch.zeros(1, 41, dtype=torch.bool)}
     assert set(twin.stats(ids, statistics="lse", key_sets=sets).paths.values()) == {"reference", "implicit"}
     with pytest.raises(ValueError, match="statistics"):
-        twin.stats(ids, statistics="topk")  # top-k keys need the full route: ask for "all"
+        twin.stats(ids, statistics="pattern")
     with pytest.raises(ValueError, match="no key_sets"):
         twin.stats(ids, statistics={"key_sets"})
+    assert twin.stats(ids, statistics={"entropy"}).paths == {0: "kernel-lse+entropy", 1: "implicit"}
+    assert twin.stats(ids, statistics={"topk"}, topk=2).paths == {0: "kernel-lse+topk", 1: "implicit"}
+
+
+def test_without_the_compiled_kernel_the_flash_route_and_the_full_route_answer(monkeypatch):
+    monkeypatch.setattr(cpu, "load", lambda verbose=False: None)
+    twin = hl.load("twin-recall-based", device="cpu")
+    ids = [[0, *range(1, 21), *range(1, 21)]]
     assert twin.stats(ids, statistics={"entropy"}).paths == {0: "fused-lse+entropy", 1: "implicit"}
+    assert twin.stats(ids, statistics={"topk"}).paths == {0: "reference", 1: "implicit"}  # top keys need q, k
 
 
 def test_induction_scan_scores_equal_either_route():
@@ -78,7 +99,7 @@ def test_induction_scan_scores_equal_either_route():
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["set-keys-from-lse", "indicator-columns"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_stats_kernel_equals_the_materialised_definition(causal, sparse, monkeypatch):
+def test_stats_kernel_equals_the_materialised_definition(causal, sparse, route, monkeypatch):
     import headlab_kernels.head_stats.fused as fused
 
     monkeypatch.setattr(fused, "SPARSE_SETS", 128 if sparse else 0)
@@ -90,8 +111,10 @@ def test_stats_kernel_equals_the_materialised_definition(causal, sparse, monkeyp
     mask = None if causal else torch.ones(n_t, n_t).tril().bool()[None, None] & real[:, None, None, :]
     sets = torch.zeros(2, n_b, n_t, dtype=torch.bool)
     sets[0, :, 0] = sets[1, :, 9:13] = True
-    out, st = attention_with_stats(q, k, v, mask=mask, causal=causal, scale=0.25, entropy=True, key_sets=sets,
-                                   received=True, query_mask=None if causal else real)
+    res = attention_with_stats(q, k, v, mask=mask, causal=causal, scale=0.25, entropy=True, key_sets=sets,
+                               received=True, query_mask=None if causal else real)
+    assert res.route == route
+    out, st = res.out, res.stats
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                 is_causal=causal, scale=0.25),
                           atol=1e-6)
@@ -105,7 +128,7 @@ def test_stats_kernel_equals_the_materialised_definition(causal, sparse, monkeyp
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_statistics_equal_the_full_route_on_every_family(family):
+def test_fused_statistics_equal_the_full_route_on_every_family(family, route):
     cls, cfg = tiny_config(family)
     if family == "mistral":
         cfg.sliding_window = 5  # the model's own mask carries the window: the swapped call reads it transposed
@@ -116,9 +139,11 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family):
     sets = {"first": torch.zeros(2, n_s, dtype=torch.bool), "mid": torch.zeros(2, n_s, dtype=torch.bool)}
     sets["first"][:, 0] = True
     sets["mid"][:, 3:6] = True
-    full = m.stats(ids, key_sets=sets)
-    fast = m.stats(ids, key_sets=sets, statistics={"entropy", "received", "key_sets"})
-    assert set(fast.paths.values()) == {"fused-lse+entropy+key_sets+received"}
+    full = m.stats(ids, key_sets=sets, topk=2)
+    asked = {"entropy", "received", "key_sets"} | ({"topk"} if route == "kernel" else set())
+    fast = m.stats(ids, key_sets=sets, statistics=asked, topk=2)
+    want = "kernel-lse+entropy+key_sets+received+topk" if route == "kernel" else "fused-lse+entropy+key_sets+received"
+    assert set(fast.paths.values()) == {want}
     real = m.encode(ids).attention_mask.bool()
     key = "logits" if getattr(full.output, "logits", None) is not None else "last_hidden_state"
     assert torch.allclose(getattr(full.output, key)[real], getattr(fast.output, key)[real], atol=1e-5)
@@ -130,6 +155,11 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family):
         assert (a.set_mass - b.set_mass)[rows].abs().max() < 1e-5 and b.set_names == ("first", "mid")
         assert (a.received - b.received).abs().max() < 1e-4
         assert torch.equal(a.n_visible, b.n_visible)
-        assert b.topk_idx.shape[-1] == 0  # top-k keys were not asked for
+        if route == "kernel":  # the weights agree; the keys wherever the two are not tied
+            assert (a.topk_weight - b.topk_weight)[rows].abs().max() < 1e-5
+            firm = rows[..., None] & ((a.topk_weight[..., :1] - a.topk_weight[..., 1:]).abs() > 1e-5)[..., [0, 0]]
+            assert torch.equal(a.topk_idx[firm], b.topk_idx[firm])
+        else:
+            assert b.topk_idx.shape[-1] == 0  # the flash route has no top keys
     sinks = m.stats(ids, statistics={"received"})
     assert torch.isnan(sinks.layers[0].entropy).all() and not torch.isnan(sinks.layers[0].received).any()

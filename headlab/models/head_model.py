@@ -599,7 +599,7 @@ class HeadModel:
 
     def stats(self, prompt: Prompt, *, heads: Iterable[HeadRef] | None = None, layers: Iterable[int] | None = None,
               topk: int = 1, key_sets: Any = None, impl: str = "auto", prepend_bos: bool = False,
-              reducer: Any = None, statistics: str | Iterable[str] = "all") -> "StatsRun":
+              reducer: Any = None, statistics: str | Iterable[str] = "all", route: str = "auto") -> "StatsRun":
         """Streaming per-head statistics of the layers holding `heads` (or `layers`; all when neither).
 
         Each layer's q and k are reduced to HeadStats (Triton on CUDA, the torch reference elsewhere;
@@ -615,11 +615,16 @@ class HeadModel:
             prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
             statistics: "all" (every statistic, from q and k after the layer ran), or only those named — "lse",
-                or a set of "lse", "entropy", "key_sets", "received" (lse always comes along) — which then ride on
-                the attention call itself where the fused CPU kernel applies (`attention_with_stats`: lse with the
-                output; entropy and key-set masses as extra value columns of that same call; received mass from one
-                more flash call with the roles swapped); elsewhere everything is computed as for "all". Statistics
-                not asked for are NaN / empty. `StatsRun.paths` says which route each layer took.
+                or a set of "lse", "entropy", "key_sets", "received", "topk" (lse always comes along) — which then
+                ride on the attention call itself where a fused CPU route applies (`attention_with_stats`): the lse
+                (and masses on a few keys) from ATen's flash kernel that sdpa runs, so the output stays identical;
+                anything more from headlab's compiled kernel, which computes the output and all of them in one
+                sweep; where that is not built, entropy and key-set masses as extra value columns of the flash call
+                and received mass from one more flash call with the roles swapped. Elsewhere (and "topk" without
+                the compiled kernel) everything is computed as for "all". Statistics not asked for are NaN / empty.
+                `StatsRun.paths` says which route each layer took.
+            route: for named statistics, the fused route: "auto" (as above), "flash" (ATen's flash kernel only) or
+                "kernel" (the compiled kernel only); where the route named does not apply, the full route runs.
 
         Returns:
             A StatsRun: per-layer HeadStats (top-k keys, log-sum-exp, entropy, key-set mass, received attention).
@@ -631,10 +636,12 @@ class HeadModel:
         from headlab.stats import StatsRun, fused_stats, layer_stats, stack_key_sets
         from headlab_kernels.head_stats import resolve_impl
 
-        fused_names = ("lse", "entropy", "key_sets", "received")
+        fused_names = ("lse", "entropy", "key_sets", "received", "topk")
         asked = {statistics} if isinstance(statistics, str) else set(statistics)
         if asked != {"all"} and (not asked or not asked <= set(fused_names)):
             raise ValueError(f"statistics must be 'all' or a set of {', '.join(fused_names)}; got {statistics!r}")
+        if route not in ("auto", "flash", "kernel"):
+            raise ValueError(f"route must be 'auto', 'flash' or 'kernel'; got {route!r}")
         if "key_sets" in asked and key_sets is None:
             raise ValueError("statistics names 'key_sets' but no key_sets were given")
 
@@ -651,7 +658,8 @@ class HeadModel:
         def reduce(record) -> None:
             if fused and record.fused is not None:
                 st = fused_stats(record, batch, names)
-                path = "fused-" + "+".join(n for n in fused_names if n == "lse" or n in asked)
+                prefix = "kernel" if record.fused_route == "kernel" else "fused"
+                path = prefix + "-" + "+".join(n for n in fused_names if n == "lse" or n in asked)
             else:
                 st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)
                 path = "implicit" if record.linear else resolve_impl(impl, record.q)
@@ -661,7 +669,7 @@ class HeadModel:
                 result.extra[record.layer] = reducer(record, st)
 
         capture = self._capture(layers=frozenset(wanted) if wanted else None, keep=False, callback=reduce, with_lse=fused,
-                          fused_stats=frozenset(asked - {"lse", "all"}), key_sets=sets,
+                          fused_stats=frozenset(asked - {"lse", "all"}), topk=topk, route=route, key_sets=sets,
                           query_mask=batch.attention_mask.bool())
         with activate(self._owner, capture=capture), torch.no_grad():
             result.output = self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

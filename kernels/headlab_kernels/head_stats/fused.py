@@ -1,14 +1,25 @@
-"""Attention output and row log-sum-exp from one fused call: the statistic that rides on the pass the model makes.
+"""Attention output and statistics from the call that computes the output: statistics that ride on the pass the
+model makes.
 
-On the CPU, `torch.nn.functional.scaled_dot_product_attention` runs ATen's flash kernel
-(`_scaled_dot_product_flash_attention_for_cpu`), which computes each row's log-sum-exp anyway and returns it beside
-the output. Calling that kernel directly gives the model's output (the same kernel, so the same numbers) and the lse
-of every head at no extra cost — no second sweep over the query–key pairs. `attention_with_lse` returns None where
-this route does not apply (CUDA tensors, dropout, unequal q/v head sizes, an unsupported dtype); callers then fall
-back to the backend plus `head_stats`.
+Two routes, and `attention_with_stats` says which one ran:
+
+- **"flash"**: ATen's CPU flash kernel (`_scaled_dot_product_flash_attention_for_cpu`), the kernel sdpa itself runs
+  on the CPU, returns each row's log-sum-exp beside the output: the lse of every head at no extra cost, and the
+  model's output bit-identical to its own sdpa call. Entropy and large key sets ride on that call as extra value
+  columns; received attention needs one more flash call with the roles swapped; top-k keys cannot be had.
+- **"kernel"**: headlab's compiled CPU kernel (`headlab_kernels.head_stats.cpu`, built with the machine's compiler)
+  computes the output, lse, entropy, top-k keys, key-set masses and received attention in one sweep, at the cost
+  of plain attention; its output equals sdpa's within float32 rounding (not bit for bit).
+
+"auto" takes "flash" when only the lse (and masses on a few keys) are asked for — the output then stays identical
+to the model's own — and "kernel" for anything more, where it is built; else "flash" where that can answer.
+`attention_with_lse` is the "flash" route's lse-only form. Both return None where no route applies (CUDA tensors,
+dropout, unequal q/v head sizes, an unsupported dtype); callers then fall back to the backend plus `head_stats`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -81,52 +92,132 @@ def _sparse_set_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_se
     return torch.einsum("bhqu,kbu->bhqk", weights, ind)
 
 
+class Fused(NamedTuple):
+    """What `attention_with_stats` returns.
+
+    Attributes:
+        out: the attention output `[B, H, Q, Dv]` in q's dtype (possibly a transposed view of `[B, Q, H, Dv]`).
+        stats: {"lse" `[B, H, Q]`, and "entropy" `[B, H, Q]`, "topk_idx" / "topk_weight" `[B, H, Q, k]`, "set_mass"
+            `[B, H, Q, K]`, "received" `[B, H, S]` as asked}, float32 (top-k indices int64).
+        route: "flash" or "kernel" (module docstring).
+    """
+
+    out: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    route: str
+
+
+ROUTES = ("auto", "flash", "kernel")
+
+
 def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
                          causal: bool, scale: float | None, entropy: bool = False,
-                         key_sets: torch.Tensor | None = None, received: bool = False,
-                         query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """The attention output and the statistics asked for, riding on ATen's fused CPU flash kernel.
-
-    One call computes softmax(scale · q kᵀ + mask) V′ with V′ = [V | K | 1_sets] (q and k zero-padded to V′'s
-    width, which changes no score), and its row lse:
-
-    - the output is the first D columns;
-    - entropy: Σⱼ pᵢⱼ kⱼ comes out of the K columns, and Hᵢ = lseᵢ − scale · qᵢ · Σⱼ pᵢⱼ kⱼ;
-    - key-set mass: each indicator column gives Σⱼ∈set pᵢⱼ.
-
-    `received` (Σᵢ pᵢⱼ over the real queries) needs every row's lse first, so it takes one more flash call with the
-    roles swapped: keys as queries over queries as keys, with −lseᵢ / scale carried in one extra dimension (so the
-    scores are scale · kⱼ·qᵢ − lseᵢ) and both sequences reversed so that causality stays lower-triangular; that
-    call's lse is log receivedⱼ. A padded query gets lse +1e4 there (it gives nothing).
+                         key_sets: torch.Tensor | None = None, received: bool = False, topk: int = 0,
+                         query_mask: torch.Tensor | None = None, route: str = "auto") -> Fused | None:
+    """The attention output and the statistics asked for, from the call that computes the output.
 
     Args:
-        q: `[B, H, Q, D]`; k, v: `[B, H, S, D]` (KV groups expanded to query heads).
+        q: `[B, H, Q, D]`; k, v: `[B, Hkv, S, D]` with H a multiple of Hkv (query head h reads kv head h // (H / Hkv)).
         mask: None, a bool mask `[B|1, 1|H, Q, S]` (True = may attend) or an additive float mask.
         causal: apply the causal mask (only with `mask=None`, as sdpa does).
         scale: the softmax scale (None: D^-1/2).
         entropy: compute each row's entropy (nats).
         key_sets: bool `[K, B|1, S]`: compute each row's mass on each set.
         received: compute each key's received attention, summed over real queries.
+        topk: how many top keys per row to return (0: none; the "kernel" route only).
         query_mask: bool `[B, Q]` of the real queries (for `received`; None: all real).
+        route: "auto", "flash" or "kernel" (module docstring).
 
     Returns:
-        (output `[B, H, Q, D]` in q's dtype, {"lse": `[B, H, Q]`, and "entropy" `[B, H, Q]`, "set_mass"
-        `[B, H, Q, K]`, "received" `[B, H, S]` as asked, all float32}), or None where the fused route does not
-        apply (as `attention_with_lse`; also `received` with causal Q ≠ S).
+        A `Fused` (output, statistics, the route that ran), or None where the route asked for (or, for "auto", every
+        route) does not apply.
+
+    Raises:
+        ValueError: an unknown route.
     """
-    if (q.device.type != "cpu" or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1] or k.shape[1] != q.shape[1]
-            or (mask is not None and causal)):
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
+    if (q.device.type != "cpu" or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1]
+            or q.shape[1] % k.shape[1] or (mask is not None and causal)):
         return None
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    light = not (entropy or received or topk) and (key_sets is None or _union(key_sets).numel() <= SPARSE_SETS)
+    if route == "kernel" or (route == "auto" and not light):
+        res = _kernel_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
+                            received=received, topk=topk, query_mask=query_mask)
+        if res is not None or route == "kernel":
+            return res
+    if topk:  # the flash call cannot return top keys
+        return None
+    res = _flash_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
+                       received=received, query_mask=query_mask)
+    return None if res is None else Fused(res[0], res[1], "flash")
+
+
+def _union(key_sets: torch.Tensor) -> torch.Tensor:
+    """The keys some set holds, `[u]`."""
+    return key_sets.any(0).any(0).nonzero().flatten()
+
+
+def _bool_mask(mask: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+    """(ok, the mask as bool): an additive float mask converts only when it holds nothing but 0 and very negative
+    values (a real bias — ALiBi, a compressed cache's compensation — does not)."""
+    if mask is None or mask.dtype == torch.bool:
+        return True, mask
+    low = torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | (mask <= low)).all()):
+        return False, None
+    return True, mask == 0
+
+
+def _kernel_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, topk, query_mask) -> Fused | None:
+    """Everything from one sweep of the compiled CPU kernel; None where it is not built or does not apply."""
+    from . import cpu
+
+    ok, bool_mask = _bool_mask(mask)
+    if q.dtype != torch.float32 or not ok or (causal and k.shape[2] < q.shape[2]) or cpu.load() is None:
+        return None
+    feats = None
+    if key_sets is not None:
+        feats = key_sets.to(torch.float32).permute(1, 2, 0).expand(q.shape[0], -1, -1)  # [B, S, K]
+    res = cpu.attention_stats(q, k.to(q.dtype), v.to(q.dtype), mask=bool_mask, causal=causal, scale=scale,
+                              entropy=entropy, topk=topk, features=feats, received=received, query_mask=query_mask)
+    if res is None:
+        return None
+    out, stats = res
+    return Fused(out.transpose(1, 2), stats, "kernel")
+
+
+def _flash_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, causal: bool,
+                 scale: float, entropy: bool, key_sets: torch.Tensor | None, received: bool,
+                 query_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The statistics riding on ATen's fused CPU flash kernel.
+
+    One call computes softmax(scale · q kᵀ + mask) V′ with V′ = [V | K | 1_sets] (q and k zero-padded to V′'s
+    width, which changes no score), and its row lse:
+
+    - the output is the first D columns;
+    - entropy: Σⱼ pᵢⱼ kⱼ comes out of the K columns, and Hᵢ = lseᵢ − scale · qᵢ · Σⱼ pᵢⱼ kⱼ;
+    - key-set mass: each indicator column gives Σⱼ∈set pᵢⱼ (sets holding at most SPARSE_SETS keys: from the lse
+      and those keys' scores instead).
+
+    `received` (Σᵢ pᵢⱼ over the real queries) needs every row's lse first, so it takes one more flash call with the
+    roles swapped: keys as queries over queries as keys, with −lseᵢ / scale carried in one extra dimension (so the
+    scores are scale · kⱼ·qᵢ − lseᵢ) and both sequences reversed so that causality stays lower-triangular; that
+    call's lse is log receivedⱼ. A padded query gets lse +1e4 there (it gives nothing). None for `received` with
+    causal Q ≠ S.
+    """
     n_q, n_s, d = q.shape[2], k.shape[2], q.shape[-1]
     if received and causal and n_q != n_s:
         return None
-    scale = float(scale) if scale is not None else d ** -0.5
+    if k.shape[1] != q.shape[1]:  # the flash call wants the KV groups expanded to the query heads
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     extra = []
     if entropy:
         extra.append(k)
     union = None
     if key_sets is not None:
-        union = key_sets.any(0).any(0).nonzero().flatten()  # [u] the keys some set holds
+        union = _union(key_sets)
         if union.numel() > SPARSE_SETS:  # large sets: indicator columns in the flash call
             ind = key_sets.to(v.dtype).permute(1, 2, 0)[:, None]  # [B|1, 1, S, K]
             extra.append(ind.expand(v.shape[0], v.shape[1], n_s, key_sets.shape[0]))

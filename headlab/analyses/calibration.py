@@ -105,7 +105,7 @@ def sink_strength(model: HeadModel, items: EncodedItems, rule: SinkRule, *, firs
         mask = torch.zeros_like(ids)
         for k, r in enumerate(rows):
             ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
-        run = model.stats(Batch(ids, mask))
+        run = model.stats(Batch(ids, mask), statistics={"received"})  # only received mass is read
         for layer, st in run.layers.items():
             sinks = sink_mask(st.received, st.n_visible, rule)  # [b, H, S]
             sinks = exempt_first(sinks) if first_exempt else sinks

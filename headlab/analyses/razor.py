@@ -189,7 +189,7 @@ def echo_induction_scan(model: HeadModel, params: RazorParams = RazorParams(), *
     tokens = repeated_random(model, block=params.block, repeats=params.repeats, batch=params.batch, seed=params.seed)
     per_layer: dict[int, list[dict[str, torch.Tensor]]] = {l: [] for l in range(model.n_layers)}
     for row in tqdm(tokens.split(1), desc=f"echo/induction {model.name}", disable=not progress, leave=False):
-        run = model.stats(row, impl=params.impl,
+        run = model.stats(row, impl=params.impl, statistics="lse",  # pair weights need only each row's lse
                           reducer=lambda record, stats: _layer_scores(record, stats, params.block, params.repeats))
         for layer, scores in run.extra.items():
             per_layer[layer].append(scores)

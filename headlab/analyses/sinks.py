@@ -111,7 +111,8 @@ def sink_scan(model: HeadModel, prompts: Prompt | None = None, params: SinkParam
     starts = range(0, n_b, params.minibatch)
     for i0 in tqdm(starts, desc=f"sink scan {model.name}", disable=not progress, leave=False):
         i1 = i0 + params.minibatch
-        run = model.stats(Batch(ids[i0:i1], mask[i0:i1]), impl=params.impl)
+        # only received mass is read: on the CPU it comes with each layer's output from the one-sweep kernel
+        run = model.stats(Batch(ids[i0:i1], mask[i0:i1]), impl=params.impl, statistics={"received"})
         for layer, st in run.layers.items():
             received[i0:i1, layer] = st.received.cpu()
             n_visible[i0:i1] = st.n_visible.cpu()

@@ -45,7 +45,7 @@ def _inputs(n_b, n_h, n_g, n_q, n_s, d, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("case", ["causal", "causal-cached", "mask-batch", "mask-heads", "padded"])
+@pytest.mark.parametrize("case", ["causal", "causal-cached", "mask-batch", "mask-heads", "padded", "window"])
 @pytest.mark.parametrize("block_q", [1, 7, 64])
 def test_every_statistic_equals_the_materialised_definition(case, block_q):
     assert cpu.load() is not None, cpu.unavailable()
@@ -63,6 +63,12 @@ def test_every_statistic_equals_the_materialised_definition(case, block_q):
         real = torch.ones(n_b, n_q, dtype=torch.bool)
         real[1, :9] = False
         mask = torch.ones(n_q, n_s).tril().bool()[None, None] & real[:, None, None, :]
+    elif case == "window":  # a sliding window of 5 keys and left padding: each block sees a range not starting at 0
+        real = torch.ones(n_b, n_q, dtype=torch.bool)
+        real[0, :3] = False
+        pos = torch.arange(n_q)
+        near = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 5)
+        mask = near[None, None] & real[:, None, None, :]
     sets = torch.zeros(3, n_b, n_s, dtype=torch.bool)
     sets[0, :, 0] = True
     sets[1, :, 5:12] = True

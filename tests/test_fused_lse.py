@@ -52,7 +52,7 @@ def test_outputs_bit_identical_and_lse_exact_on_every_family(family):
     torch.manual_seed(0)
     m = hl.load(cls(cfg).eval(), device="cpu")
     ids = [[5, 9, 3, 7, 2, 8, 5, 9, 3, 7, 2, 8], [4, 6, 1, 3, 3, 9, 5]]  # the second is padded
-    full, fused = m.stats(ids), m.stats(ids, statistics="lse")
+    full, fused = m.stats(ids, impl="torch"), m.stats(ids, statistics="lse")
     assert set(fused.paths.values()) == {"fused-lse"} and set(full.paths.values()) == {"reference"}
     key = "logits" if getattr(full.output, "logits", None) is not None else "last_hidden_state"
     real = m.encode(ids).attention_mask.bool()
@@ -90,7 +90,7 @@ def test_without_the_compiled_kernel_the_flash_route_and_the_full_route_answer(m
 def test_induction_scan_scores_equal_either_route():
     m = hl.load("toy-induction", device="cpu")
     toks = repeated_tokens(m, seq_len=40, batch=3)
-    full = m.stats(toks, reducer=lambda r, s: _reduce(r, s, 40))
+    full = m.stats(toks, impl="torch", reducer=lambda r, s: _reduce(r, s, 40))
     fused = m.stats(toks, statistics="lse", reducer=lambda r, s: _reduce(r, s, 40))
     for layer in full.extra:
         for key in full.extra[layer]:
@@ -139,7 +139,7 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family, route):
     sets = {"first": torch.zeros(2, n_s, dtype=torch.bool), "mid": torch.zeros(2, n_s, dtype=torch.bool)}
     sets["first"][:, 0] = True
     sets["mid"][:, 3:6] = True
-    full = m.stats(ids, key_sets=sets, topk=2)
+    full = m.stats(ids, key_sets=sets, topk=2, impl="torch")  # the full route: the chunked torch reference
     asked = {"entropy", "received", "key_sets"} | ({"topk"} if route == "kernel" else set())
     fast = m.stats(ids, key_sets=sets, statistics=asked, topk=2)
     want = "kernel-lse+entropy+key_sets+received+topk" if route == "kernel" else "fused-lse+entropy+key_sets+received"
@@ -161,5 +161,11 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family, route):
             assert torch.equal(a.topk_idx[firm], b.topk_idx[firm])
         else:
             assert b.topk_idx.shape[-1] == 0  # the flash route has no top keys
+    every = m.stats(ids, key_sets=sets, topk=2)  # "all" on the CPU: the one-sweep kernel where it is built
+    assert set(every.paths.values()) == ({"kernel-lse+entropy+key_sets+received+topk"} if route == "kernel"
+                                         else {"reference"})
+    for layer in full.layers:
+        a, b = full.layers[layer], every.layers[layer]
+        assert (a.received - b.received).abs().max() < 1e-4 and (a.topk_weight - b.topk_weight).abs().max() < 1e-5
     sinks = m.stats(ids, statistics={"received"})
     assert torch.isnan(sinks.layers[0].entropy).all() and not torch.isnan(sinks.layers[0].received).any()

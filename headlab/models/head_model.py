@@ -614,7 +614,9 @@ class HeadModel:
             impl: "auto", "triton" or "torch" (the chunked torch reference).
             prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
-            statistics: "all" (every statistic, from q and k after the layer ran), or only those named — "lse",
+            statistics: "all" (every statistic: on the CPU with `impl="auto"` from the one-sweep kernel with the
+                layer's output, elsewhere — or where it is not built — from q and k after the layer ran, the "full
+                route" `impl` chooses), or only those named — "lse",
                 or a set of "lse", "entropy", "key_sets", "received", "topk" (lse always comes along) — which then
                 ride on the attention call itself where a fused CPU route applies (`attention_with_stats`): the lse
                 (and masses on a few keys) from ATen's flash kernel that sdpa runs, so the output stays identical;
@@ -652,6 +654,9 @@ class HeadModel:
         batch = self.encode(prompt, prepend_bos=prepend_bos)
         result = StatsRun(model=self, batch=batch, output=None, layers={})
 
+        if asked == {"all"} and impl == "auto":  # every statistic: from the one-sweep kernel where it runs
+            asked = {"entropy", "received", "topk"} | ({"key_sets"} if key_sets is not None else set())
+            route = "kernel"
         fused = asked != {"all"} and (key_sets is None or "key_sets" in asked)
         sets, names = (stack_key_sets(key_sets, batch) if fused and key_sets is not None else (None, ()))
 

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -124,6 +126,38 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
   const int64_t off = S - Q;  // causal: row i sees keys j <= i + off
   std::vector<std::vector<float>> scratch(nthreads);
 
+  // With a mask, each block of queries scores only the key range its rows may see, [lo, hi): padding on the left,
+  // a sliding window and causality stay out of the gemms. Found once per (mask batch row, mask head, block).
+  const int64_t mbn = has_mask ? mask.size(0) : 0, mhn = has_mask ? mask.size(1) : 0;
+  std::vector<int64_t> range_lo(mbn * mhn * nblocks), range_hi(mbn * mhn * nblocks);
+  if (has_mask) {
+    at::parallel_for(0, mbn * mhn * nblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t blk = w % nblocks, bh = w / nblocks, bm = bh / mhn, hm = bh % mhn;
+        const int64_t i0 = blk * BQ, i1 = std::min(Q, i0 + BQ);
+        int64_t lo = S, hi = 0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const bool* mrow = mp + bm * mask.stride(0) + hm * mask.stride(1) + i * mt;
+          const int64_t lim = causal ? std::min(S, i + off + 1) : S;
+          int64_t j = 0;
+          while (j < std::min(lim, lo) && !mrow[j]) ++j;
+          if (j < lim) lo = std::min(lo, j);
+          int64_t e = lim;  // the last visible key, scanned 8 mask bytes at a time
+          while (e - 8 >= hi) {
+            uint64_t word;
+            std::memcpy(&word, mrow + e - 8, 8);
+            if (word) break;
+            e -= 8;
+          }
+          while (e > hi && !mrow[e - 1]) --e;
+          hi = std::max(hi, e);
+        }
+        range_lo[w] = lo;
+        range_hi[w] = hi;
+      }
+    });
+  }
+
   at::parallel_for(0, nwork, 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     std::vector<float>& buf = scratch[tid];
@@ -139,22 +173,29 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
       const int64_t blk = (r % 2 == 0) ? r / 2 : nblocks - 1 - r / 2;
       const int64_t b = bh / H, h = bh % H, g = h / rep;
       const int64_t i0 = blk * BQ, i1 = std::min(Q, i0 + BQ), nr = i1 - i0;
-      const int64_t kend = causal ? std::min(S, i1 + off) : S;  // keys any row of the block may see
+      int64_t kbeg = 0, kend = causal ? std::min(S, i1 + off) : S;  // the keys any row of the block may see
+      if (has_mask) {
+        const int64_t at = ((mb ? b : 0) * mhn + (mh ? h : 0)) * nblocks + blk;
+        kbeg = range_lo[at];
+        kend = std::min(kend, range_hi[at]);
+      }
+      const int64_t W = std::max<int64_t>(kend - kbeg, 0);
       const float* qb = qp + b * sq.b + h * sq.h + i0 * sq.t;
-      const float* kb = kp + b * sk.b + g * sk.h;
-      const float* vb = vp + b * sv.b + g * sv.h;
-      if (kend <= 0) continue;
-      // S_blk^T (kend x nr, column-major) = K (kend x D) . Q_blk^T: row r of sbuf holds row i0 + r's scores
-      gemm(true, false, kend, nr, D, scale, kb, sk.t,
-                                qb, sq.t, 0.0f, sbuf, kend);
-      float* rcv = want_received ? rp + ((static_cast<int64_t>(tid) * B + b) * H + h) * S : nullptr;
+      const float* kb = kp + b * sk.b + g * sk.h + kbeg * sk.t;
+      const float* vb = vp + b * sv.b + g * sv.h + kbeg * sv.t;
+      if (W > 0) {
+        // S_blk^T (W x nr, column-major) = K (W x D) . Q_blk^T: row r of sbuf holds row i0 + r's scores
+        gemm(true, false, W, nr, D, scale, kb, sk.t, qb, sq.t, 0.0f, sbuf, W);
+      }
+      float* rcv = want_received ? rp + ((static_cast<int64_t>(tid) * B + b) * H + h) * S + kbeg : nullptr;
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t i = i0 + rr;
-        float* s = sbuf + rr * kend;
-        const int64_t lim = causal ? std::min(kend, i + off + 1) : kend;  // keys [0, lim) before the mask
-        for (int64_t j = lim; j < kend; ++j) s[j] = NEG;
+        float* s = sbuf + rr * W;
+        // keys [kbeg, kbeg + lim) before the mask; s[j] is key kbeg + j
+        const int64_t lim = std::max<int64_t>(0, (causal ? std::min(kend, i + off + 1) : kend) - kbeg);
+        for (int64_t j = lim; j < W; ++j) s[j] = NEG;
         if (has_mask) {
-          const bool* mrow = mp + b * mb + h * mh + i * mt;
+          const bool* mrow = mp + b * mb + h * mh + i * mt + kbeg;
           for (int64_t j = 0; j < lim; ++j) s[j] = mrow[j] ? s[j] : NEG;
         }
         float m = NEG;
@@ -171,7 +212,7 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
         }
         const int64_t row = (b * H + h) * Q + i;
         if (!(m > 0.5f * NEG)) {  // sees no key
-          std::fill(s, s + kend, 0.0f);
+          std::fill(s, s + W, 0.0f);
           row_m[rr] = NEG;
           row_inv[rr] = 0.0f;
           row_a[rr] = 0.0f;
@@ -192,7 +233,7 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
                 --p;
               }
               best_v[p] = x;
-              best_i[p] = j;
+              best_i[p] = kbeg + j;
             }
           }
           for (int64_t t = 0; t < topk; ++t) {
@@ -202,7 +243,7 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
         }
         float l = 0.0f, a = 0.0f;
         if (want_entropy) {
-          for (int64_t j = 0; j < kend; ++j) {
+          for (int64_t j = 0; j < W; ++j) {
             const float x = s[j];
             const float p = std::exp(x - m);
             s[j] = p;
@@ -210,7 +251,7 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
             a += p * (x - m);
           }
         } else {
-          for (int64_t j = 0; j < kend; ++j) {
+          for (int64_t j = 0; j < W; ++j) {
             const float p = std::exp(s[j] - m);
             s[j] = p;
             l += p;
@@ -221,7 +262,7 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
         row_a[rr] = a / l + m;  // sum_j p_ij s_ij
         if (want_received && (!has_qmask || qmp[b * Q + i])) {
           const float inv = row_inv[rr];
-          for (int64_t j = 0; j < kend; ++j) {
+          for (int64_t j = 0; j < W; ++j) {
             const float p = s[j] * inv;
             s[j] = p;
             rcv[j] += p;
@@ -229,14 +270,20 @@ std::vector<at::Tensor> attention_stats(const at::Tensor& q, const at::Tensor& k
           row_inv[rr] = 1.0f;  // s now holds normalised weights
         }
       }
-      // O_blk^T (Dv x nr) = V^T (Dv x kend) . P^T (kend x nr), written straight into out [B, Q, H, Dv]
+      // O_blk^T (Dv x nr) = V^T (Dv x W) . P^T (W x nr), written straight into out [B, Q, H, Dv]
       float* ob = op + ((b * Q + i0) * H + h) * Dv;
-      gemm(false, false, Dv, nr, kend, 1.0f, vb, sv.t,
-                                sbuf, kend, 0.0f, ob, H * Dv);
       float* smb = smp + ((b * H + h) * Q + i0) * K;
-      if (K > 0) {
-        gemm(false, false, K, nr, kend, 1.0f,
-                                  fp + b * S * K, K, sbuf, kend, 0.0f, smb, K);
+      if (W > 0) {
+        gemm(false, false, Dv, nr, W, 1.0f, vb, sv.t, sbuf, W, 0.0f, ob, H * Dv);
+        if (K > 0) gemm(false, false, K, nr, W, 1.0f, fp + (b * S + kbeg) * K, K, sbuf, W, 0.0f, smb, K);
+      } else {  // no row of the block sees a key
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          std::fill(ob + rr * H * Dv, ob + rr * H * Dv + Dv, 0.0f);
+          row_m[rr] = NEG;
+          row_inv[rr] = 0.0f;
+          row_a[rr] = 0.0f;
+        }
+        std::fill(smb, smb + nr * K, 0.0f);
       }
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t i = i0 + rr, row = (b * H + h) * Q + i;

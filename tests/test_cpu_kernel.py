@@ -120,8 +120,14 @@ def test_the_dispatcher_takes_the_kernel_only_for_more_than_the_lse():
     assert attention_with_stats(q, k, v, mask=bias, causal=False, scale=None, entropy=True).route == "flash"
     assert attention_with_stats(q, k, v, mask=bias, causal=False, scale=None, topk=1) is None
     half = attention_with_stats(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=None, causal=True, scale=None,
-                                entropy=True)
-    assert half.route == "flash"
+                                entropy=True)  # computed in float32, the output rounded back
+    assert half.route == "kernel" and half.out.dtype == torch.bfloat16
+    want = torch.nn.functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16().repeat_interleave(2, 1),
+                                                            v.bfloat16().repeat_interleave(2, 1), is_causal=True)
+    assert (half.out.float() - want.float()).abs().max() < 2e-2
+    double = attention_with_stats(q.double(), k.double(), v.double(), mask=None, causal=True, scale=None,
+                                  entropy=True)
+    assert double.route == "flash"
     with pytest.raises(ValueError, match="route"):
         attention_with_stats(q, k, v, mask=None, causal=True, scale=None, route="fast")
 

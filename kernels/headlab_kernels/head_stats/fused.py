@@ -175,17 +175,18 @@ def _kernel_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, 
     from . import cpu
 
     ok, bool_mask = _bool_mask(mask)
-    if q.dtype != torch.float32 or not ok or (causal and k.shape[2] < q.shape[2]) or cpu.load() is None:
+    if q.dtype == torch.float64 or not ok or (causal and k.shape[2] < q.shape[2]) or cpu.load() is None:
         return None
     feats = None
     if key_sets is not None:
         feats = key_sets.to(torch.float32).permute(1, 2, 0).expand(q.shape[0], -1, -1)  # [B, S, K]
-    res = cpu.attention_stats(q, k.to(q.dtype), v.to(q.dtype), mask=bool_mask, causal=causal, scale=scale,
+    # half-precision inputs are computed in float32 (as ATen's flash kernel accumulates them) and the output rounded
+    res = cpu.attention_stats(q.float(), k.float(), v.float(), mask=bool_mask, causal=causal, scale=scale,
                               entropy=entropy, topk=topk, features=feats, received=received, query_mask=query_mask)
     if res is None:
         return None
     out, stats = res
-    return Fused(out.transpose(1, 2), stats, "kernel")
+    return Fused(out.to(q.dtype).transpose(1, 2), stats, "kernel")
 
 
 def _flash_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, causal: bool,

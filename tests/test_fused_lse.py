@@ -19,14 +19,20 @@ from headlab_kernels.head_stats import cpu, head_stats_materialised
 from headlab_kernels.head_stats.fused import attention_with_lse, attention_with_stats
 
 
-@pytest.fixture(params=["kernel", "flash"])
+@pytest.fixture(params=["kernel", "flash", "triton"])
 def route(request, monkeypatch):
-    """Each fused route in turn: "flash" is what runs where the compiled kernel is not built."""
+    """Each fused route in turn: "flash" is what runs where the compiled kernel is not built; "triton" is CUDA's
+    (here through Triton's interpreter, asked for by name)."""
     if request.param == "flash":
         monkeypatch.setattr(cpu, "load", lambda verbose=False: None)
-    else:
+    elif request.param == "kernel":
         assert cpu.load() is not None, cpu.unavailable()
     return request.param
+
+
+def _asked(route: str) -> str:
+    """The `route=` that makes `route` run on this machine."""
+    return "triton" if route == "triton" else "auto"
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -112,7 +118,7 @@ def test_stats_kernel_equals_the_materialised_definition(causal, sparse, route, 
     sets = torch.zeros(2, n_b, n_t, dtype=torch.bool)
     sets[0, :, 0] = sets[1, :, 9:13] = True
     res = attention_with_stats(q, k, v, mask=mask, causal=causal, scale=0.25, entropy=True, key_sets=sets,
-                               received=True, query_mask=None if causal else real)
+                               received=True, query_mask=None if causal else real, route=_asked(route))
     assert res.route == route
     out, st = res.out, res.stats
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -140,9 +146,10 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family, route):
     sets["first"][:, 0] = True
     sets["mid"][:, 3:6] = True
     full = m.stats(ids, key_sets=sets, topk=2, impl="torch")  # the full route: the chunked torch reference
-    asked = {"entropy", "received", "key_sets"} | ({"topk"} if route == "kernel" else set())
-    fast = m.stats(ids, key_sets=sets, statistics=asked, topk=2)
-    want = "kernel-lse+entropy+key_sets+received+topk" if route == "kernel" else "fused-lse+entropy+key_sets+received"
+    asked = {"entropy", "received", "key_sets"} | ({"topk"} if route != "flash" else set())
+    fast = m.stats(ids, key_sets=sets, statistics=asked, topk=2, route=_asked(route))
+    want = {"kernel": "kernel-lse+entropy+key_sets+received+topk", "flash": "fused-lse+entropy+key_sets+received",
+            "triton": "triton-lse+entropy+key_sets+received+topk"}[route]
     assert set(fast.paths.values()) == {want}
     real = m.encode(ids).attention_mask.bool()
     key = "logits" if getattr(full.output, "logits", None) is not None else "last_hidden_state"
@@ -155,15 +162,14 @@ def test_fused_statistics_equal_the_full_route_on_every_family(family, route):
         assert (a.set_mass - b.set_mass)[rows].abs().max() < 1e-5 and b.set_names == ("first", "mid")
         assert (a.received - b.received).abs().max() < 1e-4
         assert torch.equal(a.n_visible, b.n_visible)
-        if route == "kernel":  # the weights agree; the keys wherever the two are not tied
+        if route != "flash":  # the weights agree; the keys wherever the two are not tied
             assert (a.topk_weight - b.topk_weight)[rows].abs().max() < 1e-5
             firm = rows[..., None] & ((a.topk_weight[..., :1] - a.topk_weight[..., 1:]).abs() > 1e-5)[..., [0, 0]]
             assert torch.equal(a.topk_idx[firm], b.topk_idx[firm])
         else:
             assert b.topk_idx.shape[-1] == 0  # the flash route has no top keys
-    every = m.stats(ids, key_sets=sets, topk=2)  # "all" on the CPU: the one-sweep kernel where it is built
-    assert set(every.paths.values()) == ({"kernel-lse+entropy+key_sets+received+topk"} if route == "kernel"
-                                         else {"reference"})
+    every = m.stats(ids, key_sets=sets, topk=2, route=_asked(route))  # "all": the one-sweep kernel where built
+    assert set(every.paths.values()) == {"flash": {"reference"}}.get(route, {want})
     for layer in full.layers:
         a, b = full.layers[layer], every.layers[layer]
         assert (a.received - b.received).abs().max() < 1e-4 and (a.topk_weight - b.topk_weight).abs().max() < 1e-5

@@ -209,3 +209,38 @@ def test_dispatch_and_validation():
         head_stats(q, torch.randn(1, 3, 5, 16), scale=0.25, causal=True)
     with pytest.raises(ValueError, match="key_mask"):
         head_stats(q, k, scale=0.25, causal=True, key_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_rows_pass_also_makes_the_attention_output(dtype, causal):
+    """With values, the rows kernel accumulates P·V as flash attention does: the output comes from the sweep that
+    makes the row statistics, and the columns pass runs only when received attention is asked for."""
+    from headlab_kernels.head_stats.triton import attention_stats_triton
+
+    torch.manual_seed(3)
+    n_b, n_h, n_g, n_t, d, d_v = 2, 4, 2, 37, 16, 24  # value width unlike the keys'
+    q = torch.randn(n_b, n_t, n_h, d).transpose(1, 2).to(dtype)  # strided, as the model's projections are
+    k, v = torch.randn(n_b, n_g, n_t, d).to(dtype), torch.randn(n_b, n_g, n_t, d_v).to(dtype)
+    real = torch.ones(n_b, n_t, dtype=torch.bool)
+    real[1, :4] = False
+    mask = None if causal else torch.ones(n_t, n_t).tril().bool()[None, None] & real[:, None, None, :]
+    out, st = attention_stats_triton(q, k, v, scale=0.3, causal=causal, mask=mask,
+                                     query_mask=None if causal else real, topk=1, received=not causal,
+                                     block_m=16, block_n=16)
+    assert out.shape == (n_b, n_t, n_h, d_v) and out.dtype == dtype
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    vis = torch.ones(n_t, n_t).tril().bool() if causal else mask
+    want = torch.softmax(scores.masked_fill(~vis, float("-inf")), -1) @ v.double().repeat_interleave(2, 1)
+    rows = real[:, None, :, None] if not causal else torch.ones(1, 1, n_t, 1, dtype=torch.bool)
+    err = (out.transpose(1, 2).double() - want).abs()[rows.expand_as(want)].max()
+    assert err < (1e-5 if dtype == torch.float32 else 3e-2)
+    ref = head_stats_materialised(q, k, scale=0.3, causal=causal, topk=1, mask=mask,
+                                  key_mask=None if causal else real)
+    seen = torch.isfinite(ref["lse"])
+    assert (st.lse - ref["lse"])[seen].abs().max() < 1e-4
+    if causal:
+        assert torch.isnan(st.received).all()  # not asked for: the columns pass did not run
+    else:
+        assert (st.received - ref["received"]).abs().max() < 1e-4
+        assert (out[~real] == 0).all()  # padded queries see nothing here

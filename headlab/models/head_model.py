@@ -614,9 +614,9 @@ class HeadModel:
             impl: "auto", "triton" or "torch" (the chunked torch reference).
             prepend_bos: put the model's BOS first.
             reducer: optional `f(record, stats) -> Any` called per layer; its results land in `.extra`.
-            statistics: "all" (every statistic: on the CPU with `impl="auto"` from the one-sweep kernel with the
-                layer's output, elsewhere — or where it is not built — from q and k after the layer ran, the "full
-                route" `impl` chooses), or only those named — "lse",
+            statistics: "all" (every statistic; with `impl="auto"` they come with the layer's output from the
+                one-sweep kernel on the CPU, the Triton rows pass on CUDA; elsewhere — or where that is not built —
+                from q and k after the layer ran, the "full route" `impl` chooses), or only those named — "lse",
                 or a set of "lse", "entropy", "key_sets", "received", "topk" (lse always comes along) — which then
                 ride on the attention call itself where a fused CPU route applies (`attention_with_stats`): the lse
                 (and masses on a few keys) from ATen's flash kernel that sdpa runs, so the output stays identical;
@@ -625,8 +625,10 @@ class HeadModel:
                 and received mass from one more flash call with the roles swapped. Elsewhere (and "topk" without
                 the compiled kernel) everything is computed as for "all". Statistics not asked for are NaN / empty.
                 `StatsRun.paths` says which route each layer took.
-            route: for named statistics, the fused route: "auto" (as above), "flash" (ATen's flash kernel only) or
-                "kernel" (the compiled kernel only); where the route named does not apply, the full route runs.
+            route: for named statistics, the fused route: "auto" (as above; on CUDA "triton"), "flash" (ATen's flash
+                kernel only), "kernel" (the compiled CPU kernel only) or "triton" (the Triton rows pass with the
+                output, on CUDA; on the CPU only under TRITON_INTERPRET=1); where the route named does not apply,
+                the full route runs.
 
         Returns:
             A StatsRun: per-layer HeadStats (top-k keys, log-sum-exp, entropy, key-set mass, received attention).
@@ -642,8 +644,8 @@ class HeadModel:
         asked = {statistics} if isinstance(statistics, str) else set(statistics)
         if asked != {"all"} and (not asked or not asked <= set(fused_names)):
             raise ValueError(f"statistics must be 'all' or a set of {', '.join(fused_names)}; got {statistics!r}")
-        if route not in ("auto", "flash", "kernel"):
-            raise ValueError(f"route must be 'auto', 'flash' or 'kernel'; got {route!r}")
+        if route not in ("auto", "flash", "kernel", "triton"):
+            raise ValueError(f"route must be 'auto', 'flash', 'kernel' or 'triton'; got {route!r}")
         if "key_sets" in asked and key_sets is None:
             raise ValueError("statistics names 'key_sets' but no key_sets were given")
 
@@ -656,14 +658,13 @@ class HeadModel:
 
         if asked == {"all"} and impl == "auto":  # every statistic: from the one-sweep kernel where it runs
             asked = {"entropy", "received", "topk"} | ({"key_sets"} if key_sets is not None else set())
-            route = "kernel"
         fused = asked != {"all"} and (key_sets is None or "key_sets" in asked)
         sets, names = (stack_key_sets(key_sets, batch) if fused and key_sets is not None else (None, ()))
 
         def reduce(record) -> None:
             if fused and record.fused is not None:
                 st = fused_stats(record, batch, names)
-                prefix = "kernel" if record.fused_route == "kernel" else "fused"
+                prefix = "fused" if record.fused_route == "flash" else record.fused_route
                 path = prefix + "-" + "+".join(n for n in fused_names if n == "lse" or n in asked)
             else:
                 st = layer_stats(self, record, batch, topk=topk, key_sets=key_sets, impl=impl)

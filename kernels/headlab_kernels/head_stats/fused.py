@@ -10,15 +10,21 @@ Two routes, and `attention_with_stats` says which one ran:
 - **"kernel"**: headlab's compiled CPU kernel (`headlab_kernels.head_stats.cpu`, built with the machine's compiler)
   computes the output, lse, entropy, top-k keys, key-set masses and received attention in one sweep, at the cost
   of plain attention; its output equals sdpa's within float32 rounding (not bit for bit).
+- **"triton"** (CUDA tensors; on the CPU only under TRITON_INTERPRET=1, for tests): the Triton rows pass of
+  `head_stats` with P·V accumulated as flash attention does, so the output, lse, entropy, top-k and key-set masses
+  come from one sweep; received attention takes the light columns pass (scores and exp, no values) only when asked.
 
-"auto" takes "flash" when only the lse (and masses on a few keys) are asked for — the output then stays identical
-to the model's own — and "kernel" for anything more, where it is built; else "flash" where that can answer.
+"auto" on the CPU takes "flash" when only the lse (and masses on a few keys) are asked for — the output then stays
+identical to the model's own — and "kernel" for anything more, where it is built; else "flash" where that can
+answer. On CUDA it takes "triton" (falling back, with a warning, to the caller's full route if the kernel fails).
 `attention_with_lse` is the "flash" route's lse-only form. Both return None where no route applies (CUDA tensors,
 dropout, unequal q/v head sizes, an unsupported dtype); callers then fall back to the backend plus `head_stats`.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -99,7 +105,7 @@ class Fused(NamedTuple):
         out: the attention output `[B, H, Q, Dv]` in q's dtype (possibly a transposed view of `[B, Q, H, Dv]`).
         stats: {"lse" `[B, H, Q]`, and "entropy" `[B, H, Q]`, "topk_idx" / "topk_weight" `[B, H, Q, k]`, "set_mass"
             `[B, H, Q, K]`, "received" `[B, H, S]` as asked}, float32 (top-k indices int64).
-        route: "flash" or "kernel" (module docstring).
+        route: "flash", "kernel" or "triton" (module docstring).
     """
 
     out: torch.Tensor
@@ -107,7 +113,7 @@ class Fused(NamedTuple):
     route: str
 
 
-ROUTES = ("auto", "flash", "kernel")
+ROUTES = ("auto", "flash", "kernel", "triton")
 
 
 def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
@@ -126,7 +132,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
         received: compute each key's received attention, summed over real queries.
         topk: how many top keys per row to return (0: none; the "kernel" route only).
         query_mask: bool `[B, Q]` of the real queries (for `received`; None: all real).
-        route: "auto", "flash" or "kernel" (module docstring).
+        route: "auto", "flash", "kernel" or "triton" (module docstring).
 
     Returns:
         A `Fused` (output, statistics, the route that ran), or None where the route asked for (or, for "auto", every
@@ -137,6 +143,9 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
+    if route == "triton" or (route == "auto" and q.is_cuda):
+        return _triton_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
+                             received=received, topk=topk, query_mask=query_mask, strict=route == "triton")
     if (q.device.type != "cpu" or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1]
             or q.shape[1] % k.shape[1] or (mask is not None and causal)):
         return None
@@ -168,6 +177,43 @@ def _bool_mask(mask: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
     if not bool(((mask == 0) | (mask <= low)).all()):
         return False, None
     return True, mask == 0
+
+
+def _triton_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, topk, query_mask,
+                  strict: bool) -> Fused | None:
+    """Output and statistics from the Triton rows pass (+ the columns pass for `received`); None where it does not
+    apply (no triton; CPU tensors without TRITON_INTERPRET=1; a per-head mask or a real bias; dropout-free sdpa
+    only). Unless `strict`, a failing kernel warns and returns None, so that the caller's full route runs."""
+    ok, bool_mask = _bool_mask(mask)
+    if (not ok or (bool_mask is not None and bool_mask.shape[1] != 1) or q.dtype not in _DTYPES
+            or q.dtype == torch.float64 or q.shape[1] % k.shape[1] or (mask is not None and causal)
+            or (not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")):
+        return None
+    try:
+        from .triton import attention_stats_triton
+    except ImportError:
+        return None
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    try:
+        out, st = attention_stats_triton(q, k.to(q.dtype), v.to(q.dtype), scale=scale, causal=causal, mask=bool_mask,
+                                         query_mask=query_mask, key_sets=key_sets, topk=max(topk, 1),
+                                         received=received)
+    except Exception as exc:  # noqa: BLE001 — an untested GPU or triton version must not take `stats` down with it
+        if strict:
+            raise
+        warnings.warn(f"the Triton attention-statistics kernel failed ({type(exc).__name__}: {exc}); "
+                      "computing the statistics after the layer instead", RuntimeWarning, stacklevel=2)
+        return None
+    stats = {"lse": st.lse}
+    if entropy:
+        stats["entropy"] = st.entropy
+    if key_sets is not None:
+        stats["set_mass"] = st.set_mass
+    if topk:
+        stats["topk_idx"], stats["topk_weight"] = st.topk_idx, st.topk_weight
+    if received:
+        stats["received"] = st.received
+    return Fused(out.transpose(1, 2), stats, "triton")
 
 
 def _kernel_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, topk, query_mask) -> Fused | None:

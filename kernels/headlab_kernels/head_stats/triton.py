@@ -65,14 +65,15 @@ def _real_queries(b, offs_m, QM, T, stride_qmb, HAS_QM: tl.constexpr):
 
 
 @triton.jit
-def _rows_kernel(Q, K, M, KM, QM, SETS, LSE, ENT, TOPI, TOPW, MASS,
+def _rows_kernel(Q, K, M, KM, QM, SETS, LSE, ENT, TOPI, TOPW, MASS, V, OUT,
                  stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                  stride_mb, stride_mt, stride_ms, stride_kmb, stride_qmb, stride_sb, stride_ss,
-                 Hq, G, T, S, D, NSET, scale,
+                 stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_ot, stride_oh, stride_od,
+                 Hq, G, T, S, D, DV, NSET, scale,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KM: tl.constexpr, HAS_QM: tl.constexpr,
                  HAS_SETS: tl.constexpr, TOPK: tl.constexpr, TOPKP: tl.constexpr, NSETP: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, HAS_V: tl.constexpr, BDV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)  # 64-bit offsets: B·H·T·D and T·S can pass 2^31
@@ -89,6 +90,9 @@ def _rows_kernel(Q, K, M, KM, QM, SETS, LSE, ENT, TOPI, TOPW, MASS,
     t_i = tl.zeros([BM], tl.float32)  # Σ e^{s-m} (s-m)
     mass = tl.zeros([BM, NSETP], tl.float32)  # Σ_{j in set} e^{s-m}
     offs_c = tl.arange(0, NSETP)
+    acc = tl.zeros([BM, BDV], tl.float32)  # Σ e^{s-m} v: the attention output, as flash attention makes it
+    offs_dv = tl.arange(0, BDV)
+    v_base = b * stride_vb + (h // G) * stride_vh
     if TOPK == 1:
         top1_s = tl.full([BM], float("-inf"), tl.float32)  # best score so far
         top1_i = tl.full([BM], -1, tl.int32)
@@ -121,6 +125,13 @@ def _rows_kernel(Q, K, M, KM, QM, SETS, LSE, ENT, TOPI, TOPW, MASS,
             ind = tl.load(SETS + b * stride_sb + offs_n[:, None] * stride_ss + offs_c[None, :],
                           mask=(offs_n[:, None] < S) & (offs_c[None, :] < NSET), other=0.0)  # [BN, NSETP]
             mass = mass * alpha[:, None] + tl.dot(p, ind, input_precision="ieee")
+        if HAS_V:
+            v = tl.load(V + v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+            if UPCAST or v.dtype == tl.float32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            else:  # 16-bit values: the weights rounded to their dtype, as flash attention does
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         if TOPK == 1:  # strictly better only: on ties the earlier (lower) key stays
             best_n = tl.min(tl.where(s == s_max[:, None], offs_n[None, :], 2147483647), 1)  # [BM]
             put1 = s_max > top1_s
@@ -155,6 +166,11 @@ def _rows_kernel(Q, K, M, KM, QM, SETS, LSE, ENT, TOPI, TOPW, MASS,
     if HAS_SETS:
         tl.store(MASS + row[:, None] * NSET + offs_c[None, :], mass * inv[:, None],
                  mask=in_t[:, None] & (offs_c[None, :] < NSET))
+    if HAS_V:  # out [B, T, H, DV] (any strides): 0 for a row that sees no key
+        o = acc * inv[:, None]
+        tl.store(OUT + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_ot + h * stride_oh
+                 + offs_dv[None, :] * stride_od, o.to(OUT.dtype.element_ty),
+                 mask=in_t[:, None] & (offs_dv[None, :] < DV))
     if TOPK == 1:
         got = top1_s > float("-inf")
         tl.store(TOPW + row, tl.where(got, tl.exp(tl.where(got, top1_s, lse_safe) - lse_safe), 0.0), mask=in_t)
@@ -220,11 +236,48 @@ def head_stats_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal:
     q and k may be any strided float tensors (no copies unless their dtypes differ). `precision` is
     tl.dot's input_precision for float32 inputs ("ieee" exact; "tf32" faster on GPUs, looser).
     """
+    stats, _ = _launch(q, k, None, scale=scale, causal=causal, mask=mask, key_mask=key_mask, query_mask=query_mask,
+                       key_sets=key_sets, topk=topk, columns=True, block_m=block_m, block_n=block_n,
+                       precision=precision)
+    return stats
+
+
+def attention_stats_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                           mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
+                           key_sets: torch.Tensor | None = None, topk: int = 1, received: bool = False,
+                           block_m: int = 64, block_n: int = 64, precision: str = "ieee"
+                           ) -> tuple[torch.Tensor, HeadStats]:
+    """The attention output with the statistics, from the rows pass that computes it (flash attention's sweep,
+    with P·V accumulated beside the lse, entropy, top-k and key-set masses), plus the columns pass only when
+    `received` is asked for.
+
+    Args:
+        q: `[B, H, T, D]`; k: `[B, Hkv, S, D]`; v: `[B, Hkv, S, Dv]`.
+        scale, causal, mask, query_mask, key_sets, topk, block_m, block_n, precision: as in `head_stats_triton`.
+        received: run the columns pass (received attention and n_visible); without it those are NaN.
+
+    Returns:
+        (output `[B, T, H, Dv]` in v's dtype — the layout the model's attention returns; rows that see no key, padded
+        queries included, are 0 —, HeadStats).
+    """
+    stats, out = _launch(q, k, v, scale=scale, causal=causal, mask=mask, key_mask=None, query_mask=query_mask,
+                         key_sets=key_sets, topk=topk, columns=received, block_m=block_m, block_n=block_n,
+                         precision=precision)
+    return out, stats
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, scale: float, causal: bool,
+            mask: torch.Tensor | None, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None,
+            key_sets: torch.Tensor | Mapping[str, torch.Tensor] | None, topk: int, columns: bool,
+            block_m: int, block_n: int, precision: str) -> tuple[HeadStats, torch.Tensor | None]:
+    """Both kernels (the columns one only with `columns`); with `v`, the rows kernel also makes the output."""
     inp = check_inputs(q, k, mask=mask, key_mask=key_mask, query_mask=query_mask, key_sets=key_sets, topk=topk)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
+    if v is not None and (v.shape[:3] != (B, Hkv, S)):
+        raise ValueError(f"v {tuple(v.shape)} does not fit k {tuple(k.shape)}")
     dev = q.device
     f32 = torch.float32
     n_sets = inp.n_sets
@@ -235,11 +288,11 @@ def head_stats_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal:
     mass = torch.empty(B, Hq, T, n_sets, dtype=f32, device=dev)
     rec = torch.empty(B, Hq, S, dtype=f32, device=dev)
     nvis = torch.empty(B, S, dtype=f32, device=dev)
+    out = torch.zeros(B, T, Hq, v.shape[-1], dtype=v.dtype, device=dev) if v is not None else None
     if T == 0 or S == 0 or B * Hq == 0:
         return HeadStats(topk_idx=topi.fill_(-1), topk_weight=topw.zero_(), lse=lse.fill_(float("-inf")),
                          entropy=ent.zero_(), set_mass=mass.zero_(), received=rec.zero_(), n_visible=nvis.zero_(),
-                         set_names=inp.set_names)
-
+                         set_names=inp.set_names), out
     dummy = torch.zeros(1, dtype=torch.uint8, device=dev)
     m = inp.mask.view(torch.uint8) if inp.mask is not None else dummy
     m_strides = (m.stride(0) if m.shape[0] > 1 else 0, m.stride(2), m.stride(3)) if inp.mask is not None else (0, 0, 0)
@@ -259,13 +312,26 @@ def head_stats_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal:
     km_stride = km.stride(0) if inp.key_mask is not None else 0
     qm_stride = qm.stride(0) if inp.query_mask is not None else 0
 
+    if v is not None:
+        vv = v if not common["UPCAST"] else v.float()
+        v_strides = (vv.stride(0), vv.stride(1), vv.stride(2), vv.stride(3))
+        o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
+        dv = v.shape[-1]
+    else:
+        vv, v_strides, o_strides, dv = dummy.float(), (0, 0, 0, 0), (0, 0, 0, 0), 1
     _rows_kernel[(triton.cdiv(T, block_m), B * Hq)](
-        q, k, m, km, qm, sets, lse, ent, topi, topw, mass, *q_strides, *k_strides, *m_strides, km_stride,
-        qm_stride, s_stride_b, s_stride_s, Hq, Hq // Hkv, T, S, D, max(n_sets, 1), float(scale),
+        q, k, m, km, qm, sets, lse, ent, topi, topw, mass, vv, out if out is not None else dummy.float(),
+        *q_strides, *k_strides, *m_strides, km_stride, qm_stride, s_stride_b, s_stride_s, *v_strides, *o_strides,
+        Hq, Hq // Hkv, T, S, D, dv, max(n_sets, 1), float(scale),
         HAS_SETS=n_sets > 0, TOPK=topk, TOPKP=max(2, triton.next_power_of_2(topk)),
-        NSETP=max(16, triton.next_power_of_2(max(n_sets, 1))), **common)
-    _cols_kernel[(triton.cdiv(S, block_n), B * Hq)](
-        q, k, m, km, qm, lse, rec, nvis, *q_strides, *k_strides, *m_strides, km_stride, qm_stride,
-        Hq, Hq // Hkv, T, S, D, float(scale), **common)
+        NSETP=max(16, triton.next_power_of_2(max(n_sets, 1))), HAS_V=v is not None,
+        BDV=max(16, triton.next_power_of_2(dv)), **common)
+    if columns:
+        _cols_kernel[(triton.cdiv(S, block_n), B * Hq)](
+            q, k, m, km, qm, lse, rec, nvis, *q_strides, *k_strides, *m_strides, km_stride, qm_stride,
+            Hq, Hq // Hkv, T, S, D, float(scale), **common)
+    else:
+        rec.fill_(float("nan"))
+        nvis.fill_(float("nan"))
     return HeadStats(topk_idx=topi, topk_weight=topw, lse=lse, entropy=ent, set_mass=mass, received=rec,
-                     n_visible=nvis, set_names=inp.set_names)
+                     n_visible=nvis, set_names=inp.set_names), out

@@ -151,3 +151,20 @@ def test_bad_inputs_get_errors_that_name_them():
     with pytest.raises(RuntimeError, match="mask"):
         mod.attention_stats(q, k, v, torch.ones(1, 1, 10, 9, dtype=torch.bool), False, 0.3, False, 0, None, False,
                             None, 16)
+
+
+def test_threads_split_the_work_without_changing_the_answer():
+    """Blocks go to threads in ranges; each thread sums received attention in its own row, added at the end."""
+    q, k, v = _inputs(2, 6, 3, 150, 150, 16, seed=7)
+    kwargs = dict(causal=True, scale=0.25, entropy=True, topk=2, received=True, block_q=16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.attention_stats(q, k, v, **kwargs)
+        torch.set_num_threads(2)
+        two = cpu.attention_stats(q, k, v, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(one[0], two[0], atol=1e-6)
+    for name in one[1]:
+        assert torch.allclose(one[1][name].float(), two[1][name].float(), atol=1e-5), name

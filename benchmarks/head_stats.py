@@ -75,11 +75,36 @@ def _geometry(folder: Path) -> tuple[int, int]:
 
 
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's resident memory now (GiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+class _PeakRss:
+    """The highest resident memory seen while the block runs, sampled every 2 ms by a thread (GiB)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_gib(), threading.Event()
+
+        def watch():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, _rss_gib())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_gib())
 
 
 def _one(method: str, model: str, length: int, repeats: int, device: str) -> dict:
-    """Run one method in this process; returns median seconds and peak memory growth in GiB."""
+    """Run one method in this process; returns median seconds and peak memory growth in GiB (CPU: the highest
+    resident memory sampled during the forwards, less the resident memory before them)."""
     import transformers as T
 
     import headlab as hl
@@ -128,15 +153,16 @@ def _one(method: str, model: str, length: int, repeats: int, device: str) -> dic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**30
     else:
-        base = _rss_gib()
+        base = _rss_gib()  # resident now, after loading: the forward's peak is measured from here
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gib()) - base
+    with _PeakRss() as rss:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else rss.peak) - base
     return {"seconds": statistics.median(times), "peak_gib": max(peak, 0.0)}
 
 
@@ -195,8 +221,10 @@ def _available_gib(device: str) -> float:
 def _kernel_vs_sdpa(lengths: list[int]) -> None:
     """Triton head-stats kernel against SDPA (flash) on 7B-layer shapes, fp16/bf16 on CUDA."""
     from headlab_kernels.head_stats import head_stats
+    from headlab_kernels.head_stats.triton import attention_stats_triton
 
-    print("\nTriton head_stats vs SDPA (flash), B=1, H=32, D=128, bf16, causal; TFLOP/s counts 4·H·T²·D/2")
+    print("\nTriton head_stats, and the fused output + statistics kernel, vs SDPA (flash), B=1, H=32, D=128, bf16, "
+          "causal; TFLOP/s counts 4·H·T²·D/2")
     for length in lengths:
         q, k, v = (torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 4 * 32 * length * length * 128 / 2
@@ -212,9 +240,11 @@ def _kernel_vs_sdpa(lengths: list[int]) -> None:
 
         t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
         t_stats = timed(lambda: head_stats(q, k, scale=128 ** -0.5, causal=True, impl="triton"))
+        t_rows = timed(lambda: attention_stats_triton(q, k, v, scale=128 ** -0.5, causal=True))
+        t_all = timed(lambda: attention_stats_triton(q, k, v, scale=128 ** -0.5, causal=True, received=True))
         print(f"  T={length:6d}  sdpa {t_sdpa * 1e3:8.2f} ms ({flops / t_sdpa / 1e12:6.1f} TFLOP/s)  "
-              f"head_stats {t_stats * 1e3:8.2f} ms ({flops / t_stats / 1e12:6.1f} TFLOP/s)  "
-              f"ratio {t_sdpa / t_stats:5.2f} of sdpa throughput")
+              f"head_stats {t_stats * 1e3:8.2f} ms  fused output+row stats {t_rows * 1e3:8.2f} ms "
+              f"(×{t_rows / t_sdpa:.2f} of sdpa)  + received {t_all * 1e3:8.2f} ms (×{t_all / t_sdpa:.2f})")
 
 
 def main() -> None:

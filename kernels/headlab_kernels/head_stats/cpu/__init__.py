@@ -88,7 +88,13 @@ def load(verbose: bool = False) -> Any:
             from torch.utils.cpp_extension import load as cpp_load
 
             where = build_dir()
-            where.mkdir(parents=True, exist_ok=True)
+            try:
+                where.mkdir(parents=True, exist_ok=True)
+            except OSError:  # a read-only cache folder: build in the temporary folder instead
+                import tempfile
+
+                where = Path(tempfile.gettempdir()) / "headlab-kernels" / where.name
+                where.mkdir(parents=True, exist_ok=True)
             _module = cpp_load(name="headlab_attention_stats", sources=[str(SOURCE)], build_directory=str(where),
                                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                                extra_ldflags=["-fopenmp"], verbose=verbose)

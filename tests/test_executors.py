@@ -101,7 +101,9 @@ def test_jobs_of_a_killed_actor_are_retried_on_its_restart(cluster):
 
     executor.run(_factory, range(10), collect)
     assert got == {i: i * i for i in range(10)}
-    assert len(pids) == 3 and executor.killed[0] in pids  # two actors, and the killed one's restarted process
+    # the killed actor's first process did a job; its restarted process does more only if it comes back before the
+    # other actor has taken the rest (on a loaded machine it may not): two or three processes
+    assert executor.killed[0] in pids and len(pids) in (2, 3)
 
 
 class _Interrupt(RayExecutor):

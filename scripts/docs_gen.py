@@ -427,6 +427,10 @@ def reproductions_page() -> str:
                        "Streaming head statistics against plain sdpa, HF eager and TransformerBridge "
                        "(`benchmarks/head_stats.py`): time and peak memory; eager and the bridge materialise T×T "
                        "patterns."),
+                      ("benchmarks/results/head_stats_kernel_cpu.txt",
+                       "Statistics fused into the attention pass (`benchmarks/head_stats.py`, "
+                       "`benchmarks/cpu_attention_options.py`): each statistic set as a ratio to the plain forward, "
+                       "by route — ATen's flash kernel, headlab's compiled one-sweep kernel, the swapped flash call."),
                       ("benchmarks/results/circuits_cpu.txt",
                        "Patching cost (`benchmarks/circuits.py`): exact patching of every head against one full "
                        "forward per head, and the AtP / AtP* screens with their agreement with exact patching."),

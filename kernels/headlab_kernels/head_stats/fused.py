@@ -130,7 +130,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
         entropy: compute each row's entropy (nats).
         key_sets: bool `[K, B|1, S]`: compute each row's mass on each set.
         received: compute each key's received attention, summed over real queries.
-        topk: how many top keys per row to return (0: none; the "kernel" route only).
+        topk: how many top keys per row to return (0: none; the "kernel" and "triton" routes only).
         query_mask: bool `[B, Q]` of the real queries (for `received`; None: all real).
         route: "auto", "flash", "kernel" or "triton" (module docstring).
 

@@ -61,7 +61,7 @@ class LayerRecord:
             `headlab_kernels.head_stats.fused.attention_with_stats` returns them ("lse", "entropy", "set_mass",
             "received", "topk_idx" / "topk_weight"); None where the fused route did not run.
         fused_route: which fused route computed the output and `fused`: "flash" (ATen's CPU flash kernel, the one
-            sdpa runs) or "kernel" (headlab's compiled one-sweep kernel); None where none ran.
+            sdpa runs), "kernel" (headlab's compiled one-sweep CPU kernel) or "triton" (CUDA); None where none ran.
     """
 
     layer: int
@@ -130,7 +130,7 @@ class Capture:
         fused_stats: with `with_lse`, further statistics to compute in that same call where it applies
             ("entropy", "key_sets", "received", "topk"; see `attention_with_stats`), recorded in `record.fused`.
         topk: how many top keys per row for "topk".
-        route: the fused route to take: "auto", "flash" or "kernel" (`attention_with_stats`).
+        route: the fused route to take: "auto", "flash", "kernel" or "triton" (`attention_with_stats`).
         key_sets: bool `[K, B, S]` key sets for "key_sets" (the batch's own positions).
         query_mask: bool `[B, T]` the batch's real tokens, for "received" (a padded query gives nothing; without
             it, queries that see no key count as padded).
@@ -577,11 +577,9 @@ def _sdpa_with_stats(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, kwargs: dict, captures: list[Capture]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str] | None:
     """transformers' sdpa attention (`sdpa_attention_forward`) through a fused CPU route that also returns each
-    row's lse and the statistics the captures ask for: (output `[B, Q, H, D]`, {"lse" `[B, H, Q]`, ...}, the route:
-    "flash" or "kernel"), or None where no route applies."""
+    row's lse and the statistics the captures ask for: (output `[B, Q, H, D]`, {"lse" `[B, H, Q]`, ...}, the route
+    that ran), or None where no route applies."""
     if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or module.training:
-        return None
-    if query.shape[1] % key.shape[1]:
         return None
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")

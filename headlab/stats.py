@@ -41,8 +41,9 @@ class StatsRun:
         paths: per layer, how its statistics were computed: "fused-lse", "fused-lse+entropy+received" and the like
             (the statistics named came with the layer's output from ATen's CPU flash kernel, received mass from one
             more flash call), "kernel-lse+entropy+received+topk" and the like (all of them with the output from one
-            sweep of headlab's compiled CPU kernel) — statistics not named were not asked for and are NaN / empty —
-            or the head-stats implementation that ran ("reference" / "triton" / "implicit" for linear layers).
+            sweep of headlab's compiled CPU kernel; "triton-…" on CUDA) — statistics not named were not asked for
+            and are NaN / empty — or the head-stats implementation that ran ("reference" / "triton" / "implicit" for
+            linear layers).
     """
 
     model: "HeadModel"

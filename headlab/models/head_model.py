@@ -639,13 +639,14 @@ class HeadModel:
         """
         from headlab.stats import StatsRun, fused_stats, layer_stats, stack_key_sets
         from headlab_kernels.head_stats import resolve_impl
+        from headlab_kernels.head_stats.fused import ROUTES
 
         fused_names = ("lse", "entropy", "key_sets", "received", "topk")
         asked = {statistics} if isinstance(statistics, str) else set(statistics)
         if asked != {"all"} and (not asked or not asked <= set(fused_names)):
             raise ValueError(f"statistics must be 'all' or a set of {', '.join(fused_names)}; got {statistics!r}")
-        if route not in ("auto", "flash", "kernel", "triton"):
-            raise ValueError(f"route must be 'auto', 'flash', 'kernel' or 'triton'; got {route!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
         if "key_sets" in asked and key_sets is None:
             raise ValueError("statistics names 'key_sets' but no key_sets were given")
 

@@ -143,14 +143,16 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
+    if q.dtype not in _DTYPES or q.shape[1] % k.shape[1] or (mask is not None and causal):
+        return None
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     if route == "triton" or (route == "auto" and q.is_cuda):
         return _triton_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
                              received=received, topk=topk, query_mask=query_mask, strict=route == "triton")
-    if (q.device.type != "cpu" or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1]
-            or q.shape[1] % k.shape[1] or (mask is not None and causal)):
+    if q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
         return None
-    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    light = not (entropy or received or topk) and (key_sets is None or _union(key_sets).numel() <= SPARSE_SETS)
+    union = None if key_sets is None else _union(key_sets)  # [u] the keys some set holds
+    light = not (entropy or received or topk) and (union is None or union.numel() <= SPARSE_SETS)
     if route == "kernel" or (route == "auto" and not light):
         res = _kernel_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
                             received=received, topk=topk, query_mask=query_mask)
@@ -159,7 +161,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
     if topk:  # the flash call cannot return top keys
         return None
     res = _flash_route(q, k, v, mask=mask, causal=causal, scale=scale, entropy=entropy, key_sets=key_sets,
-                       received=received, query_mask=query_mask)
+                       union=union, received=received, query_mask=query_mask)
     return None if res is None else Fused(res[0], res[1], "flash")
 
 
@@ -182,18 +184,16 @@ def _bool_mask(mask: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
 def _triton_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, topk, query_mask,
                   strict: bool) -> Fused | None:
     """Output and statistics from the Triton rows pass (+ the columns pass for `received`); None where it does not
-    apply (no triton; CPU tensors without TRITON_INTERPRET=1; a per-head mask or a real bias; dropout-free sdpa
-    only). Unless `strict`, a failing kernel warns and returns None, so that the caller's full route runs."""
+    apply (no triton; CPU tensors without TRITON_INTERPRET=1; a per-head mask or a real bias; float64). Unless
+    `strict`, a failing kernel warns and returns None, so that the caller's full route runs."""
     ok, bool_mask = _bool_mask(mask)
-    if (not ok or (bool_mask is not None and bool_mask.shape[1] != 1) or q.dtype not in _DTYPES
-            or q.dtype == torch.float64 or q.shape[1] % k.shape[1] or (mask is not None and causal)
+    if (not ok or (bool_mask is not None and bool_mask.shape[1] != 1) or q.dtype == torch.float64
             or (not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")):
         return None
     try:
         from .triton import attention_stats_triton
     except ImportError:
         return None
-    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     try:
         out, st = attention_stats_triton(q, k.to(q.dtype), v.to(q.dtype), scale=scale, causal=causal, mask=bool_mask,
                                          query_mask=query_mask, key_sets=key_sets, topk=max(topk, 1),
@@ -236,8 +236,9 @@ def _kernel_route(q, k, v, *, mask, causal, scale, entropy, key_sets, received, 
 
 
 def _flash_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, causal: bool,
-                 scale: float, entropy: bool, key_sets: torch.Tensor | None, received: bool,
-                 query_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+                 scale: float, entropy: bool, key_sets: torch.Tensor | None, union: torch.Tensor | None,
+                 received: bool, query_mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """The statistics riding on ATen's fused CPU flash kernel.
 
     One call computes softmax(scale · q kᵀ + mask) V′ with V′ = [V | K | 1_sets] (q and k zero-padded to V′'s
@@ -252,7 +253,7 @@ def _flash_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: tor
     roles swapped: keys as queries over queries as keys, with −lseᵢ / scale carried in one extra dimension (so the
     scores are scale · kⱼ·qᵢ − lseᵢ) and both sequences reversed so that causality stays lower-triangular; that
     call's lse is log receivedⱼ. A padded query gets lse +1e4 there (it gives nothing). None for `received` with
-    causal Q ≠ S.
+    causal Q ≠ S. `union`: the keys some set holds (`_union(key_sets)`), None without sets.
     """
     n_q, n_s, d = q.shape[2], k.shape[2], q.shape[-1]
     if received and causal and n_q != n_s:
@@ -262,9 +263,7 @@ def _flash_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: tor
     extra = []
     if entropy:
         extra.append(k)
-    union = None
     if key_sets is not None:
-        union = _union(key_sets)
         if union.numel() > SPARSE_SETS:  # large sets: indicator columns in the flash call
             ind = key_sets.to(v.dtype).permute(1, 2, 0)[:, None]  # [B|1, 1, S, K]
             extra.append(ind.expand(v.shape[0], v.shape[1], n_s, key_sets.shape[0]))
